@@ -1,0 +1,121 @@
+"""The ``flowsim`` command line: run | list | info | bench.
+
+Errors are one line on stderr (``flowsim: error: …``) with exit code 2; never a bare traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from flowsim.bench import BENCHMARKS
+
+
+def bundled_scenarios() -> dict[str, Path]:
+    """Scenario name → path of the YAML files shipped in ``flowsim.scenarios``."""
+    folder = resources.files("flowsim.scenarios")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def scenario_path(arg: str) -> Path:
+    """A YAML path, or the name of a bundled scenario (``flowsim run quickstart``)."""
+    path = Path(arg)
+    if not path.exists() and arg in bundled_scenarios():
+        return bundled_scenarios()[arg]
+    return path
+
+
+def summary_table(ds) -> str:
+    """One line per run: process, rule, lr, final loss, divergence, wall time."""
+    head = f"{'run':<16} {'process':<9} {'rule':<15} {'lr':>8} {'final loss':>11} {'diverged at':>11} {'wall s':>7}"
+    lines = [head, "-" * len(head)]
+    for name in ds.run.values:
+        r = ds.sel(run=name)
+        loss = r["loss"].dropna("step")
+        final = f"{float(loss[-1]):.4g}" if loss.size else "nan"
+        div = f"{int(r.diverged_at)}" if bool(r.diverged) else "-"
+        wall = r["wall_time"].dropna("step")
+        wall = f"{float(wall[-1]):.1f}" if wall.size else "-"
+        lines.append(f"{name:<16} {str(r.process.values):<9} {str(r.rule.values):<15} {float(r.lr):>8.4g} "
+                     f"{final:>11} {div:>11} {wall:>7}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    import flowsim
+    out = Path(args.output) if args.output else Path(Path(args.scenario).stem + ".zarr")
+    ds = flowsim.run(scenario_path(args.scenario), out, steps=args.steps, device=args.device,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    print(summary_table(ds))
+    print(f"stored in {out}  (open with flowsim.open({str(out)!r}))")
+    return 0
+
+
+def cmd_list(args) -> int:
+    import yaml
+    for name, path in sorted(bundled_scenarios().items()):
+        doc = yaml.safe_load(path.read_text())
+        runs = ", ".join(doc.get("runs", {}))
+        print(f"{name:<24} {doc.get('problem', {}).get('model', '?'):<10} steps={doc.get('steps')}  runs: {runs}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    import xarray
+    import zarr
+
+    import flowsim
+    from flowsim.problem import resolve_device
+    print(f"flowsim   {flowsim.__version__}")
+    print(f"python    {platform.python_version()}  ({platform.platform()})")
+    for mod in (torch, np, xarray, zarr):
+        print(f"{mod.__name__:<9} {mod.__version__}")
+    print(f"device    auto -> {resolve_device('auto')}  (cuda available: {torch.cuda.is_available()})")
+    print(f"threads   {torch.get_num_threads()}")
+    print("dtype     float64 by default (scenario key 'dtype': float32 | float64)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    return BENCHMARKS[args.which]()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowsim", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a scenario and store the results")
+    r.add_argument("scenario", help="scenario YAML file, or the name of a bundled scenario (see `flowsim list`)")
+    r.add_argument("-o", "--output", help="store path (default: <scenario name>.zarr)")
+    r.add_argument("--steps", type=int, help="override the scenario's number of steps")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the scenario's device")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+    sub.add_parser("list", help="list the bundled scenarios").set_defaults(func=cmd_list)
+    sub.add_parser("info", help="versions, device and dtype").set_defaults(func=cmd_info)
+    b = sub.add_parser("bench", help="benchmarks that print ratios against a baseline")
+    b.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark (each prints ratios vs its baseline)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:
+        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        print(f"flowsim: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowsim: interrupted; completed chunks are kept in the store", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

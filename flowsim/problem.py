@@ -1,0 +1,176 @@
+"""A training problem seen as functions of one flat parameter vector w.
+
+Conventions: w is the concatenation of ``module.named_parameters()`` in order, each flattened row-major
+(``torch.nn.utils.parameters_to_vector`` order). The loss is averaged over examples; for ``mse`` it is
+½‖f(x) − y‖² per example (y one-hot for class labels), for ``ce`` the cross-entropy in nats.
+This module knows nothing about optimizers, processes or storage.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vmap
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → cuda when available, else cpu. The one place that chooses a device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def mse_loss(out: Tensor, y: Tensor) -> Tensor:
+    """½‖f(x) − y‖² summed over outputs, averaged over examples."""
+    return 0.5 * (out - y).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+
+
+def ce_loss(out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy (nats) averaged over examples; y holds integer class indices."""
+    return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+LOSSES = {"mse": mse_loss, "ce": ce_loss}
+
+
+class Problem:
+    """Loss L(w) of a model on data, with its derivatives, for a flat parameter vector w.
+
+    ``loss_fn(w, X, Y)`` returns the loss averaged over the rows of X (landscapes ignore X and Y, which are None).
+    ``output_fn(w, X)`` returns the model outputs (networks only). Every method takes and returns tensors of
+    the problem's dtype on its device.
+    """
+
+    def __init__(self, loss_fn: Callable, w0: Tensor, X: Optional[Tensor] = None, Y: Optional[Tensor] = None,
+                 output_fn: Optional[Callable] = None, meta: Optional[dict] = None):
+        self._loss_fn = loss_fn
+        self.w0 = w0.detach()
+        self.X, self.Y = X, Y
+        self._output_fn = output_fn
+        self.meta = dict(meta or {})
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str = "mse",
+                    dtype: str | torch.dtype = "float64", device: str = "auto", meta: Optional[dict] = None):
+        """Wrap an ``nn.Module`` and its training data. ``Y``: targets (mse) or integer labels (ce)."""
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        module = module.to(device=dev, dtype=dt)
+        names = [n for n, _ in module.named_parameters()]
+        shapes = [p.shape for _, p in module.named_parameters()]
+        sizes = [p.numel() for _, p in module.named_parameters()]
+        buffers = dict(module.named_buffers())
+        w0 = torch.nn.utils.parameters_to_vector(module.parameters()).detach().clone()
+        X = X.to(device=dev, dtype=dt)
+        Y = Y.to(device=dev, dtype=torch.long if loss == "ce" else dt)
+        criterion = LOSSES[loss]
+
+        def output_fn(w: Tensor, x: Tensor) -> Tensor:
+            params = {n: t.view(s) for n, t, s in zip(names, torch.split(w, sizes), shapes)}
+            return functional_call(module, (params, buffers), (x,))
+
+        def loss_fn(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            return criterion(output_fn(w, x), y)
+
+        info = {"loss": loss, "n_params": w0.numel(), **(meta or {})}
+        return cls(loss_fn, w0, X, Y, output_fn=output_fn, meta=info)
+
+    @classmethod
+    def from_function(cls, fn: Callable[[Tensor], Tensor], w0, dtype: str | torch.dtype = "float64",
+                      device: str = "auto", meta: Optional[dict] = None):
+        """A closed-form landscape L(w) = fn(w) starting at w0 (no data: minibatches are not defined)."""
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        w0 = torch.as_tensor(w0, dtype=dt, device=dev).reshape(-1)
+        return cls(lambda w, x, y: fn(w), w0, meta={"n_params": w0.numel(), **(meta or {})})
+
+    # ---- basic facts -------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w0.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w0.device
+
+    @property
+    def n_params(self) -> int:
+        return self.w0.numel()
+
+    @property
+    def n_examples(self) -> int:
+        """Number of training examples (0 for a landscape)."""
+        return 0 if self.X is None else self.X.shape[0]
+
+    def _data(self, idx: Optional[Tensor]):
+        if idx is None or self.X is None:
+            return self.X, self.Y
+        return self.X[idx], self.Y[idx]
+
+    # ---- values and derivatives -----------------------------------------------------------------------
+    def loss(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """Loss averaged over the examples ``idx`` (all when None)."""
+        return self._loss_fn(w, *self._data(idx))
+
+    def loss_and_grad(self, w: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(L(w), ∇L(w)) by reverse mode; both detached."""
+        with torch.enable_grad():
+            w = w.detach().requires_grad_(True)
+            value = self.loss(w, idx)
+            (g,) = torch.autograd.grad(value, w)
+        return value.detach(), g
+
+    def grad(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        return self.loss_and_grad(w, idx)[1]
+
+    def batch_loss_and_grad(self, w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Minibatch loss and gradient on the examples ``idx`` (a 1-D index tensor)."""
+        if self.X is None:
+            raise ValueError("this problem has no data: minibatches are not defined for a landscape")
+        return self.loss_and_grad(w, idx)
+
+    def hvp(self, w: Tensor, v: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """Hessian-vector product H(w) v, forward-over-reverse (jvp of grad)."""
+        X, Y = self._data(idx)
+        return jvp(grad(lambda u: self._loss_fn(u, X, Y)), (w.detach(),), (v,))[1]
+
+    def per_example_losses(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        X, Y = self._require_data(idx)
+        return vmap(lambda x, y: self._loss_fn(w, x[None], y[None]))(X, Y)
+
+    def per_example_grads(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """Matrix (n × P) of per-example gradients ∇ℓ_i(w); their mean is ∇L(w)."""
+        X, Y = self._require_data(idx)
+        return vmap(grad(lambda u, x, y: self._loss_fn(u, x[None], y[None])), in_dims=(None, 0, 0))(w.detach(), X, Y)
+
+    def outputs(self, w: Tensor, X: Optional[Tensor] = None) -> Tensor:
+        """Model outputs f(x; w) on X (the training inputs when None)."""
+        if self._output_fn is None:
+            raise ValueError("this problem has no model outputs (it is a closed-form landscape)")
+        return self._output_fn(w, self.X if X is None else X)
+
+    def _require_data(self, idx):
+        if self.X is None:
+            raise ValueError("this problem has no data: per-example quantities are not defined for a landscape")
+        return self._data(idx)
+
+    def __repr__(self) -> str:
+        kind = self.meta.get("model", "custom")
+        return (f"Problem({kind}, n_params={self.n_params}, n_examples={self.n_examples}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
+

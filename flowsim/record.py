@@ -1,0 +1,83 @@
+"""What is measured per recorded step, buffered in memory and handed to the store in chunks.
+
+``VARIABLES`` is the one table of recorded variables: extra dims beyond ``step``, units and a description —
+the store writes them as attrs, so every stored array says what it is. Probes compute measurements at a
+recorded step from the problem and the trajectory (the random projection lives here; curvature elsewhere).
+This module never opens files: the writer it is given does.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from flowsim.problem import Problem
+
+# name: (extra dims, units, long_name)
+VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "loss": ((), "loss", "training loss on the full batch, averaged over examples"),
+    "grad_norm": ((), "loss/weight", "‖∇L(w)‖₂ on the full batch"),
+    "step_size": ((), "1", "step size η used from this step to the next"),
+    "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
+    "wall_time": ((), "s", "wall-clock seconds since the run started"),
+    "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),
+}
+
+
+class Projection:
+    """w ↦ R w with R ∈ ℝ^{d×P}, R_ij ~ N(0, 1/d), drawn from ``seed``: ‖R(w − w′)‖ ≈ ‖w − w′‖ (JL)."""
+
+    def __init__(self, n_params: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device):
+        gen = torch.Generator().manual_seed(seed)
+        self.matrix = (torch.randn(dim, n_params, generator=gen, dtype=torch.float64) / dim ** 0.5).to(
+            dtype=dtype, device=device)
+
+    def __call__(self, w: torch.Tensor) -> np.ndarray:
+        return (self.matrix @ w).cpu().numpy()
+
+
+Probe = Callable[[Problem, "object"], dict]
+
+
+class Recorder:
+    """Buffers one run's recorded steps and flushes them to ``writer.append`` every ``chunk`` rows.
+
+    Rows are added with :meth:`add`; a value not given in a row is NaN (not measured at that step).
+    """
+
+    def __init__(self, writer, dims: dict[str, int], chunk: int = 500):
+        self.writer, self.dims, self.chunk = writer, dims, chunk
+        self.rows: list[dict] = []
+
+    def add(self, step: int, values: dict) -> None:
+        unknown = set(values) - set(VARIABLES)
+        if unknown:
+            raise KeyError(f"not a recorded variable: {sorted(unknown)}")
+        self.rows.append({"step": step, **values})
+        if len(self.rows) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        n = len(self.rows)
+        columns: dict[str, np.ndarray] = {"step": np.array([r["step"] for r in self.rows], dtype=np.int64)}
+        for name, (extra, _, _) in VARIABLES.items():
+            if not any(name in r for r in self.rows):
+                continue
+            shape = tuple(self.dims[d] for d in extra)
+            col = np.full((n, *shape), np.nan)
+            for i, r in enumerate(self.rows):
+                if name in r:
+                    col[i] = r[name]
+            columns[name] = col
+        self.writer.append(columns)
+        self.rows = []
+
+
+def projection_probe(projection: Optional[Projection]):
+    """A probe that records ``w_proj`` (or nothing when projection_dim is 0)."""
+    def probe(problem: Problem, traj) -> dict:
+        return {} if projection is None else {"w_proj": projection(traj.w)}
+    return probe

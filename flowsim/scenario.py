@@ -1,0 +1,174 @@
+"""The scenario schema (pydantic): what to run, on what, and what to record.
+
+A scenario is YAML text or a dict with the structure of DESIGN.md. Validation is strict: an unknown key, a
+wrong type or an impossible value raises :class:`ScenarioError` with one line naming the key. Checks that need
+the data (batch larger than the data set, a missing file) happen when the problem is built, before any store
+is written. This module runs nothing.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
+
+from flowsim.models import CONFIGS, MODELS
+from flowsim.solvers import PROCESSES, make_rule
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message is one line that names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScheduleSpec(Strict):
+    """Step-size drop: η = ``lr`` before step ``drop_at``, ``lr_after`` from it on."""
+    drop_at: PositiveInt
+    lr_after: PositiveFloat
+
+
+class RunSpec(BaseModel):
+    """One run: a process over an update rule at step size ``lr``.
+
+    Keys beside the common ones are the rule's hyperparameters (``beta1``, ``beta2``, ``eps``, …) or the
+    process's options (its ``Options`` model); any other key is an error.
+    """
+    model_config = ConfigDict(extra="allow")
+    process: str = "discrete"
+    rule: str = "gd"
+    lr: PositiveFloat
+    batch_size: Optional[PositiveInt] = Field(None, description="absent = full batch")
+    seed: Optional[int] = Field(None, description="minibatch/noise seed; defaults to the scenario seed")
+    schedule: Optional[ScheduleSpec] = None
+
+    @field_validator("process")
+    @classmethod
+    def _known_process(cls, v):
+        if v not in PROCESSES:
+            raise ValueError(f"unknown process {v!r}; choose from {sorted(PROCESSES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _split_extras(self):
+        extras = dict(self.model_extra or {})
+        options_model = PROCESSES[self.process].Options
+        opts = {k: extras.pop(k) for k in list(extras) if k in options_model.model_fields}
+        self._hyper = extras
+        self.make_rule()
+        try:
+            self._options = options_model.model_validate(opts)
+        except ValidationError as e:
+            raise ValueError(_format_error(e)) from None
+        return self
+
+    def rule_hyperparameters(self) -> dict:
+        return dict(self._hyper)
+
+    def make_rule(self):
+        return make_rule(self.rule, **self._hyper)
+
+    @property
+    def options(self) -> BaseModel:
+        """The process's validated options."""
+        return self._options
+
+
+class RecordSpec(Strict):
+    """What is recorded. Steps are optimizer steps; step 0 is the initial point."""
+    every: PositiveInt = Field(1, description="record loss and grad_norm every this many steps")
+    projection_dim: NonNegativeInt = Field(256, description="size of the random projection w_proj (0 = none)")
+    projection_every: PositiveInt = Field(10, description="record w_proj every this many steps")
+    chunk: PositiveInt = Field(500, description="recorded rows per write to the store")
+    divergence_factor: PositiveFloat = Field(
+        1e6, description="a run diverges when its loss is not finite or exceeds this × max(L(w0), 1)")
+
+
+class CompareSpec(Strict):
+    reference: str
+
+
+ProblemSpec = Annotated[Union[tuple(CONFIGS)], Field(discriminator="model")]
+RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class Scenario(Strict):
+    name: str = "scenario"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float64"
+    problem: ProblemSpec
+    steps: PositiveInt
+    runs: dict[str, RunSpec] = Field(..., min_length=1)
+    record: RecordSpec = RecordSpec()
+    compare: Optional[CompareSpec] = None
+
+    @field_validator("runs")
+    @classmethod
+    def _run_names(cls, runs):
+        for name in runs:
+            if not RUN_NAME.match(name):
+                raise ValueError(f"run name {name!r} may only use letters, digits, '_', '-' and '.'")
+        return runs
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.compare is not None and self.compare.reference not in self.runs:
+            raise ValueError(f"compare.reference: {self.compare.reference!r} is not one of the runs {list(self.runs)}")
+        for name, run in self.runs.items():
+            if run.schedule is not None and run.schedule.drop_at > self.steps:
+                raise ValueError(f"runs.{name}.schedule.drop_at: {run.schedule.drop_at} is after the last step {self.steps}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    if len(loc) > 1 and loc[0] == "problem" and loc[1] in MODELS:
+        loc.pop(1)
+    loc = [p for p in loc if not p.startswith("function-")]
+    msg = first["msg"].removeprefix("Value error, ")
+    nested = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
+    if nested:
+        loc.append(nested.group(1))
+        msg = nested.group(2)
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif first["type"] == "union_tag_invalid":
+        msg = f"unknown model {first['input'].get('model')!r}; choose from {sorted(MODELS)}"
+    where = ".".join(loc) or "scenario"
+    return f"{where}: {msg}"
+
+
+def load(source: Union[str, Path, dict, Scenario]) -> Scenario:
+    """Validate a scenario given as a YAML file path, YAML text, a dict or a Scenario."""
+    if isinstance(source, Scenario):
+        return source
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            raise ScenarioError(f"scenario file not found: {path}")
+        source = path.read_text()
+    if isinstance(source, str):
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ScenarioError(f"scenario is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(source, dict):
+        raise ScenarioError("scenario: expected a mapping of keys (name, problem, steps, runs, …)")
+    try:
+        return Scenario.model_validate(source)
+    except ValidationError as e:
+        raise ScenarioError(_format_error(e)) from None

@@ -1,0 +1,85 @@
+"""Model configurations: each bundled model is a pydantic config that builds a :class:`flowsim.Problem`.
+
+A config's ``model`` field names it in scenario YAML; ``build(dtype, device, seed)`` returns the Problem with
+seeded, deterministic initial weights (built in float32 under a forked RNG, then cast, so float32 and float64
+runs start from the same point). ``init: {path: w0.npy}`` replaces the initial weights by a flat vector.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from flowsim.models.datasets import DatasetSpec, load
+from flowsim.problem import Problem
+
+
+class InitFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+
+
+class ModelConfig(BaseModel):
+    """Base of every model config. Subclasses set ``model: Literal[...]`` and implement ``build``."""
+    model_config = ConfigDict(extra="forbid")
+    init: Optional[Union[InitFile, list[float]]] = None
+
+    def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
+        raise NotImplementedError
+
+    def initial_vector(self, default: torch.Tensor) -> torch.Tensor:
+        """``default`` unless ``init`` gives a flat vector of the same size."""
+        if self.init is None:
+            return default
+        if isinstance(self.init, InitFile):
+            if not self.init.path.is_file():
+                raise ValueError(f"problem.init.path: file not found: {self.init.path}")
+            values = np.load(self.init.path).reshape(-1)
+        else:
+            values = np.asarray(self.init, dtype=np.float64)
+        if values.size != default.numel():
+            raise ValueError(f"problem.init: has {values.size} values but the model has {default.numel()} parameters")
+        return torch.as_tensor(values, dtype=default.dtype, device=default.device)
+
+
+class NetworkConfig(ModelConfig):
+    """A network trained on a dataset with MSE (½‖f − y‖², one-hot y for classes) or cross-entropy."""
+    dataset: DatasetSpec = DatasetSpec(name="digits")
+    n_train: Optional[PositiveInt] = None
+    classes: Optional[list[int]] = Field(None, min_length=2)
+    loss: Literal["mse", "ce"] = "mse"
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_by_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    def make_module(self, in_shape: tuple[int, ...], n_out: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def input_shape(self, X: np.ndarray) -> tuple[int, ...]:
+        """Shape of one input as the module wants it (flat by default)."""
+        return (int(np.prod(X.shape[1:])),)
+
+    def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
+        X, Y, n_classes = load(self.dataset, self.n_train, self.classes)
+        if self.loss == "ce" and n_classes is None:
+            raise ValueError("problem.loss: 'ce' needs class labels but the dataset has regression targets")
+        if n_classes is not None and self.loss == "mse":
+            Y = np.eye(n_classes)[Y]
+        n_out = n_classes if n_classes is not None else int(np.prod(Y.shape[1:]) or 1)
+        in_shape = self.input_shape(X)
+        X = X.reshape(len(X), *in_shape)
+        if n_classes is None and Y.ndim == 1:
+            Y = Y[:, None]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = self.make_module(in_shape, n_out)
+        problem = Problem.from_module(module, torch.as_tensor(X), torch.as_tensor(Y), loss=self.loss,
+                                      dtype=dtype, device=device,
+                                      meta={"model": self.model, "n_train": len(X), "n_classes": n_classes or 0})
+        problem.w0 = self.initial_vector(problem.w0)
+        return problem

@@ -1,0 +1,172 @@
+"""Update rules: every optimizer written once as preconditioned gradient descent.
+
+A rule is a pair of pure functions in the optax style, over a state that is a plain dict of tensors:
+``init(w, g0) -> state`` and ``update(g, state, lr) -> (Δw, state)``; the discrete step is w ← w + Δw.
+Every rule is w ← w − η P̃⁻¹ m, with ``direction(state) = m`` (g for GD) and a diagonal ``precond(state) = P̃``
+(None for the identity). P̃ excludes η: the central-flow preconditioner is P = P̃/η. The *preconditioned
+sharpness* is λ_max(P̃⁻¹H), measured on P̃^{-1/2} H P̃^{-1/2}, and ``threshold_coefficient`` c gives its stability
+threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam).
+Rules know nothing about processes, problems or storage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
+
+import pydantic
+import torch
+from torch import Tensor
+
+State = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: ClassVar[str]
+
+    def init(self, w: Tensor, g0: Tensor) -> State:
+        """Initial state, given the weights and the gradient at the first step."""
+        return {}
+
+    def update(self, g: Tensor, state: State, lr: float) -> tuple[Tensor, State]:
+        """One step: returns (Δw, new state) for gradient g at step size lr."""
+        state = self.advance_state(g, state)
+        delta = -lr * self.direction(g, state)
+        P = self.precond(state)
+        return (delta if P is None else delta / P), state
+
+    def advance_state(self, g: Tensor, state: State) -> State:
+        return state
+
+    def direction(self, g: Tensor, state: State) -> Tensor:
+        return g
+
+    def precond(self, state: State) -> Optional[Tensor]:
+        """Diagonal preconditioner P̃ (without η), or None for the identity."""
+        return None
+
+    def threshold_coefficient(self) -> float:
+        """c such that λ_max(P̃⁻¹H) = c/η is the stability threshold on a quadratic."""
+        return 2.0
+
+    def hyperparameters(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __post_init__(self):
+        for k in ("beta1", "beta2"):
+            if hasattr(self, k) and not 0 <= getattr(self, k) < 1:
+                raise ValueError(f"{k}: must be in [0, 1), got {getattr(self, k)}")
+        if hasattr(self, "eps") and self.eps < 0:
+            raise ValueError(f"eps: must be ≥ 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class GD(Rule):
+    """Gradient descent: w ← w − η g."""
+    name: ClassVar[str] = "gd"
+
+
+@dataclass(frozen=True)
+class Momentum(Rule):
+    """EMA momentum m ← β1 m + (1 − β1) g, w ← w − η m; or heavy ball m ← β1 m + g when ``heavy_ball``.
+
+    Stability threshold on a quadratic: ηλ < 2(1 + β1)/(1 − β1) (EMA), ηλ < 2(1 + β1) (heavy ball).
+    """
+    name: ClassVar[str] = "momentum"
+    beta1: float = 0.9
+    heavy_ball: bool = False
+
+    def init(self, w, g0):
+        return {"m": torch.zeros_like(w)}
+
+    def advance_state(self, g, state):
+        scale = 1.0 if self.heavy_ball else 1.0 - self.beta1
+        return {"m": self.beta1 * state["m"] + scale * g}
+
+    def direction(self, g, state):
+        return state["m"]
+
+    def threshold_coefficient(self):
+        c = 2.0 * (1.0 + self.beta1)
+        return c if self.heavy_ball else c / (1.0 - self.beta1)
+
+
+@dataclass(frozen=True)
+class ScalarRMSProp(Rule):
+    """ν ← β2 ν + (1 − β2)‖g‖² (a scalar), w ← w − η g / (√ν + ε). ν starts at ‖g0‖²."""
+    name: ClassVar[str] = "scalar_rmsprop"
+    beta2: float = 0.99
+    eps: float = 1e-8
+
+    def init(self, w, g0):
+        return {"nu": g0.pow(2).sum().reshape(1)}
+
+    def advance_state(self, g, state):
+        return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2).sum()}
+
+    def precond(self, state):
+        return state["nu"].sqrt() + self.eps
+
+
+@dataclass(frozen=True)
+class RMSProp(ScalarRMSProp):
+    """ν ← β2 ν + (1 − β2) g² (elementwise), w ← w − η g / (√ν + ε). ν starts at g0²."""
+    name: ClassVar[str] = "rmsprop"
+
+    def init(self, w, g0):
+        return {"nu": g0.pow(2)}
+
+    def advance_state(self, g, state):
+        return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2)}
+
+
+@dataclass(frozen=True)
+class Adam(Rule):
+    """Adam with bias correction: w ← w − η m̂ / (√v̂ + ε), m̂ = m/(1 − β1ᵗ), v̂ = v/(1 − β2ᵗ).
+
+    Written as w ← w − η P̃⁻¹ m with P̃ = (1 − β1ᵗ)(√v̂ + ε): the m̂ correction is folded into P̃.
+    """
+    name: ClassVar[str] = "adam"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def init(self, w, g0):
+        zero = torch.zeros_like(w)
+        return {"m": zero, "v": zero.clone(), "t": torch.zeros((), dtype=w.dtype, device=w.device)}
+
+    def advance_state(self, g, state):
+        return {"m": self.beta1 * state["m"] + (1 - self.beta1) * g,
+                "v": self.beta2 * state["v"] + (1 - self.beta2) * g * g, "t": state["t"] + 1}
+
+    def direction(self, g, state):
+        return state["m"]
+
+    def precond(self, state):
+        t = state["t"].clamp(min=1)
+        v_hat = state["v"] / (1 - self.beta2 ** t)
+        return (1 - self.beta1 ** t) * (v_hat.sqrt() + self.eps)
+
+    def threshold_coefficient(self):
+        return (2.0 + 2.0 * self.beta1) / (1.0 - self.beta1)
+
+
+RULES: dict[str, type[Rule]] = {r.name: r for r in (GD, Momentum, ScalarRMSProp, RMSProp, Adam)}
+
+
+def make_rule(name: str, **hyper) -> Rule:
+    """Look a rule up by name and type-check its hyperparameters; errors name the offending key."""
+    if name not in RULES:
+        raise ValueError(f"rule: unknown rule {name!r}; choose from {sorted(RULES)}")
+    cls = RULES[name]
+    known = [f.name for f in fields(cls)]
+    unknown = set(hyper) - set(known)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]}: not a hyperparameter of rule {name!r} "
+                         f"(it takes {', '.join(known) or 'none'})")
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(hyper, strict=False)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg) from None
