@@ -7,12 +7,8 @@ This module never opens files: the writer it is given does.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import numpy as np
 import torch
-
-from flowsim.problem import Problem
 
 # name: (extra dims, units, long_name)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -37,7 +33,25 @@ class Projection:
         return (self.matrix @ w).cpu().numpy()
 
 
-Probe = Callable[[Problem, "object"], dict]
+class Probe:
+    """A measurement taken at step k (before the step) every ``every`` steps and at the last step.
+
+    ``__call__(traj, process)`` returns a dict of VARIABLES entries measured at ``traj.w`` (and rule state).
+    """
+    every: int = 1
+
+    def __call__(self, traj, process) -> dict:
+        raise NotImplementedError
+
+
+class ProjectionProbe(Probe):
+    """Records ``w_proj``."""
+
+    def __init__(self, projection: Projection, every: int):
+        self.projection, self.every = projection, every
+
+    def __call__(self, traj, process) -> dict:
+        return {"w_proj": self.projection(traj.w)}
 
 
 class Recorder:
@@ -74,10 +88,3 @@ class Recorder:
             columns[name] = col
         self.writer.append(columns)
         self.rows = []
-
-
-def projection_probe(projection: Optional[Projection]):
-    """A probe that records ``w_proj`` (or nothing when projection_dim is 0)."""
-    def probe(problem: Problem, traj) -> dict:
-        return {} if projection is None else {"w_proj": projection(traj.w)}
-    return probe

@@ -20,7 +20,7 @@ import flowsim
 from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
 from flowsim.problem import Problem, resolve_device
-from flowsim.record import Projection, Recorder
+from flowsim.record import Probe, Projection, ProjectionProbe, Recorder
 from flowsim.scenario import RunSpec, Scenario, ScenarioError
 from flowsim.solvers import PROCESSES, Schedule
 
@@ -50,7 +50,21 @@ def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
     return {"order": order, "coords": coords, "hyperparameters": run.make_rule().hyperparameters()}
 
 
-def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, projection: Optional[Projection],
+def record_dims(sc: Scenario) -> dict[str, int]:
+    """Sizes of the recorded variables' extra dims (``proj``; curvature adds ``eig``)."""
+    return {"proj": sc.record.projection_dim}
+
+
+def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
+    """The measurements a scenario's ``record:`` asks for, besides loss and grad_norm (shared by all runs)."""
+    probes: list[Probe] = []
+    if sc.record.projection_dim:
+        projection = Projection(problem.n_params, sc.record.projection_dim, sc.seed, problem.dtype, problem.device)
+        probes.append(ProjectionProbe(projection, sc.record.projection_every))
+    return probes
+
+
+def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[Probe], dims: dict[str, int],
              progress: bool = False, label: str = "") -> dict:
     """Run one process to ``sc.steps`` and record it. Returns {diverged, diverged_at, wall_time}."""
     rec = sc.record
@@ -59,7 +73,6 @@ def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, projection: O
     process = PROCESSES[run.process](problem, run.make_rule(), schedule, seed=seed, batch_size=run.batch_size,
                                      options=run.options)
     traj = process.start(problem.w0)
-    dims = {"proj": projection.matrix.shape[0] if projection is not None else 0}
     recorder = Recorder(writer, dims, chunk=rec.chunk)
     limit = None
     diverged_at = None
@@ -69,14 +82,15 @@ def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, projection: O
         last = k == sc.steps
         measure = k % rec.every == 0 or last
         row = {"time": traj.time}
-        if projection is not None and (k % rec.projection_every == 0 or last):
-            row["w_proj"] = projection(traj.w)
+        for probe in probes:
+            if k % probe.every == 0 or last:
+                row.update(probe(traj, process))
         values = process.measure(traj) if last else process.step(traj, measure)
         step_loss = values.pop("step_loss", values.get("loss"))
         if limit is None:
             limit = rec.divergence_factor * max(abs(step_loss), 1.0) if math.isfinite(step_loss) else 0.0
         bad = not math.isfinite(step_loss) or abs(step_loss) > limit
-        if measure or bad or "w_proj" in row:
+        if measure or bad or len(row) > 1:
             row.update(values if measure else {"step_size": values["step_size"]})
             row["wall_time"] = time.perf_counter() - t0
             recorder.add(k, row)
@@ -119,12 +133,10 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
         "torch_version": torch.__version__, "device": str(problem.device), "dtype": sc.dtype,
         "n_params": problem.n_params, "n_examples": problem.n_examples,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, overwrite=overwrite)
-    dim = sc.record.projection_dim
-    projection = Projection(problem.n_params, dim, sc.seed, problem.dtype, problem.device) if dim else None
+    probes, dims = make_probes(problem, sc), record_dims(sc)
     for order, (name, spec) in enumerate(sc.runs.items()):
-        writer = store_mod.RunWriter(root, name, run_attrs(name, spec, sc, order), {"proj": dim},
-                                     chunk=sc.record.chunk)
-        result = simulate(problem, spec, sc, writer, projection, progress=progress, label=name)
+        writer = store_mod.RunWriter(root, name, run_attrs(name, spec, sc, order), dims, chunk=sc.record.chunk)
+        result = simulate(problem, spec, sc, writer, probes, dims, progress=progress, label=name)
         writer.finish(status="diverged" if result["diverged"] else "complete", **result)
     return store_mod.open(target)
 
