@@ -145,6 +145,7 @@ def _format_error(err: ValidationError) -> str:
     elif first["type"] == "missing":
         msg = "required key is missing"
     elif first["type"] == "union_tag_invalid":
+        loc.append("model")
         msg = f"unknown model {first['input'].get('model')!r}; choose from {sorted(MODELS)}"
     where = ".".join(loc) or "scenario"
     return f"{where}: {msg}"

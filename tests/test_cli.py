@@ -1,0 +1,115 @@
+"""The command line: bad scenarios exit 2 with one line naming the key and write no store; list/info/run work."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+import flowsim
+from flowsim.cli import bundled_scenarios, main
+
+GOOD = {"name": "t", "device": "cpu", "steps": 3,
+        "problem": {"model": "mlp", "widths": [4], "dataset": "digits", "n_train": 30},
+        "runs": {"gd": {"process": "discrete", "rule": "gd", "lr": 0.1}}}
+
+
+def with_(path, value, doc=None):
+    """GOOD with the dotted key ``path`` set to ``value`` (``...`` deletes it)."""
+    doc = yaml.safe_load(yaml.safe_dump(doc or GOOD))
+    *parents, last = path.split(".")
+    node = doc
+    for p in parents:
+        node = node[p]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+BAD = [  # (scenario document or raw text, text the one-line error must contain)
+    ("name: t\nsteps: [1, 2\n", "not valid YAML"),
+    (with_("stepz", 3), "stepz: unknown key"),
+    (with_("steps", "many"), "steps:"),
+    (with_("steps", ...), "steps: required key is missing"),
+    (with_("runs.gd.lr", -0.1), "runs.gd.lr:"),
+    (with_("runs.gd.batch_size", 31), "runs.gd.batch_size:"),
+    (with_("runs.gd.rule", "lion"), "runs.gd.rule: unknown rule"),
+    (with_("runs.gd.process", "magic"), "runs.gd.process:"),
+    (with_("runs.gd.beta2", 0.9), "runs.gd.beta2: not a hyperparameter of rule 'gd'"),
+    (with_("runs.gd.rule", "adam", with_("runs.gd.beta1", 1.5)), "runs.gd.beta1:"),
+    (with_("problem.model", "resnet9000"), "problem.model"),
+    (with_("problem.activation", "sigmoidish"), "problem.activation:"),
+    (with_("problem.dataset", {"path": "/nonexistent/data.npz"}), "problem.dataset.path: file not found"),
+    (with_("problem.init", {"path": "/nonexistent/w0.npy"}), "problem.init.path: file not found"),
+    (with_("problem.init", [1.0, 2.0]), "problem.init: has 2 values"),
+    (with_("problem.classes", [0, 11]), "problem.classes:"),
+    (with_("problem.n_train", 5000), "problem.n_train:"),
+    (with_("compare", {"reference": "nope"}), "compare.reference:"),
+    (with_("runs", {}), "runs:"),
+    (with_("dtype", "float16"), "dtype:"),
+    (with_("device", "tpu"), "device:"),
+    (with_("runs.gd.schedule", {"drop_at": 10, "lr_after": 0.01}), "runs.gd.schedule.drop_at:"),
+    (with_("record", {"every": 0}), "record.every:"),
+]
+
+
+@pytest.mark.parametrize("doc,expected", BAD, ids=[e for _, e in BAD])
+def test_bad_scenario_exits_2_with_one_line_naming_the_key_and_writes_no_store(tmp_path, capsys, doc, expected):
+    path, store = tmp_path / "bad.yaml", tmp_path / "out.zarr"
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    assert main(["run", str(path), "-o", str(store), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowsim: error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert not store.exists()
+
+
+def test_the_real_command_exits_2_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(with_("runs.gd.lr", -1)))
+    proc = subprocess.run([sys.executable, "-m", "flowsim.cli", "run", str(path), "-o", str(tmp_path / "o.zarr")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["flowsim: error: runs.gd.lr: Input should be greater than 0"]
+
+
+def test_an_existing_store_is_not_overwritten_without_the_flag(tmp_path, capsys):
+    path, store = tmp_path / "good.yaml", tmp_path / "out.zarr"
+    path.write_text(yaml.safe_dump(GOOD))
+    assert main(["run", str(path), "-o", str(store), "-q"]) == 0
+    before = flowsim.open(store).loss.values.copy()
+    assert main(["run", str(path), "-o", str(store), "-q", "--steps", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    np.testing.assert_array_equal(flowsim.open(store).loss.values, before)
+    assert main(["run", str(path), "-o", str(store), "-q", "--steps", "2", "--overwrite"]) == 0
+    assert flowsim.open(store).sizes["step"] == 3
+
+
+def test_steps_override_and_summary_table(tmp_path, capsys):
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    assert main(["run", str(path), "-o", str(tmp_path / "o.zarr"), "-q", "--steps", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "final loss" in out and "gd" in out
+    assert flowsim.open(tmp_path / "o.zarr").sizes["step"] == 5
+
+
+def test_list_shows_the_bundled_scenarios_and_info_the_versions(capsys):
+    assert "quickstart" in bundled_scenarios()
+    assert main(["list"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "flowsim" in out and "torch" in out and "device" in out
+
+
+def test_quickstart_reaches_the_edge_of_stability_at_the_larger_step_size():
+    """The quickstart's claim, checked by power iteration on the final point of each run (200 steps)."""
+    ds = flowsim.run(bundled_scenarios()["quickstart"], steps=300, device="cpu", progress=False)
+    assert not ds.diverged.any()
+    assert np.all(np.diff(ds.loss.sel(run="gd-stable").values) < 0)  # stable: monotone decrease
+    eos = ds.loss.sel(run="gd-eos").values
+    assert np.any(np.diff(eos[100:]) > 0)  # at the edge: non-monotone over short times
+    assert eos[-1] < eos[0]

@@ -1,0 +1,117 @@
+"""Problem: derivatives against dense and finite-difference references, data handling, construction."""
+import numpy as np
+import pytest
+import torch
+
+import flowsim
+from flowsim.models import build_problem
+
+
+def test_per_example_gradients_average_to_full_gradient(tiny_mlp_problem):
+    p = tiny_mlp_problem
+    G = p.per_example_grads(p.w0)
+    assert G.shape == (p.n_examples, p.n_params)
+    torch.testing.assert_close(G.mean(0), p.grad(p.w0), rtol=0, atol=1e-10)
+    torch.testing.assert_close(p.per_example_losses(p.w0).mean(), p.loss(p.w0), rtol=0, atol=1e-12)
+
+
+def test_hvp_equals_dense_hessian_times_v(tiny_mlp_problem):
+    p = tiny_mlp_problem
+    v = torch.randn(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H = torch.func.hessian(p.loss)(p.w0)
+    torch.testing.assert_close(p.hvp(p.w0, v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_matches_finite_differences_of_the_gradient(tiny_mlp_problem):
+    p = tiny_mlp_problem
+    v = torch.randn(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    v /= v.norm()
+    eps = 1e-5  # central differences: truncation O(eps²), round-off O(1e-16/eps)
+    fd = (p.grad(p.w0 + eps * v) - p.grad(p.w0 - eps * v)) / (2 * eps)
+    hv = p.hvp(p.w0, v)
+    assert (fd - hv).norm() / hv.norm() < 1e-8
+
+
+def test_minibatch_gradient_is_the_mean_over_its_examples(tiny_mlp_problem):
+    p = tiny_mlp_problem
+    idx = torch.tensor([3, 17, 42, 5])
+    loss, g = p.batch_loss_and_grad(p.w0, idx)
+    torch.testing.assert_close(g, p.per_example_grads(p.w0, idx).mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(loss, p.per_example_losses(p.w0)[idx].mean(), rtol=0, atol=1e-12)
+
+
+def test_flat_vector_is_parameters_to_vector_order_and_mse_is_half_squared_error():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    X, Y = torch.randn(10, 3), torch.randn(10, 2)
+    p = flowsim.Problem.from_module(module, X, Y, loss="mse", dtype="float64", device="cpu")
+    w = torch.nn.utils.parameters_to_vector(module.parameters())
+    torch.testing.assert_close(p.w0, w.detach())
+    expected = 0.5 * ((module(X.double()) - Y.double()) ** 2).sum(1).mean()
+    torch.testing.assert_close(p.loss(p.w0), expected.detach())
+    torch.testing.assert_close(p.outputs(p.w0), module(X.double()).detach())
+
+
+def test_cross_entropy_matches_torch():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(5, 3)
+    X, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    p = flowsim.Problem.from_module(module, X, y, loss="ce", dtype="float64", device="cpu")
+    expected = torch.nn.functional.cross_entropy(module.double()(X.double()), y)
+    torch.testing.assert_close(p.loss(p.w0), expected.detach())
+
+
+@pytest.mark.parametrize("name,point,value", [
+    ("xyzw", [1.0, 2.0, 0.5, 3.0], 0.5 * (1 - 3.0) ** 2),
+    ("x2y2", [2.0, 0.5], 0.0),
+    ("xy", [3.0, 1.0], 0.5 * (1 - 3.0) ** 2),
+])
+def test_landscapes_have_their_closed_form(name, point, value):
+    p = build_problem({"model": name, "init": point}, device="cpu")
+    assert p.loss(p.w0).item() == pytest.approx(value, abs=1e-14)
+    with pytest.raises(ValueError, match="no data"):
+        p.batch_loss_and_grad(p.w0, torch.tensor([0]))
+
+
+def test_quadratic_hessian_is_its_spectrum():
+    p = build_problem({"model": "quadratic", "spectrum": [3.0, 1.0, 0.5]}, device="cpu")
+    torch.testing.assert_close(torch.func.hessian(p.loss)(p.w0), torch.diag(torch.tensor([3.0, 1.0, 0.5],
+                                                                                             dtype=torch.float64)))
+
+
+def test_initialization_is_seeded_and_shared_across_dtypes():
+    spec = {"model": "mlp", "widths": [8], "dataset": "digits", "n_train": 50}
+    a, b = build_problem(spec, seed=3, device="cpu"), build_problem(spec, seed=3, device="cpu")
+    c = build_problem(spec, seed=4, device="cpu")
+    f32 = build_problem(spec, seed=3, dtype="float32", device="cpu")
+    assert torch.equal(a.w0, b.w0) and not torch.equal(a.w0, c.w0)
+    torch.testing.assert_close(f32.w0.double(), a.w0)
+
+
+def test_digits_are_standardized_and_class_subsets_relabelled():
+    p = build_problem({"model": "mlp", "widths": [4], "dataset": "digits", "classes": [3, 7], "n_train": 100,
+                       "loss": "ce"}, device="cpu")
+    X = p.X.numpy()
+    assert set(np.unique(p.Y.numpy())) == {0, 1}
+    np.testing.assert_allclose(X.mean(0), 0, atol=1e-12)
+    assert np.all((np.abs(X.std(0) - 1) < 1e-12) | (X.std(0) == 0))
+
+
+def test_npz_dataset_and_init_file(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", X=rng.standard_normal((30, 4)), Y=rng.integers(0, 3, 30))
+    spec = {"model": "mlp", "widths": [5], "dataset": {"path": str(tmp_path / "d.npz")}, "loss": "mse"}
+    p = build_problem(spec, device="cpu")
+    assert p.Y.shape == (30, 3) and torch.all(p.Y.sum(1) == 1)
+    w0 = rng.standard_normal(p.n_params)
+    np.save(tmp_path / "w0.npy", w0)
+    q = build_problem({**spec, "init": {"path": str(tmp_path / "w0.npy")}}, device="cpu")
+    np.testing.assert_array_equal(q.w0.numpy(), w0)
+
+
+def test_teacher_student_is_seeded():
+    spec = {"model": "mlp", "widths": [4], "dataset": {"name": "teacher_student", "dim": 5, "seed": 1},
+            "n_train": 40}
+    a, b = build_problem(spec, device="cpu"), build_problem(spec, device="cpu")
+    c = build_problem({**spec, "dataset": {"name": "teacher_student", "dim": 5, "seed": 2}}, device="cpu")
+    assert torch.equal(a.Y, b.Y) and not torch.equal(a.Y, c.Y)
