@@ -12,11 +12,14 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from flowsim.models.mnist1d import mnist1d
+from flowsim.models.tasks import TOKEN_TASKS
+
 
 class DatasetSpec(BaseModel):
     """Which data: a bundled/synthetic set by ``name``, or a user file by ``path`` (arrays X, Y)."""
     model_config = ConfigDict(extra="forbid")
-    name: Optional[Literal["digits", "teacher_student", "gaussian_mixture"]] = None
+    name: Optional[Literal["digits", "teacher_student", "gaussian_mixture", "mnist1d", "sorting", "markov"]] = None
     path: Optional[Path] = None
     dim: PositiveInt = Field(16, description="input dimension of the synthetic sets")
     outputs: PositiveInt = Field(1, description="teacher_student: number of regression targets")
@@ -25,12 +28,15 @@ class DatasetSpec(BaseModel):
     separation: float = Field(2.0, ge=0, description="gaussian_mixture: distance scale of the class means")
     noise: float = Field(0.0, ge=0, description="teacher_student: std of label noise")
     size: PositiveInt = Field(2000, description="synthetic sets: examples generated before n_train is taken")
+    vocab: PositiveInt = Field(8, description="sorting, markov: number of symbols V (the separator is token V)")
+    length: PositiveInt = Field(8, description="sorting, markov: target positions per sequence")
     seed: int = Field(0, description="seed of the synthetic generator (independent of the scenario seed)")
 
     @model_validator(mode="after")
     def _name_xor_path(self):
         if (self.name is None) == (self.path is None):
-            raise ValueError("give exactly one of 'name' (digits, teacher_student, gaussian_mixture) or 'path'")
+            raise ValueError("give exactly one of 'name' (digits, teacher_student, gaussian_mixture, mnist1d, "
+                             "sorting, markov) or 'path'")
         return self
 
 
@@ -83,19 +89,24 @@ def from_file(path: Path) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
 def load(spec: DatasetSpec, n_train: Optional[int], classes: Optional[list[int]]):
     """Load, keep the given classes (relabelled 0..k−1 in the given order) and the first ``n_train`` examples.
 
-    Inputs are standardized per feature on the kept examples. Returns (X, Y, n_classes).
+    Inputs are standardized per feature on the kept examples (token ids are left as they are).
+    Returns (X, Y, n_classes).
     """
     if spec.path is not None:
         X, Y, n_classes = from_file(spec.path)
     elif spec.name == "digits":
         X, Y, n_classes = digits()
+    elif spec.name == "mnist1d":
+        X, Y, n_classes = mnist1d(spec.size, spec.seed)
+    elif spec.name in TOKEN_TASKS:
+        X, Y, n_classes = TOKEN_TASKS[spec.name](spec.size, spec.vocab, spec.length, spec.seed)
     elif spec.name == "teacher_student":
         X, Y, n_classes = teacher_student(spec)
     else:
         X, Y, n_classes = gaussian_mixture(spec)
     if classes is not None:
-        if n_classes is None:
-            raise ValueError("problem.classes: the dataset has regression targets, not classes")
+        if n_classes is None or Y.ndim > 1:
+            raise ValueError("problem.classes: the dataset has regression or sequence targets, not classes")
         bad = [c for c in classes if not 0 <= c < n_classes]
         if bad:
             raise ValueError(f"problem.classes: {bad} not in the dataset's classes 0..{n_classes - 1}")
@@ -106,6 +117,6 @@ def load(spec: DatasetSpec, n_train: Optional[int], classes: Optional[list[int]]
         if n_train > len(X):
             raise ValueError(f"problem.n_train: {n_train} requested but the dataset has {len(X)} examples")
         X, Y = X[:n_train], Y[:n_train]
-    if spec.path is None:
+    if spec.path is None and spec.name not in TOKEN_TASKS:
         X = standardize(X)
     return X, Y, n_classes
