@@ -1,4 +1,4 @@
-"""The ``flowsim`` command line: run | list | info | bench.
+"""The ``flowsim`` command line: run | report | list | info | bench.
 
 Errors are one line on stderr (``flowsim: error: …``) with exit code 2; never a bare traceback.
 """
@@ -52,6 +52,15 @@ def cmd_run(args) -> int:
                      overwrite=args.overwrite, progress=not args.quiet)
     print(summary_table(ds))
     print(f"stored in {out}  (open with flowsim.open({str(out)!r}))")
+    if args.report:
+        from flowsim.report import write
+        print(f"report written to {write(ds, out.with_suffix('.html'))}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from flowsim.report import write
+    print(f"report written to {write(args.store, args.output)}")
     return 0
 
 
@@ -95,7 +104,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the scenario's device")
     r.add_argument("--overwrite", action="store_true", help="replace an existing store")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--report", action="store_true", help="also write the HTML report next to the store (.html)")
     r.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="write a self-contained HTML report of a store")
+    rep.add_argument("store", help="the store (.zarr) written by `flowsim run`")
+    rep.add_argument("-o", "--output", help="HTML file (default: the store's path with .html)")
+    rep.set_defaults(func=cmd_report)
     sub.add_parser("list", help="list the bundled scenarios").set_defaults(func=cmd_list)
     sub.add_parser("info", help="versions, device and dtype").set_defaults(func=cmd_info)
     b = sub.add_parser("bench", help="benchmarks that print ratios against a baseline")

@@ -1,0 +1,280 @@
+"""Figures of a flowsim Dataset, for notebooks and for the HTML report (:mod:`flowsim.report`).
+
+Each public function takes the Dataset of :func:`flowsim.open` (dims ``run``, ``step``, …; DESIGN's schema) and
+returns a ``matplotlib.figure.Figure`` (no pyplot state: a notebook displays it, ``fig.savefig`` writes it).
+The x axis is ``time`` (Σ η, the gradient-flow clock) by default, or ``step`` (optimizer steps). Every run keeps
+one colour in every figure; a diverged run is marked where it diverged. A figure asked for a variable the
+dataset does not hold (or holds only as NaN) raises ValueError. This module computes nothing but smoothing and
+the edge-of-stability onset; distances and gaps come from :mod:`flowsim.compare`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+SMOOTH_WINDOW = 20
+"""Default smoothing window for discrete losses, in optimizer steps (a centered moving average)."""
+
+EOS_FRACTION = 0.95
+"""The edge of stability starts the first time the controlling sharpness reaches this fraction of threshold."""
+
+_XLABEL = {"time": "time  (Σ η, gradient-flow units)", "step": "step"}
+
+
+def has(ds: xr.Dataset, name: str) -> bool:
+    """Whether ``ds`` holds variable ``name`` with at least one finite value."""
+    return name in ds.variables and bool(np.isfinite(ds[name].values.astype(float)).any())
+
+
+def colors(ds: xr.Dataset) -> dict[str, str]:
+    """Run name → matplotlib colour, fixed by the run's position so that every figure agrees."""
+    return {str(r): f"C{i % 10}" for i, r in enumerate(ds.run.values)}
+
+
+def series(ds: xr.Dataset, name: str, run: str, x: str = "time") -> tuple[np.ndarray, np.ndarray]:
+    """The finite points of ``name`` for one run against ``x`` ("time" or "step").
+
+    A per-run scalar (no ``step`` dim) is repeated at every recorded step of the run.
+    """
+    r = ds.sel(run=run)
+    return _xy(r, r[name], x)
+
+
+def _xy(r: xr.Dataset, y: xr.DataArray, x: str) -> tuple[np.ndarray, np.ndarray]:
+    if x not in _XLABEL:
+        raise ValueError(f"x: {x!r} is not one of {sorted(_XLABEL)}")
+    if "step" not in y.dims:
+        y = y.broadcast_like(r.step)
+    xs = (r["time"] if x == "time" and "time" in r.variables else r.step).broadcast_like(y)
+    xv, yv = np.asarray(xs.values, float), np.asarray(y.values, float)
+    ok = np.isfinite(xv) & np.isfinite(yv)
+    return xv[ok], yv[ok]
+
+
+def smoothed(ds: xr.Dataset, run: str, window: int = SMOOTH_WINDOW, name: str = "loss",
+             x: str = "time") -> tuple[np.ndarray, np.ndarray]:
+    """Centered moving average of ``name`` over ``window`` optimizer steps (at least one recorded point).
+
+    The window is converted to recorded points with the run's median spacing of recorded steps.
+    """
+    if window < 1:
+        raise ValueError(f"window: must be ≥ 1 step, got {window}")
+    steps, _ = series(ds, name, run, x="step")
+    xv, yv = series(ds, name, run, x=x)
+    spacing = float(np.median(np.diff(steps))) if steps.size > 1 else 1.0
+    points = max(1, int(round(window / spacing)))
+    avg = xr.DataArray(yv, dims="i").rolling(i=points, center=True, min_periods=1).mean().values
+    return xv, avg
+
+
+def controlling(ds: xr.Dataset, run: str) -> Optional[str]:
+    """The variable that the run's ``threshold`` applies to: ``precond_sharpness`` where the run has it (the
+    threshold of λ_max(P̃⁻¹H), THEORY §2), else ``sharpness``; None when the run has neither or no threshold."""
+    r = ds.sel(run=run)
+    if not has(r, "threshold"):
+        return None
+    for name in ("precond_sharpness", "sharpness"):
+        if has(r, name):
+            return name
+    return None
+
+
+def eos_onset(ds: xr.Dataset, run: str, x: str = "time") -> float:
+    """First ``x`` at which the controlling sharpness ≥ EOS_FRACTION · threshold (NaN if never or unmeasured)."""
+    name = controlling(ds, run)
+    if name is None:
+        return float("nan")
+    r = ds.sel(run=run)
+    xv, ratio = _xy(r, r[name] / (EOS_FRACTION * r["threshold"]), x)
+    crossed = ratio >= 1.0
+    return float(xv[np.argmax(crossed)]) if crossed.any() else float("nan")
+
+
+def divergence_x(ds: xr.Dataset, run: str, x: str = "time") -> float:
+    """``x`` at which a diverged run diverged (NaN for a run that did not)."""
+    r = ds.sel(run=run)
+    if "diverged" not in r or not bool(r["diverged"]):
+        return float("nan")
+    at = float(r["diverged_at"])
+    if x == "step" or "time" not in r.variables or not np.isfinite(at):
+        return at
+    t = r["time"].sel(step=int(at)).values if int(at) in r.step.values else np.nan
+    return float(t) if np.isfinite(t) else float(np.nanmax(r["time"].values))
+
+
+def _figure(panels: int = 1, height: float = 3.2, sharex: bool = False) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(7.0, height * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=sharex, squeeze=False)[:, 0]
+    return fig, list(axes)
+
+
+def _runs_with(ds: xr.Dataset, *names: str) -> list[str]:
+    return [str(r) for r in ds.run.values if any(has(ds.sel(run=r), n) for n in names)]
+
+
+def _require(ds: xr.Dataset, *names: str) -> None:
+    if not any(has(ds, n) for n in names):
+        raise ValueError(f"the dataset has no {' or '.join(repr(n) for n in names)} to plot")
+
+
+def _mark_divergence(ax: Axes, ds: xr.Dataset, run: str, color: str, x: str) -> None:
+    at = divergence_x(ds, run, x)
+    if np.isfinite(at):
+        ax.axvline(at, color=color, linestyle=":", linewidth=1.2)
+        ax.annotate("diverged", (at, 1.0), xycoords=("data", "axes fraction"), color=color, rotation=90,
+                    ha="right", va="top", fontsize=8)
+
+
+def _finish(ax: Axes, x: str, ylabel: str, log: bool = False) -> None:
+    if ax.get_subplotspec().is_last_row() or len(ax.get_shared_x_axes().get_siblings(ax)) == 1:
+        ax.set_xlabel(_XLABEL[x])
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def loss(ds: xr.Dataset, x: str = "time", window: int = SMOOTH_WINDOW) -> Figure:
+    """Training loss of every run (log scale). Discrete runs are drawn faint with their ``window``-step moving
+    average on top (the time average that flows are compared with)."""
+    _require(ds, "loss")
+    fig, (ax,) = _figure()
+    col = colors(ds)
+    for run in _runs_with(ds, "loss"):
+        xv, yv = series(ds, "loss", run, x)
+        if str(ds["process"].sel(run=run).values) == "discrete" and xv.size > 2:
+            ax.plot(xv, yv, color=col[run], alpha=0.3, linewidth=0.8)
+            ax.plot(*smoothed(ds, run, window, x=x), color=col[run], label=f"{run} ({window}-step average)")
+        else:
+            ax.plot(xv, yv, color=col[run], label=run)
+        _mark_divergence(ax, ds, run, col[run], x)
+    ax.set_title("training loss")
+    _finish(ax, x, "loss", log=_positive(ds, "loss"))
+    return fig
+
+
+def _curvature(ds: xr.Dataset, name: str, title: str, ylabel: str, x: str, with_eigs: bool) -> Figure:
+    runs = _runs_with(ds, name, *(("eigs",) if with_eigs else ()))
+    fig, axes = _figure(len(runs), height=2.6)
+    col = colors(ds)
+    for ax, run in zip(axes, runs):
+        r = ds.sel(run=run)
+        if with_eigs and has(r, "eigs"):
+            for i in range(r.sizes["eig"]):
+                ax.plot(*_xy(r, r["eigs"].isel(eig=i), x), color=col[run], alpha=0.35, linewidth=0.8,
+                        label="tracked eigenvalues" if i == 0 else None)
+        if has(r, name):
+            ax.plot(*series(ds, name, run, x), color=col[run], marker=".", markersize=3, label=ylabel)
+        if controlling(ds, run) == name:
+            ax.plot(*series(ds, "threshold", run, x), color="k", linestyle="--", linewidth=1, label="threshold")
+        _mark_divergence(ax, ds, run, col[run], x)
+        ax.set_title(f"{title} — {run}", fontsize=10)
+        _finish(ax, x, ylabel)
+    return fig
+
+
+def sharpness(ds: xr.Dataset, x: str = "time") -> Figure:
+    """One panel per run: λ_max(H) and the tracked eigenvalues ``eigs``, with the run's stability ``threshold``
+    (dashed) where the threshold applies to λ_max(H) itself (runs without ``precond_sharpness``)."""
+    _require(ds, "sharpness", "eigs")
+    return _curvature(ds, "sharpness", "sharpness", "λ_max(H)", x, with_eigs=True)
+
+
+def precond_sharpness(ds: xr.Dataset, x: str = "time") -> Figure:
+    """One panel per run: preconditioned sharpness λ_max(P̃⁻¹H) against the run's threshold (dashed)."""
+    _require(ds, "precond_sharpness")
+    return _curvature(ds, "precond_sharpness", "preconditioned sharpness", "λ_max(P̃⁻¹H)", x, with_eigs=False)
+
+
+def noise_kernel_norm(ds: xr.Dataset, x: str = "time") -> Figure:
+    """Noise kernel norm K of every run against 1, the stochastic edge of stability (THEORY §4)."""
+    _require(ds, "noise_kernel_norm")
+    fig, (ax,) = _figure()
+    col = colors(ds)
+    for run in _runs_with(ds, "noise_kernel_norm"):
+        ax.plot(*series(ds, "noise_kernel_norm", run, x), color=col[run], marker=".", markersize=3, label=run)
+        _mark_divergence(ax, ds, run, col[run], x)
+    ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="K = 1")
+    ax.set_title("noise kernel norm")
+    _finish(ax, x, "K")
+    return fig
+
+
+GAPS = {"distance": "‖w − w_ref‖", "loss_gap": "L − L_ref", "sharpness_gap": "S − S_ref"}
+"""The comparison variables (flowsim.compare) and their axis labels."""
+
+
+def gaps(ds: xr.Dataset, x: str = "time", reference: Optional[str] = None) -> Figure:
+    """Distance and loss/sharpness gaps of every run to the reference run, one panel per variable present."""
+    names = [n for n in GAPS if has(ds, n)]
+    _require(ds, *GAPS)
+    fig, axes = _figure(len(names), height=2.6, sharex=True)
+    col = colors(ds)
+    for ax, name in zip(axes, names):
+        for run in _runs_with(ds, name):
+            if run == reference:
+                continue
+            ax.plot(*series(ds, name, run, x), color=col[run], label=run)
+            _mark_divergence(ax, ds, run, col[run], x)
+        ax.set_title(f"{GAPS[name]}" + (f"  (reference: {reference})" if reference else ""), fontsize=10)
+        _finish(ax, x, name, log=name == "distance" and _positive(ds, name))
+    return fig
+
+
+def predicted_loss(ds: xr.Dataset, x: str = "time", window: int = SMOOTH_WINDOW) -> Figure:
+    """One panel per run with ``predicted_loss`` (central flows): the prediction L(w) + ½⟨H, Σ⟩, the flow's own
+    L(w), and the loss of the matching discrete run (same rule, lr and batch size) with its moving average."""
+    _require(ds, "predicted_loss")
+    runs = _runs_with(ds, "predicted_loss")
+    fig, axes = _figure(len(runs), height=2.8)
+    col = colors(ds)
+    for ax, run in zip(axes, runs):
+        ax.plot(*series(ds, "predicted_loss", run, x), color=col[run], label=f"{run}: predicted")
+        if has(ds.sel(run=run), "loss"):
+            ax.plot(*series(ds, "loss", run, x), color=col[run], linestyle="--", linewidth=1, label=f"{run}: L(w)")
+        partner = discrete_partner(ds, run)
+        if partner is not None:
+            ax.plot(*series(ds, "loss", partner, x), color=col[partner], alpha=0.3, linewidth=0.8)
+            ax.plot(*smoothed(ds, partner, window, x=x), color=col[partner],
+                    label=f"{partner} ({window}-step average)")
+            _mark_divergence(ax, ds, partner, col[partner], x)
+        _mark_divergence(ax, ds, run, col[run], x)
+        ax.set_title(f"predicted vs actual loss — {run}", fontsize=10)
+        _finish(ax, x, "loss", log=_positive(ds, "loss") and _positive(ds, "predicted_loss"))
+    return fig
+
+
+def discrete_partner(ds: xr.Dataset, run: str) -> Optional[str]:
+    """The first discrete run with the same rule, lr and batch size as ``run`` (None if there is none)."""
+    keys = [k for k in ("rule", "lr", "batch_size") if k in ds.coords]
+    me = ds.sel(run=run)
+    for other in ds.run.values:
+        o = ds.sel(run=other)
+        if (other != run and str(o["process"].values) == "discrete" and has(o, "loss")
+                and all(o[k].values == me[k].values for k in keys)):
+            return str(other)
+    return None
+
+
+def step_size(ds: xr.Dataset, x: str = "step") -> Figure:
+    """Step size η used at each step, every run (log scale); drawn against steps by default."""
+    _require(ds, "step_size")
+    fig, (ax,) = _figure(height=2.8)
+    col = colors(ds)
+    for run in _runs_with(ds, "step_size"):
+        ax.plot(*series(ds, "step_size", run, x), color=col[run], label=run, drawstyle="steps-post")
+        _mark_divergence(ax, ds, run, col[run], x)
+    ax.set_title("step size")
+    _finish(ax, x, "η", log=_positive(ds, "step_size"))
+    return fig
+
+
+def _positive(ds: xr.Dataset, name: str) -> bool:
+    v = ds[name].values.astype(float)
+    return bool((v[np.isfinite(v)] > 0).all())

@@ -1,0 +1,160 @@
+"""The comparison report: one self-contained HTML file per store (figures embedded as base64 PNG, no network).
+
+``flowsim report STORE [-o report.html]`` and ``flowsim run … --report`` call :func:`write`. The page holds the
+scenario, a summary table (:func:`summary`) and one section per entry of ``SECTIONS`` whose variables the
+dataset holds (a section without data is left out). Figures come from :mod:`flowsim.plot`; distances and gaps
+to the reference run from :mod:`flowsim.compare` when the store names a reference. This module runs nothing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import importlib.util
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import yaml
+from matplotlib.figure import Figure
+
+import flowsim
+from flowsim import plot
+
+
+@dataclass(frozen=True)
+class Section:
+    """A report section: shown when the dataset holds any of ``variables``; ``figure(ds, reference)``."""
+    title: str
+    variables: tuple[str, ...]
+    figure: Callable[[xr.Dataset, Optional[str]], Figure]
+    caption: str
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("Loss", ("loss",), lambda ds, ref: plot.loss(ds),
+            f"Full-batch training loss against time (Σ η). Discrete runs: raw (faint) and their "
+            f"{plot.SMOOTH_WINDOW}-step centered moving average. Dotted lines: divergence."),
+    Section("Sharpness and tracked eigenvalues", ("sharpness", "eigs"), lambda ds, ref: plot.sharpness(ds),
+            "λ_max(H) (dots) and the tracked top eigenvalues (faint) per run; dashed: the run's stability "
+            "threshold where it applies to λ_max(H) (e.g. 2/η for GD)."),
+    Section("Preconditioned sharpness", ("precond_sharpness",), lambda ds, ref: plot.precond_sharpness(ds),
+            "λ_max(P̃⁻¹H) per run against its threshold (dashed), e.g. (2 + 2β₁)/((1 − β₁)η) = 38/η for Adam "
+            "with β₁ = 0.9."),
+    Section("Noise kernel norm", ("noise_kernel_norm",), lambda ds, ref: plot.noise_kernel_norm(ds),
+            "The noise kernel norm K of minibatch runs against 1, where stochastic training self-stabilizes."),
+    Section("Distance and gaps to the reference run", tuple(plot.GAPS), lambda ds, ref: plot.gaps(ds, reference=ref),
+            "Weight-space distance ‖w − w_ref‖ and loss / sharpness differences to the reference run, at equal "
+            "time."),
+    Section("Central flow: predicted vs actual loss", ("predicted_loss",), lambda ds, ref: plot.predicted_loss(ds),
+            "The central flow's predicted time-averaged loss L(w) + ½⟨H, Σ⟩ against the matching discrete run's "
+            f"loss and its {plot.SMOOTH_WINDOW}-step moving average."),
+    Section("Step size", ("step_size",), lambda ds, ref: plot.step_size(ds),
+            "The step size η used at each step."),
+)
+
+
+def reference(ds: xr.Dataset) -> Optional[str]:
+    """The reference run: the dataset's ``reference`` attr, else the scenario's ``compare.reference``."""
+    ref = ds.attrs.get("reference")
+    if ref is None and "scenario" in ds.attrs:
+        ref = ((yaml.safe_load(ds.attrs["scenario"]) or {}).get("compare") or {}).get("reference")
+    return ref if ref in ds.run.values else None
+
+
+def compared(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with distances and gaps to the reference run (flowsim.compare), unless already there or no
+    reference is named."""
+    ref = reference(ds)
+    if ref is None or any(g in ds for g in plot.GAPS) or importlib.util.find_spec("flowsim.compare") is None:
+        return ds
+    from flowsim.compare import compare
+    return compare(ds, reference=ref)
+
+
+def summary(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per run: process, rule, lr, batch size (0 = full), final loss (last finite), onset time of the
+    edge of stability (first time the controlling sharpness ≥ 0.95·threshold, Σ η units), largest distance to
+    the reference, wall time (s, last recorded), and the step where a run diverged. NaN = not available."""
+    rows = []
+    for name in ds.run.values:
+        r = ds.sel(run=name)
+        _, losses = plot.series(ds, "loss", name) if "loss" in r else (None, np.array([]))
+        _, walls = plot.series(ds, "wall_time", name) if "wall_time" in r else (None, np.array([]))
+        _, dist = plot.series(ds, "distance", name) if "distance" in r else (None, np.array([]))
+        rows.append({
+            "run": str(name),
+            "process": str(r["process"].values),
+            "rule": str(r["rule"].values),
+            "lr": float(r["lr"]),
+            "batch size": int(r["batch_size"]) if "batch_size" in r.coords and np.isfinite(r["batch_size"]) else 0,
+            "final loss": losses[-1] if losses.size else np.nan,
+            "EoS onset (time)": plot.eos_onset(ds, name),
+            "largest distance": dist.max() if dist.size else np.nan,
+            "wall time (s)": walls[-1] if walls.size else np.nan,
+            "diverged at (step)": float(r["diverged_at"]) if "diverged" in r and bool(r["diverged"]) else np.nan,
+        })
+    return pd.DataFrame(rows).set_index("run")
+
+
+def figure_uri(fig: Figure, dpi: int = 100) -> str:
+    """A ``data:image/png;base64,…`` URI of ``fig``."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sections(ds: xr.Dataset) -> list[Section]:
+    """The sections whose variables ``ds`` holds (with at least one finite value)."""
+    return [s for s in SECTIONS if any(plot.has(ds, v) for v in s.variables)]
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85rem; } td, th { padding: 0.2rem 0.6rem; text-align: right; }
+th { border-bottom: 1px solid #888; } td:first-child, th:first-child { text-align: left; }
+tr:nth-child(even) td { background: #f4f4f4; } figure { margin: 1rem 0; } img { max-width: 100%; }
+figcaption, .meta { color: #555; font-size: 0.85rem; } pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; }
+"""
+
+
+def render(ds: xr.Dataset) -> str:
+    """The report of ``ds`` as one HTML document (str); ``ds`` is compared to its reference run first."""
+    ds = compared(ds)
+    ref = reference(ds)
+    e = html.escape
+    name = ds.attrs.get("name", "flowsim")
+    meta = " · ".join(f"{k} {e(str(ds.attrs[a]))}" for k, a in (
+        ("flowsim", "flowsim_version"), ("torch", "torch_version"), ("device", "device"), ("dtype", "dtype"),
+        ("created", "created")) if a in ds.attrs)
+    table = summary(ds).to_html(na_rep="–", float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+    parts = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>flowsim report: {e(name)}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>flowsim report: {e(name)}</h1>",
+             f"<p class='meta'>{meta or e('flowsim ' + flowsim.__version__)}</p>",
+             "<h2>Summary</h2>", table,
+             f"<p class='meta'>EoS onset: first time the controlling sharpness reaches {plot.EOS_FRACTION}·threshold."
+             + (f" Distances are to the reference run <b>{e(ref)}</b>." if ref else "") + "</p>"]
+    for s in sections(ds):
+        parts.append(f"<h2>{e(s.title)}</h2><figure><img alt='{e(s.title)}' src='{figure_uri(s.figure(ds, ref))}'>"
+                     f"<figcaption>{e(s.caption)}</figcaption></figure>")
+    if "scenario" in ds.attrs:
+        parts.append(f"<h2>Scenario</h2><pre>{e(ds.attrs['scenario'])}</pre>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write(source: Union[xr.Dataset, str, Path], path: Union[str, Path, None] = None) -> Path:
+    """Write the report of a Dataset or a store to ``path`` (default: the store's path with ``.html``)."""
+    if path is None:
+        if isinstance(source, xr.Dataset):
+            raise ValueError("path: required when reporting a Dataset (no store path to derive it from)")
+        path = Path(source).with_suffix(".html")
+    ds = source if isinstance(source, xr.Dataset) else flowsim.open(source)
+    path = Path(path)
+    path.write_text(render(ds), encoding="utf-8")
+    return path

@@ -1,0 +1,290 @@
+"""Reports and plots: numbers in the summary, sections shown only with their data, every bundled scenario
+reported at test scale, and the HTML opened in headless chromium (every figure decoded, no errors, no network)."""
+import base64
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+import flowsim
+from flowsim import plot, report
+from flowsim.cli import bundled_scenarios, main
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+N = 200          # recorded steps 0..N, every step; curvature every 10 steps
+
+
+def synthetic() -> xr.Dataset:
+    """Five runs holding every variable of DESIGN's schema, with known crossings, NaN gaps and a divergence.
+
+    gd: sharpness 1 + 3.2k/N vs threshold 2/η = 4 (0.95·4 first reached at the measured step 180, time 90);
+    adam: sharpness far above its threshold but precond_sharpness = 38/η · k/150 (0.95 first at step 150);
+    sgd: diverges at step 120 (loss 1e9 there, NaN after).
+    """
+    k = np.arange(N + 1)
+    runs = {  # name: (process, rule, lr, batch_size)
+        "gd": ("discrete", "gd", 0.5, 0), "central": ("central", "gd", 0.5, 0), "flow": ("stable", "gd", 0.5, 0),
+        "adam": ("discrete", "adam", 0.01, 0), "sgd": ("discrete", "gd", 0.5, 10)}
+    nan = np.full(N + 1, np.nan)
+    curv = k % 10 == 0
+
+    def at_curv(v):
+        return np.where(curv, v, np.nan)
+
+    data = {v: [] for v in ("loss", "step_size", "time", "wall_time", "sharpness", "eigs", "precond_sharpness",
+                            "threshold", "noise_kernel_norm", "predicted_loss", "distance", "loss_gap",
+                            "sharpness_gap", "w_proj")}
+    for i, (name, (process, rule, lr, bs)) in enumerate(runs.items()):
+        base = np.exp(-k / 80) * (1 + 0.3 * (-1.0) ** k * (process == "discrete"))
+        sharp = at_curv(1 + 3.2 * k / N)
+        data["loss"].append(base)
+        data["step_size"].append(np.full(N + 1, lr))
+        data["time"].append(lr * k)
+        data["wall_time"].append(0.01 * k * (i + 1))
+        data["threshold"].append(np.full(N + 1, (38 if rule == "adam" else 2) / lr))
+        data["precond_sharpness"].append(at_curv(38 / lr * k / 150) if rule == "adam" else nan)
+        data["sharpness"].append(at_curv(np.full(N + 1, 5000.0)) if rule == "adam" else sharp)
+        data["eigs"].append(np.stack([data["sharpness"][-1] * f for f in (1, 0.8, 0.5)], axis=-1))
+        data["noise_kernel_norm"].append(at_curv(np.minimum(k / 100, 1.0)) if bs else nan)
+        data["predicted_loss"].append(base * 1.1 if process == "central" else nan)
+        dist = 0.0 if name == "gd" else 0.01 * k * (i + 1)
+        data["distance"].append(np.where(k % 10 == 0, dist, np.nan))
+        data["loss_gap"].append(base - data["loss"][0])
+        data["sharpness_gap"].append(sharp - data["sharpness"][0])
+        data["w_proj"].append(np.outer(k, np.ones(4)))
+    sgd = list(runs).index("sgd")
+    for v in data:
+        data[v][sgd][121:] = np.nan
+    data["loss"][sgd][120] = 1e9
+    dims = {"eigs": ("run", "step", "eig"), "w_proj": ("run", "step", "proj")}
+    ds = xr.Dataset({v: (dims.get(v, ("run", "step")), np.stack(a)) for v, a in data.items()},
+                    coords={"run": list(runs), "step": k,
+                            **{c: ("run", [r[j] for r in runs.values()])
+                               for j, c in enumerate(("process", "rule", "lr", "batch_size"))}})
+    ds = ds.set_coords("time")
+    ds["diverged"] = ("run", [n == "sgd" for n in runs])
+    ds["diverged_at"] = ("run", [120.0 if n == "sgd" else np.nan for n in runs])
+    ds.attrs.update(name="synthetic", flowsim_version=flowsim.__version__, device="cpu", dtype="float64",
+                    scenario=yaml.safe_dump({"name": "synthetic", "compare": {"reference": "gd"}}))
+    return ds
+
+
+def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_divergence():
+    ds = synthetic()
+    s = report.summary(ds)
+    assert s.loc["gd", "EoS onset (time)"] == 0.5 * 180          # 1 + 3.2k/N ≥ 3.8 ⇔ k ≥ 175 → measured at 180
+    assert s.loc["adam", "EoS onset (time)"] == 0.01 * 150       # precond_sharpness decides, not sharpness
+    assert s.loc["central", "final loss"] == np.exp(-N / 80)
+    assert s.loc["gd", "final loss"] == np.exp(-N / 80) * (1 + 0.3 * (-1) ** N)
+    assert s.loc["sgd", "final loss"] == 1e9                   # the last finite value, at the divergence
+    assert s.loc["sgd", "diverged at (step)"] == 120 and np.isnan(s.loc["gd", "diverged at (step)"])
+    assert s.loc["flow", "largest distance"] == pytest.approx(0.01 * N * 3, rel=1e-12)
+    assert s.loc["sgd", "largest distance"] == pytest.approx(0.01 * 120 * 5, rel=1e-12)
+    assert s.loc["adam", "wall time (s)"] == pytest.approx(0.01 * N * 4, rel=1e-12)
+    assert s.loc["sgd", "wall time (s)"] == pytest.approx(0.01 * 120 * 5, rel=1e-12)
+    assert (s["batch size"].values == [0, 0, 0, 0, 10]).all()
+    assert np.isnan(report.summary(ds.drop_vars("threshold")).loc["gd", "EoS onset (time)"])
+
+
+def test_moving_average_is_the_mean_over_a_window_of_steps():
+    ds = synthetic().isel(run=[0])
+    _, avg = plot.smoothed(ds, "gd", window=20, x="step")
+    loss = np.exp(-np.arange(N + 1) / 80) * (1 + 0.3 * (-1.0) ** np.arange(N + 1))
+    expected = [loss[i - 10:i + 10].mean() for i in range(10, N - 10)]   # window [i−10, i+10)
+    np.testing.assert_allclose(avg[10:N - 10], expected, rtol=1e-12)
+    # recorded every 4th step, a 20-step window is 5 recorded points
+    sub = ds.isel(step=slice(0, None, 4))
+    _, avg4 = plot.smoothed(sub, "gd", window=20, x="step")
+    np.testing.assert_allclose(avg4[2:-2], [sub.loss.values[0, i - 2:i + 3].mean() for i in range(2, sub.sizes["step"] - 2)],
+                               rtol=1e-12)
+
+
+def _dashed(ax):
+    return [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+
+
+def test_threshold_is_drawn_against_the_variable_it_applies_to():
+    ds = synthetic()
+    sharp = plot.sharpness(ds).axes
+    assert [a.get_title().split("— ")[1] for a in sharp] == ["gd", "central", "flow", "adam", "sgd"]
+    np.testing.assert_array_equal(_dashed(sharp[0])[0].get_ydata(), 2 / 0.5)
+    assert not _dashed(sharp[3])                                   # adam's threshold is for λ_max(P̃⁻¹H)
+    pre = plot.precond_sharpness(ds).axes
+    assert len(pre) == 1 and pre[0].get_title().endswith("adam")
+    np.testing.assert_array_equal(_dashed(pre[0])[0].get_ydata(), 38 / 0.01)
+    with pytest.raises(ValueError, match="noise_kernel_norm"):
+        plot.noise_kernel_norm(ds.drop_vars("noise_kernel_norm"))
+
+
+def test_sections_appear_only_with_their_variables():
+    ds = synthetic()
+    assert [s.title for s in report.sections(ds)] == [s.title for s in report.SECTIONS]
+    for section in report.SECTIONS:
+        less = ds.drop_vars([v for v in section.variables if v in ds])
+        titles = [s.title for s in report.sections(less)]
+        assert section.title not in titles and len(titles) == len(report.SECTIONS) - 1
+    html = report.render(ds.assign(noise_kernel_norm=ds.noise_kernel_norm * np.nan))   # all-NaN = absent
+    assert "Noise kernel norm" not in html and html.count("<img") == len(report.SECTIONS) - 1
+
+
+def test_distance_to_reference_skips_the_reference_and_marks_the_divergence():
+    ax = plot.gaps(synthetic(), reference="gd").axes[0]
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert "gd" not in labels and {"central", "flow", "adam", "sgd"} <= set(labels)
+    assert [t.get_text() for t in ax.texts] == ["diverged"]
+    assert ax.get_lines()[labels.index("sgd") + 1].get_xdata()[0] == 0.5 * 120     # the divergence line
+
+
+def test_report_cli_writes_next_to_the_store_and_fails_in_one_line(tmp_path, capsys):
+    store = tmp_path / "s.zarr"
+    doc = {"name": "t", "device": "cpu", "steps": 6, "record": {"projection_dim": 4},
+           "problem": {"model": "quadratic", "spectrum": [1.0, 0.5]},
+           "runs": {"ok": {"lr": 0.5}, "blowup": {"lr": 30.0}}}
+    flowsim.run(doc, store, progress=False)
+    assert main(["report", str(store)]) == 0
+    html = (tmp_path / "s.html").read_text()
+    assert html.count("<img") == 2 and "diverged" in html           # loss and step size; blowup diverged
+    assert main(["report", str(store), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text() == html
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "missing.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.zarr" in err
+
+
+class Chromium:
+    """Headless chromium driven through the DevTools protocol over a pipe (--remote-debugging-pipe)."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--remote-debugging-pipe", "--window-size=1100,900"]
+
+    def __init__(self, exe: str, timeout: float = 60):
+        self.timeout, self.profile = timeout, tempfile.TemporaryDirectory()
+        to_browser, self._w = os.pipe()
+        self._r, from_browser = os.pipe()
+        cmd = " ".join([exe, *self.FLAGS, f"--user-data-dir={self.profile.name}", "about:blank",
+                        f"3<&{to_browser}", f"4>&{from_browser}"])
+        self.proc = subprocess.Popen(["bash", "-c", "exec " + cmd], pass_fds=(to_browser, from_browser),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self.buf, self.id, self.events = b"", 0, []
+
+    def send(self, method, session=None, **params):
+        self.id += 1
+        msg = {"id": self.id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:
+            m = self._read()
+            if m.get("id") == self.id:
+                assert "error" not in m, f"{method}: {m['error']}"
+                return m["result"]
+            self.events.append(m)
+
+    def _read(self) -> dict:
+        deadline = time.monotonic() + self.timeout
+        while b"\0" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError("chromium did not answer")
+            chunk = os.read(self._r, 1 << 20)
+            assert chunk, "chromium closed the pipe"
+            self.buf += chunk
+        msg, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def load(self, path: Path, screenshot: Path = None) -> dict:
+        """Open ``path`` in a new tab; return its images [alt, complete, naturalWidth], the errors it logged
+        and every request it made that was not file: or data:."""
+        self.events = []
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        s = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Runtime", "Log", "Page", "Network"):
+            self.send(f"{domain}.enable", session=s)
+        self.send("Page.navigate", session=s, url=path.resolve().as_uri())
+        while not any(e.get("method") == "Page.loadEventFired" and e.get("sessionId") == s for e in self.events):
+            self.events.append(self._read())
+        images = json.loads(self.send("Runtime.evaluate", session=s, returnByValue=True, expression=(
+            "JSON.stringify([...document.images].map(i => [i.alt, i.complete, i.naturalWidth]))"))["result"]["value"])
+        if screenshot is not None:
+            size = self.send("Page.getLayoutMetrics", session=s)["cssContentSize"]
+            shot = self.send("Page.captureScreenshot", session=s, format="png", captureBeyondViewport=True,
+                             clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+            screenshot.write_bytes(base64.b64decode(shot["data"]))
+        self.send("Target.closeTarget", targetId=target)
+        mine = [e for e in self.events if e.get("sessionId") == s]
+        errors = [e["params"] for e in mine if e["method"] == "Runtime.exceptionThrown"
+                  or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+                  or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))]
+        requests = [e["params"]["request"]["url"] for e in mine if e["method"] == "Network.requestWillBeSent"
+                    and not e["params"]["request"]["url"].startswith(("file:", "data:"))]
+        return {"images": images, "errors": errors, "requests": requests}
+
+    def close(self):
+        self.send("Browser.close")
+        self.proc.wait(timeout=30)
+        os.close(self._w)
+        os.close(self._r)
+        self.profile.cleanup()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    b = Chromium(exe)
+    yield b
+    b.close()
+
+
+def assert_renders(page: dict, n_figures: int):
+    assert len(page["images"]) == n_figures
+    assert all(complete and width > 0 for _, complete, width in page["images"]), page["images"]
+    assert page["errors"] == [] and page["requests"] == []
+
+
+def test_the_browser_check_catches_a_broken_figure_and_a_logged_error(browser, tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><img alt='x' src='data:image/png;base64,iVBORw0KGgoAAAA'>"
+                   "<script>console.error('boom')</script></body></html>")
+    page = browser.load(bad)
+    assert page["images"] == [["x", True, 0]] and len(page["errors"]) >= 1
+
+
+def test_report_with_every_section_a_diverged_run_and_nan_gaps_renders_in_chromium(browser, tmp_path):
+    ds = synthetic()
+    path = report.write(ds, tmp_path / "synthetic.html")
+    page = browser.load(path, screenshot=ARTIFACTS / "report_synthetic.png")
+    assert_renders(page, len(report.SECTIONS))
+    assert [alt for alt, _, _ in page["images"]] == [s.title for s in report.SECTIONS]
+    assert (ARTIFACTS / "report_synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", path.read_text())     # nothing to fetch
+
+
+@pytest.mark.parametrize("name", sorted(bundled_scenarios()))
+def test_every_bundled_scenario_gets_a_report_at_test_scale(name, browser, tmp_path):
+    doc = yaml.safe_load(bundled_scenarios()[name].read_text())
+    doc.setdefault("record", {})["projection_dim"] = 4
+    doc["device"] = "cpu"
+    scenario = tmp_path / f"{name}.yaml"
+    scenario.write_text(yaml.safe_dump(doc))
+    store = tmp_path / f"{name}.zarr"
+    assert main(["run", str(scenario), "-o", str(store), "--steps", "4", "-q", "--report"]) == 0
+    ds = flowsim.open(store)
+    page = browser.load(store.with_suffix(".html"), screenshot=ARTIFACTS / f"report_{name}.png"
+                        if name == "quickstart" else None)
+    assert_renders(page, len(report.sections(report.compared(ds))))
+    assert [alt for alt, _, _ in page["images"]][:1] == ["Loss"]
