@@ -49,7 +49,8 @@ def cmd_run(args) -> int:
     import flowsim
     out = Path(args.output) if args.output else Path(Path(args.scenario).stem + ".zarr")
     ds = flowsim.run(scenario_path(args.scenario), out, steps=args.steps, device=args.device,
-                     overwrite=args.overwrite, progress=not args.quiet)
+                     overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler,
+                     progress=not args.quiet)
     print(summary_table(ds))
     print(f"stored in {out}  (open with flowsim.open({str(out)!r}))")
     if args.report:
@@ -103,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="override the scenario's number of steps")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the scenario's device")
     r.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the unfinished runs of an existing store from their checkpoints; skip finished ones")
+    r.add_argument("--scheduler", metavar="local|ADDRESS",
+                   help="run each (sweep point, run) on dask.distributed: 'local' starts a LocalCluster")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.add_argument("--report", action="store_true", help="also write the HTML report next to the store (.html)")
     r.set_defaults(func=cmd_run)

@@ -49,6 +49,13 @@ class ProjectionProbe(Probe):
 
     def __init__(self, projection: Projection, every: int):
         self.projection, self.every = projection, every
+    def checkpoint_state(self) -> dict:
+        """What an exact resume needs that this probe carries between calls (e.g. warm-start vectors)."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Set a freshly made probe to a :meth:`checkpoint_state` taken earlier."""
+
 
     def __call__(self, traj, process) -> dict:
         return {"w_proj": self.projection(traj.w)}

@@ -6,10 +6,12 @@ store is created, so a bad scenario writes nothing. A diverging run is recorded 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import xarray as xr
@@ -19,10 +21,12 @@ from tqdm.auto import tqdm
 import flowsim
 from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
+from flowsim import sweep as sweep_mod
 from flowsim.problem import Problem, resolve_device
 from flowsim.record import Probe, Projection, ProjectionProbe, Recorder
 from flowsim.scenario import RunSpec, Scenario, ScenarioError
-from flowsim.solvers import PROCESSES, Schedule
+from flowsim.solvers import PROCESSES, Schedule, Trajectory
+from flowsim.sweep import Task
 
 
 def build(sc: Scenario) -> Problem:
@@ -65,8 +69,13 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
 
 
 def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[Probe], dims: dict[str, int],
-             progress: bool = False, label: str = "") -> dict:
-    """Run one process to ``sc.steps`` and record it. Returns {diverged, diverged_at, wall_time}."""
+             progress: bool = False, label: str = "", checkpoint: Optional[dict] = None,
+             save: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run one process to ``sc.steps`` and record it. Returns {diverged, diverged_at, wall_time}.
+
+    ``save(checkpoint)`` is called right after each chunk the writer stores; ``checkpoint`` (such a dict)
+    continues a run exactly where it was saved (the writer must already be truncated to its ``length``).
+    """
     rec = sc.record
     seed = run.seed if run.seed is not None else sc.seed
     schedule = Schedule(run.lr, *(run.schedule.drop_at, run.schedule.lr_after) if run.schedule else ())
@@ -77,8 +86,16 @@ def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[
     limit = None
     diverged_at = None
     t0 = time.perf_counter()
-    bar = tqdm(total=sc.steps, desc=label, disable=not progress, leave=False, unit="step")
-    for k in range(sc.steps + 1):
+    start, saved = 0, writer.length
+    if checkpoint is not None:
+        start, limit = checkpoint["k"], checkpoint["limit"]
+        t0 -= checkpoint["wall_time"]
+        traj = Trajectory(**_to(checkpoint["trajectory"], problem.device))
+        process.restore(_to(checkpoint["process"], problem.device))
+        for probe, state in zip(probes, checkpoint["probes"]):
+            probe.restore(_to(state, problem.device))
+    bar = tqdm(total=sc.steps, initial=start, desc=label, disable=not progress, leave=False, unit="step")
+    for k in range(start, sc.steps + 1):
         last = k == sc.steps
         measure = k % rec.every == 0 or last
         row = {"time": traj.time}
@@ -98,10 +115,27 @@ def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[
             diverged_at = k
             break
         bar.update(1)
+        if save is not None and writer.length != saved:
+            saved = writer.length
+            save({"k": k + 1, "limit": limit, "length": saved, "wall_time": time.perf_counter() - t0,
+                  "trajectory": _to({f.name: getattr(traj, f.name) for f in dataclasses.fields(traj)}, "cpu"),
+                  "process": _to(process.checkpoint_state(), "cpu"),
+                  "probes": [_to(probe.checkpoint_state(), "cpu") for probe in probes]})
     bar.close()
     recorder.flush()
     return {"diverged": diverged_at is not None, "diverged_at": diverged_at,
             "wall_time": time.perf_counter() - t0}
+
+
+def _to(value, device):
+    """``value`` (tensors, possibly in dicts/lists) with every tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
 
 
 def prepare(scenario, steps: Optional[int] = None, device: Optional[str] = None) -> Scenario:
@@ -117,27 +151,85 @@ def prepare(scenario, steps: Optional[int] = None, device: Optional[str] = None)
     return sc
 
 
+def problem_key(sc: Scenario) -> str:
+    """What a scenario's Problem depends on; points of a sweep with the same key share one Problem."""
+    return json.dumps([sc.problem.model_dump(mode="json"), sc.dtype, sc.device, sc.seed], sort_keys=True)
+
+
+def execute(store, task: Task, resume: bool = False, problem: Optional[Problem] = None,
+            progress: bool = False) -> str:
+    """Simulate one (sweep point, run) into group ``runs/<task.name>`` of an existing store; returns its status.
+
+    With ``resume``, a run continues from its last checkpoint (rows stored after it are cut off first) or
+    starts over when it has none. Used in process and, unchanged, as the task a Dask worker runs.
+    """
+    sc, spec = task.scenario, task.scenario.runs[task.key]
+    problem = build(sc) if problem is None else problem
+    root = zarr.open_group(store, mode="r+")
+    checkpoint = store_mod.load_checkpoint(store, task.name) if resume else None
+    if checkpoint is None and task.name in root["runs"]:
+        del root[f"runs/{task.name}"]
+    attrs = run_attrs(task.key, spec, sc, task.order)
+    attrs["coords"] = {**task.coords, **attrs["coords"]}
+    dims = record_dims(sc)
+    writer = store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk)
+    if checkpoint is not None:
+        writer.truncate(checkpoint["length"])
+    result = simulate(problem, spec, sc, writer, make_probes(problem, sc), dims, progress=progress,
+                      label=task.name, checkpoint=checkpoint,
+                      save=lambda c: store_mod.save_checkpoint(store, task.name, c))
+    status = "diverged" if result["diverged"] else "complete"
+    writer.finish(status=status, **result)
+    store_mod.drop_checkpoint(store, task.name)
+    return status
+
+
 def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] = None,
-        device: Optional[str] = None, overwrite: bool = False, progress: Optional[bool] = None) -> xr.Dataset:
-    """Run every run of a scenario and return the recorded Dataset (see :func:`flowsim.open`).
+        device: Optional[str] = None, overwrite: bool = False, resume: bool = False,
+        scheduler: Optional[str] = None, progress: Optional[bool] = None) -> xr.Dataset:
+    """Run every run of every sweep point of a scenario and return the recorded Dataset (see :func:`flowsim.open`).
 
     ``scenario``: a YAML path, YAML text, a dict or a Scenario. ``store``: a ``.zarr`` path, or None to keep
-    the results in memory. ``progress``: show progress bars (default: when stderr is a terminal).
+    the results in memory. The store is locked while written (a second writer gets StoreLockedError).
+    ``overwrite``: replace an existing store. ``resume``: continue the unfinished runs of an existing store of
+    the same scenario from their checkpoints and skip the finished ones. ``scheduler``: None runs in this
+    process; ``"local"`` or a Dask scheduler address runs each (point, run) as a task on dask.distributed.
+    ``progress``: show progress bars (default: when stderr is a terminal).
     """
     sc = prepare(scenario, steps, device)
-    problem = build(sc)
+    tasks = sweep_mod.expand(sc)
+    problems: dict[str, Problem] = {}
+    for task in tasks:
+        key = problem_key(task.scenario)
+        if key not in problems:
+            problems[key] = build(task.scenario)
+    if scheduler is not None and store is None:
+        raise ValueError("scheduler: Dask workers need a store path to write to (give -o STORE.zarr)")
+    if overwrite and resume:
+        raise ValueError("resume: --resume continues a store, --overwrite replaces it; give one of them")
     progress = _isatty() if progress is None else progress
     target = zarr.storage.MemoryStore() if store is None else store
-    root = store_mod.create(target, {
-        "scenario": sc.to_yaml(), "name": sc.name, "flowsim_version": flowsim.__version__,
-        "torch_version": torch.__version__, "device": str(problem.device), "dtype": sc.dtype,
-        "n_params": problem.n_params, "n_examples": problem.n_examples,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, overwrite=overwrite)
-    probes, dims = make_probes(problem, sc), record_dims(sc)
-    for order, (name, spec) in enumerate(sc.runs.items()):
-        writer = store_mod.RunWriter(root, name, run_attrs(name, spec, sc, order), dims, chunk=sc.record.chunk)
-        result = simulate(problem, spec, sc, writer, probes, dims, progress=progress, label=name)
-        writer.finish(status="diverged" if result["diverged"] else "complete", **result)
+    first = problems[problem_key(tasks[0].scenario)]
+    with store_mod.lock(target):
+        if resume and store_mod.is_store(target):
+            root = zarr.open_group(target, mode="r+")
+            if root.attrs.get("scenario") != sc.to_yaml():
+                raise ScenarioError(f"resume: store {target} holds a different scenario (or other --steps/--device); "
+                                    "use --overwrite to replace it")
+        else:
+            root = store_mod.create(target, {
+                "scenario": sc.to_yaml(), "name": sc.name, "flowsim_version": flowsim.__version__,
+                "torch_version": torch.__version__, "device": str(first.device), "dtype": sc.dtype,
+                "n_params": first.n_params, "n_examples": first.n_examples,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, overwrite=overwrite)
+        done = {n for n in root["runs"].group_keys() if root[f"runs/{n}"].attrs.get("status") in ("complete", "diverged")}
+        todo = [t for t in tasks if not (resume and t.name in done)]
+        if scheduler is None:
+            for task in todo:
+                execute(target, task, resume, problems[problem_key(task.scenario)], progress)
+        else:
+            from flowsim.distributed import execute_all
+            execute_all(target, todo, scheduler, resume=resume, progress=progress)
     return store_mod.open(target)
 
 

@@ -117,6 +117,8 @@ class Scenario(Strict):
         return runs
 
     @model_validator(mode="after")
+    sweep: Optional[dict[str, list[Optional[Union[bool, int, float, str]]]]] = Field(
+        None, description="key (dotted path, or a run key for every run) → values; cartesian product, see flowsim.sweep")
     def _checks(self):
         if self.compare is not None and self.compare.reference not in self.runs:
             raise ValueError(f"compare.reference: {self.compare.reference!r} is not one of the runs {list(self.runs)}")
@@ -130,6 +132,9 @@ class Scenario(Strict):
 
 
 def _format_error(err: ValidationError) -> str:
+        for key, values in (self.sweep or {}).items():
+            if not values:
+                raise ValueError(f"sweep.{key}: give at least one value")
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     if len(loc) > 1 and loc[0] == "problem" and loc[1] in MODELS:

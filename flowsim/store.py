@@ -4,14 +4,24 @@ Layout (zarr v3): root attrs hold the scenario (YAML text), versions, device and
 1-D/2-D arrays along ``step`` (with ``dimension_names``, so xarray reads them) and attrs with the run's
 coordinates under ``coords`` (process, rule, lr, batch_size, seed, …), its ``order`` and its status (running | complete | diverged).
 A killed run keeps every chunk it completed. :func:`open` returns one ``xarray.Dataset`` along ``run``.
+
+A store on disk also holds ``flowsim.lock`` (the pid and host of the process writing it; a lock left by a dead
+process on this host is taken over) and ``checkpoints/<run>.pt``: the latest checkpoint of each unfinished run,
+written atomically right after a chunk is flushed (see :func:`save_checkpoint`).
 """
 from __future__ import annotations
 
+import builtins
+import io
+import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 import xarray as xr
 import zarr
 import zarr.storage
@@ -21,15 +31,86 @@ from flowsim.record import VARIABLES
 StoreLike = Union[str, Path, zarr.storage.StoreLike]
 
 
+LOCK_NAME = "flowsim.lock"
+
+
+class StoreLockedError(FileExistsError):
+    """Another live process is writing the store."""
+
+
+def is_store(store: StoreLike) -> bool:
+    """Whether ``store`` is a path holding a flowsim store (its root ``zarr.json``)."""
+    return isinstance(store, (str, Path)) and (Path(store) / "zarr.json").is_file()
+
+
+@contextmanager
+def lock(store: StoreLike):
+    """Hold ``<store>/flowsim.lock`` (pid and host) while writing; in-memory stores need no lock.
+
+    The directory is created if needed. A lock held by a live process raises :class:`StoreLockedError`; one left
+    by a process of this host that no longer exists is taken over. The lock file is removed on exit.
+    """
+    if not isinstance(store, (str, Path)):
+        yield
+        return
+    path = Path(store) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if attempt == 0 and holder is not None and holder[1] == socket.gethostname() and not _alive(holder[0]):
+                path.unlink(missing_ok=True)
+                continue
+            who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+            raise StoreLockedError(f"store {store} is being written by {who} (lock file {path}); "
+                                   "wait for it to finish, or remove the lock file if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        if _read_lock(path) == (os.getpid(), socket.gethostname()):
+            path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> Optional[tuple[int, str]]:
+    try:
+        pid, host = path.read_text().split(maxsplit=1)
+        return int(pid), host.strip()
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def create(store: StoreLike, attrs: dict, overwrite: bool = False) -> zarr.Group:
-    """Create an empty store with root ``attrs``; an existing store is an error unless ``overwrite``."""
+    """Create an empty store with root ``attrs``; an existing store is an error unless ``overwrite``.
+
+    Replacing a store on disk removes everything in it except the lock file.
+    """
     if isinstance(store, (str, Path)):
         path = Path(store)
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"store {path} already exists (use --overwrite to replace it)")
-            shutil.rmtree(path)
-    root = zarr.open_group(store, mode="w", zarr_format=3)
+        if is_store(path) and not overwrite:
+            raise FileExistsError(f"store {path} already exists (use --overwrite to replace it, "
+                                  "or --resume to continue its unfinished runs)")
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"store {path} exists and is not a directory")
+        for child in path.iterdir() if path.exists() else ():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    root = zarr.open_group(store, mode="a" if isinstance(store, (str, Path)) else "w", zarr_format=3)
     root.attrs.update(attrs)
     root.create_group("runs")
     return root
@@ -68,8 +149,49 @@ class RunWriter:
             arr.append(data, axis=0)
         self.length += n
 
+    def truncate(self, length: int) -> None:
+        """Cut every array back to ``length`` rows (rows written after the checkpoint a run resumes from)."""
+        for name in self.group.array_keys():
+            arr = self.group[name]
+            arr.resize((min(length, arr.shape[0]), *arr.shape[1:]))
+        self.length = length
+
     def finish(self, **attrs: Any) -> None:
         self.group.attrs.update(attrs)
+
+
+def _checkpoint_path(store: StoreLike, name: str) -> Optional[Path]:
+    return Path(store) / "checkpoints" / f"{name}.pt" if isinstance(store, (str, Path)) else None
+
+
+def save_checkpoint(store: StoreLike, name: str, checkpoint: dict) -> None:
+    """Write a run's checkpoint (tensors and plain values, via ``torch.save``) atomically; no-op in memory."""
+    path = _checkpoint_path(store, name)
+    if path is None:
+        return
+    path.parent.mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with builtins.open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(store: StoreLike, name: str) -> Optional[dict]:
+    """The latest checkpoint of run ``name`` (tensors on the CPU), or None."""
+    path = _checkpoint_path(store, name)
+    if path is None or not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def drop_checkpoint(store: StoreLike, name: str) -> None:
+    path = _checkpoint_path(store, name)
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 def _open_group(store: StoreLike, name: str) -> xr.Dataset:

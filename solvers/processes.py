@@ -85,6 +85,14 @@ class Process:
         loss, g = self.problem.loss_and_grad(traj.w)
         return {"loss": loss.item(), "grad_norm": g.norm().item()}
 
+    def checkpoint_state(self) -> dict:
+        """What an exact resume needs beyond the Trajectory (generator states, warm starts): tensors and plain
+        values in a dict. The base process keeps nothing between steps."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Set a freshly built process to a :meth:`checkpoint_state` taken earlier."""
+
 
 class Discrete(Process):
     """The real iteration: full batch (``batch_size`` None) or minibatch SGD-style sampling."""

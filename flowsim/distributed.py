@@ -1,0 +1,70 @@
+"""Runs the tasks of a scenario (one per sweep point and run) on dask.distributed.
+
+Each task is :func:`flowsim.runner.execute` on a worker: it builds its Problem, simulates, and writes its own
+run group (and checkpoints) to the shared store, so the store must be a path every worker can reach. The
+process that submits the tasks holds the store's lock. ``scheduler="local"`` starts a LocalCluster with one
+single-threaded worker process per core; any other value is the address of a running scheduler.
+Needs the ``dist`` extra (dask, distributed). This module knows nothing about what a task simulates.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from flowsim.sweep import Task
+
+
+def client_for(scheduler: str):
+    """A dask.distributed Client: a new LocalCluster for ``"local"``, else one connected to ``scheduler``."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("scheduler: dask.distributed is not installed (pip install 'flowsim[dist]')") from None
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster)
+    try:
+        return Client(scheduler, timeout=10)
+    except (OSError, TimeoutError) as e:
+        raise ValueError(f"scheduler: cannot reach the Dask scheduler at {scheduler!r} ({e})") from None
+
+
+def _run_task(store: str, task: Task, resume: bool) -> str:
+    from flowsim.runner import execute
+    return execute(store, task, resume)
+
+
+def execute_all(store, tasks: list[Task], scheduler, resume: bool = False, progress: bool = False,
+                client=None) -> dict[str, str]:
+    """Run ``tasks`` on the cluster and wait for all of them; returns run name → status.
+
+    ``scheduler``: ``"local"`` or an address (ignored when a ``client`` is given). A task that fails raises
+    its error here, after the other tasks finish.
+    """
+    from distributed import as_completed
+    if not isinstance(store, (str, Path)):
+        raise ValueError("scheduler: Dask workers need a store path to write to")
+    own = client is None
+    client = client_for(scheduler) if own else client
+    try:
+        path = str(Path(store).resolve())
+        futures = {client.submit(_run_task, path, task, resume, key=f"flowsim-{task.name}-{os.getpid()}",
+                                 pure=False): task.name for task in tasks}
+        statuses, error = {}, None
+        for future in tqdm(as_completed(futures), total=len(futures), disable=not progress, unit="run"):
+            if future.status == "error" and error is None:
+                error = future.exception()
+            elif future.status == "finished":
+                statuses[futures[future]] = future.result()
+        if error is not None:
+            raise error
+        return statuses
+    finally:
+        if own:
+            cluster = client.cluster
+            client.close()
+            if cluster is not None:
+                cluster.close()

@@ -1,0 +1,136 @@
+"""Exact resume after SIGKILL, finished runs skipped, and the store lock (second writer, stale lock)."""
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+import flowsim
+from flowsim import cli
+from flowsim import store as store_mod
+
+SCENARIO = {
+    "name": "resume", "seed": 3, "device": "cpu", "dtype": "float64",
+    "problem": {"model": "mlp", "widths": [4], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2],
+                "n_train": 40, "loss": "mse"},
+    "steps": 240,
+    "runs": {"sgd": {"process": "discrete", "rule": "momentum", "lr": 0.2, "batch_size": 7, "beta1": 0.5},
+             "adam": {"process": "discrete", "rule": "adam", "lr": 0.01}},
+    "record": {"every": 1, "projection_dim": 3, "projection_every": 5, "chunk": 8},
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def flowsim_run(path, store, *flags) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flowsim.cli", "run", str(path), "-o", str(store), "-q", *flags],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_bitwise_equal(a, b):
+    """Every variable and coordinate identical to the bit (wall-clock times excepted)."""
+    assert list(a.run.values) == list(b.run.values)
+    names = sorted(set(a.variables) - {"wall_time"})
+    assert names == sorted(set(b.variables) - {"wall_time"})
+    for name in names:
+        x, y = a[name].values, b[name].values
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        if x.dtype.kind in "fiub":
+            assert x.tobytes() == y.tobytes(), f"{name} differs"
+        else:
+            assert x.tolist() == y.tolist(), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def scenario_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "resume.yaml"
+    path.write_text(yaml.safe_dump(SCENARIO))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(scenario_file):
+    """The uninterrupted run, in a subprocess with the same environment as the killed ones."""
+    store = scenario_file.parent / "reference.zarr"
+    proc = flowsim_run(scenario_file, store)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return flowsim.open(store)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(scenario_file, reference, tmp_path):
+    store, rng = tmp_path / "killed.zarr", random.Random(6)
+    kills, resumed_from_checkpoint = 0, 0
+    for _ in range(20):
+        if kills == 5:
+            break
+        resumed_from_checkpoint += any((store / "checkpoints").glob("*.pt")) if store.exists() else 0
+        proc = flowsim_run(scenario_file, store, "--resume")
+        while not (store / "runs").exists() and proc.poll() is None:  # past start-up: the store is open
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.communicate(timeout=300)
+    assert kills == 5
+    proc = flowsim_run(scenario_file, store, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert resumed_from_checkpoint >= 2, "too few kills landed after a checkpoint to test resuming"
+    ds = flowsim.open(store)
+    assert set(ds.status.values) == {"complete"}
+    assert not (store / store_mod.LOCK_NAME).exists() and not list((store / "checkpoints").glob("*.pt"))
+    assert_bitwise_equal(ds, reference)
+
+
+def test_resume_skips_finished_runs(scenario_file, reference, tmp_path):
+    store = tmp_path / "done.zarr"
+    flowsim.run(scenario_file, store, progress=False)
+    before = flowsim.open(store)
+    after = flowsim.run(scenario_file, store, resume=True, progress=False)
+    assert after.wall_time.values.tobytes() == before.wall_time.values.tobytes()  # nothing was re-run
+
+
+def test_resume_of_a_different_scenario_is_refused(scenario_file, tmp_path, capsys):
+    store = tmp_path / "other.zarr"
+    flowsim.run({**SCENARIO, "steps": 3}, store, progress=False)
+    assert cli.main(["run", str(scenario_file), "-o", str(store), "--resume", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowsim: error: resume:") and "\n" not in err
+
+
+def test_second_writer_exits_2_and_the_first_completes_intact(scenario_file, reference, tmp_path, capsys):
+    store = tmp_path / "shared.zarr"
+    first = flowsim_run(scenario_file, store)
+    while not (store / store_mod.LOCK_NAME).exists():
+        assert first.poll() is None, first.communicate()[1]
+        time.sleep(0.02)
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        assert cli.main(["run", str(scenario_file), "-o", str(store), "-q", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is being written by process" in err and str(first.pid) in err and "\n" not in err
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert_bitwise_equal(flowsim.open(store), reference)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = tmp_path / "stale.zarr"
+    store.mkdir()
+    (store / store_mod.LOCK_NAME).write_text(f"{dead.pid} {os.uname().nodename}")
+    ds = flowsim.run({**SCENARIO, "steps": 3}, store, progress=False)
+    assert set(ds.status.values) == {"complete"} and not (store / store_mod.LOCK_NAME).exists()
+
+
+def test_overwrite_replaces_a_store_and_keeps_nothing_of_it(tmp_path):
+    store = tmp_path / "over.zarr"
+    flowsim.run({**SCENARIO, "steps": 5}, store, progress=False)
+    ds = flowsim.run({**SCENARIO, "steps": 2, "runs": {"gd": {"lr": 0.1}}}, store, overwrite=True, progress=False)
+    assert list(ds.run.values) == ["gd"] and ds.sizes["step"] == 3
+    assert np.isfinite(ds.loss.values).all()
