@@ -56,11 +56,13 @@ class Problem:
     """
 
     def __init__(self, loss_fn: Callable, w0: Tensor, X: Optional[Tensor] = None, Y: Optional[Tensor] = None,
-                 output_fn: Optional[Callable] = None, meta: Optional[dict] = None):
+                 output_fn: Optional[Callable] = None, meta: Optional[dict] = None,
+                 fast_loss: Optional[Callable] = None):
         self._loss_fn = loss_fn
         self.w0 = w0.detach()
         self.X, self.Y = X, Y
         self._output_fn = output_fn
+        self._fast_loss = fast_loss
         self.meta = dict(meta or {})
 
     # ---- construction ------------------------------------------------------------------------------
@@ -89,7 +91,8 @@ class Problem:
             return criterion(output_fn(w, x), y)
 
         info = {"loss": loss, "n_params": w0.numel(), **(meta or {})}
-        return cls(loss_fn, w0, X, Y, output_fn=output_fn, meta=info)
+        return cls(loss_fn, w0, X, Y, output_fn=output_fn, meta=info,
+                   fast_loss=_flat_parameter_loss(module, names, sizes, shapes, w0, criterion))
 
     @classmethod
     def from_function(cls, fn: Callable[[Tensor], Tensor], w0, dtype: str | torch.dtype = "float64",
@@ -129,6 +132,8 @@ class Problem:
 
     def loss_and_grad(self, w: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(L(w), ∇L(w)) by reverse mode; both detached."""
+        if self._fast_loss is not None:
+            return self._fast_loss(w, *self._data(idx))
         with torch.enable_grad():
             w = w.detach().requires_grad_(True)
             value = self.loss(w, idx)
@@ -174,3 +179,26 @@ class Problem:
         return (f"Problem({kind}, n_params={self.n_params}, n_examples={self.n_examples}, "
                 f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
 
+
+
+def _flat_parameter_loss(module, names, sizes, shapes, w0, criterion) -> Callable:
+    """The hot path of ``loss_and_grad`` for modules: a copy of the module whose parameters are views of one
+    flat leaf tensor, so a step costs a copy of w plus a plain forward/backward (no re-parametrization).
+    The leaf is shared state: one Problem must not evaluate gradients from two threads at once."""
+    import copy
+    fast = copy.deepcopy(module)
+    flat = w0.clone().requires_grad_(True)
+    offset = 0
+    for name, size, shape in zip(names, sizes, shapes):
+        owner, _, attr = name.rpartition(".")
+        fast.get_submodule(owner)._parameters[attr] = flat[offset:offset + size].view(shape)
+        offset += size
+
+    def loss_and_grad(w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            flat.copy_(w)
+        with torch.enable_grad():
+            value = criterion(fast(x), y)
+            (g,) = torch.autograd.grad(value, flat)
+        return value.detach(), g
+    return loss_and_grad
