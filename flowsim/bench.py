@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from flowsim import bench_curvature
+
 
 def _best_of(fn, repeats: int = 3) -> float:
     """Smallest wall time of ``repeats`` calls (seconds)."""
@@ -75,3 +77,4 @@ def overhead(steps: int = 2000) -> int:
 
 
 BENCHMARKS = {"overhead": overhead}
+BENCHMARKS["curvature"] = bench_curvature.curvature

@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from flowsim.record import Probe
+
 
 class Eigenpairs(NamedTuple):
     """``vals`` (k,) descending, ``vecs`` (n, k) orthonormal columns, ``matvecs`` = operator applications used."""
@@ -97,3 +99,152 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
             q = z / beta
     vecs = Q[:m].T @ S[:, :k].to(dtype=dtype, device=device)
     return Eigenpairs(theta[:k].to(dtype=dtype, device=device), vecs, m)
+
+
+# ---- operators ----------------------------------------------------------------------------------------------
+HVP_METHODS = ("reverse", "forward")
+
+
+def hessian_operator(problem, w: Tensor, idx: Optional[Tensor] = None,
+                     method: str = "reverse") -> Callable[[Tensor], Tensor]:
+    """v ↦ H(w) v for the loss on the examples ``idx`` (all when None).
+
+    ``reverse`` (default, the faster on CPU in ``flowsim bench curvature``): double backward — the gradient's
+    graph is built once at w, then each product is one backward pass through it. ``forward``: forward-over-
+    reverse (``Problem.hvp``, jvp of grad), which rebuilds everything per product.
+    """
+    if method == "forward":
+        return lambda v: problem.hvp(w, v, idx)
+    if method != "reverse":
+        raise ValueError(f"method: must be one of {HVP_METHODS}, got {method!r}")
+    with torch.enable_grad():
+        leaf = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(problem.loss(leaf, idx), leaf, create_graph=True)
+
+    def matvec(v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
+        return hv.detach()
+    return matvec
+
+
+def preconditioned(matvec: Callable[[Tensor], Tensor], precond: Tensor) -> Callable[[Tensor], Tensor]:
+    """v ↦ P̃^{-1/2} A P̃^{-1/2} v for a diagonal P̃ > 0 (a vector, or a 1-element tensor for a scalar P̃).
+
+    Its eigenvalues are those of P̃⁻¹A; an eigenvector u of it gives P̃^{-1/2} u for P̃⁻¹A.
+    """
+    d = precond.rsqrt()
+    return lambda v: d * matvec(d * v)
+
+
+def hutchinson_trace(matvec: Callable[[Tensor], Tensor], n: int, samples: int = 100, *, seed: int = 0,
+                     dtype: torch.dtype = torch.float64, device: Optional[torch.device] = None) -> tuple[float, float]:
+    """Hutchinson's estimate of tr A with ``samples`` Rademacher vectors z (A z·z has mean tr A).
+
+    Returns (estimate, standard error); the standard error is the sample standard deviation of zᵀAz over
+    √samples, so |estimate − tr A| ≤ 3·stderr holds with ≈ 99.7 % probability for samples ≳ 30.
+    """
+    if samples < 2:
+        raise ValueError(f"samples: must be ≥ 2, got {samples}")
+    device = torch.get_default_device() if device is None else torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(samples):
+        z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype=dtype, device=device)
+        values.append(torch.dot(z, matvec(z)).item())
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std() / samples ** 0.5).item()
+
+
+# ---- noise --------------------------------------------------------------------------------------------------
+def ntk_eigenvalues(problem, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+    """Eigenvalues (descending) of the empirical NTK Θ = J Jᵀ / D on the D examples ``idx`` (all when None).
+
+    J is the (D·C) × P Jacobian of the C model outputs per example; for the MSE loss ½‖f − y‖² averaged over
+    examples, Θ's nonzero eigenvalues are those of the Gauss–Newton matrix JᵀJ/D. Returns the min(D·C, P)
+    eigenvalues of the smaller of the two Gram matrices (the rest are zero). Memory: D·C·P numbers.
+    """
+    X = problem.X if idx is None else problem.X[idx]
+    J = torch.func.jacrev(lambda u: problem.outputs(u, X).reshape(-1))(w.detach())
+    gram = J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
+    return torch.linalg.eigvalsh(gram / X.shape[0]).flip(0)
+
+
+def noise_kernel_norm(ntk_eigs: Tensor, lr: float, batch_size: int, n_examples: int) -> float:
+    """K = (1/B − 1/D) Σ_α ηλ_α / (2 − ηλ_α), λ_α the NTK eigenvalues (MSE), B the batch, D the data set size.
+
+    Derivation (THEORY.md §4): for SGD on a linearized model with MSE, batches of B drawn without replacement,
+    the residual's second moment along the NTK eigenvector α obeys m_α ← (1 − ηλ_α)² m_α + (1/B − 1/D) η²λ_α² M
+    (M = Σ m_β, per-example residuals taken as exchangeable). Its fixed point exists iff K < 1: K is the
+    stochastic edge of stability. Modes with ηλ_α ≥ 2 are unstable already in full batch and give K = inf.
+    """
+    x = lr * ntk_eigs.double()
+    if bool((x >= 2).any()):
+        return float("inf")
+    return (1.0 / batch_size - 1.0 / n_examples) * (x / (2 - x)).sum().item()
+
+
+def gradient_noise_trace(problem, w: Tensor, idx: Optional[Tensor] = None) -> float:
+    """tr Σ(w) = (1/D) Σ_i ‖∇ℓ_i − ∇L‖² on the D examples ``idx``: the per-example gradient covariance trace."""
+    G = problem.per_example_grads(w, idx)
+    return (G - G.mean(0)).pow(2).sum(1).mean().item()
+
+
+# ---- recording ----------------------------------------------------------------------------------------------
+class CurvatureProbe(Probe):
+    """Records ``sharpness``, ``eigs``, ``threshold`` and, when asked, ``precond_sharpness`` and
+    ``noise_kernel_norm``/``grad_noise_trace`` at the point w_k, before step k.
+
+    ``threshold`` is c/η_k (``Rule.threshold_coefficient``, the scheduled η_k): the value the sharpness (GD) or
+    the preconditioned sharpness (adaptive rules) equilibrates at. The preconditioned sharpness uses the rule
+    state at step k; before the first step there is no state (it is NaN at step 0), and for rules without a
+    preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
+    full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
+    when None), K and tr Σ on the first ``noise_examples``. Eigenvectors are kept between calls as warm starts
+    and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
+    continues with the same warm starts.
+    """
+
+    def __init__(self, every: int, top_k: int, tol: float, precond: bool, noise_kernel: bool,
+                 examples: Optional[int], noise_examples: int, n_examples: int):
+        self.every, self.top_k, self.tol = every, top_k, tol
+        self.precond, self.noise_kernel = precond, noise_kernel
+        self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
+        self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
+        self._process = None
+        self._warm: dict[str, Tensor] = {}
+
+    def checkpoint_state(self) -> dict:
+        return dict(self._warm)
+
+    def restore(self, state: dict) -> None:
+        self._process, self._warm = None, dict(state)
+
+    def _top(self, name: str, matvec, w: Tensor) -> Tensor:
+        res = top_eigenpairs(matvec, w.numel(), self.top_k, v0=self._warm.get(name), tol=self.tol,
+                             dtype=w.dtype, device=w.device)
+        self._warm[name] = res.vecs
+        return res.vals
+
+    def __call__(self, traj, process) -> dict:
+        if self._process is None:
+            self._process = process
+        elif process is not self._process:
+            self._process, self._warm = process, {}
+        problem, w = process.problem, traj.w
+        idx = None if self.idx is None else self.idx.to(w.device)
+        lr = process.schedule(traj.step)
+        H = hessian_operator(problem, w, idx)
+        vals = self._top("H", H, w)
+        out = {"sharpness": vals[0].item(), "eigs": vals.cpu().numpy(),
+               "threshold": process.rule.threshold_coefficient() / lr}
+        if self.precond and traj.state is not None:
+            P = process.rule.precond(traj.state)
+            out["precond_sharpness"] = (out["sharpness"] if P is None else
+                                        self._top("PH", preconditioned(H, P), w)[0].item())
+        if self.noise_kernel and process.batch_size is not None and process.batch_size < problem.n_examples:
+            nidx = None if self.noise_idx is None else self.noise_idx.to(w.device)
+            out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr,
+                                                         process.batch_size, problem.n_examples)
+            out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
+        return out

@@ -18,6 +18,17 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
     "wall_time": ((), "s", "wall-clock seconds since the run started"),
     "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),
+    "predicted_loss": ((), "loss", "central flow: L(w) + ½⟨H, Σ⟩, the predicted time-averaged loss of the discrete run"),
+    "predicted_grad_norm_sq": ((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH), the predicted time-averaged ‖g‖²"),
+    "sigma_eigs": (("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, descending"),
+    "sigma_displacement_sq": (("crit",), "weight²",
+                              "central flow: (e·(w_discrete − w))² along each unit eigenvector e of Σ"),
+    "sharpness": ((), "loss/weight²", "λ_max of the Hessian of the loss (on record.curvature_examples)"),
+    "eigs": (("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
+    "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),
+    "threshold": ((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
+    "noise_kernel_norm": ((), "1", "K = (1/B − 1/D) Σ ηλ/(2 − ηλ) over NTK eigenvalues λ (minibatch runs)"),
+    "grad_noise_trace": ((), "(loss/weight)²", "trace of the per-example gradient covariance"),
 }
 
 
@@ -43,12 +54,6 @@ class Probe:
     def __call__(self, traj, process) -> dict:
         raise NotImplementedError
 
-
-class ProjectionProbe(Probe):
-    """Records ``w_proj``."""
-
-    def __init__(self, projection: Projection, every: int):
-        self.projection, self.every = projection, every
     def checkpoint_state(self) -> dict:
         """What an exact resume needs that this probe carries between calls (e.g. warm-start vectors)."""
         return {}
@@ -56,6 +61,12 @@ class ProjectionProbe(Probe):
     def restore(self, state: dict) -> None:
         """Set a freshly made probe to a :meth:`checkpoint_state` taken earlier."""
 
+
+class ProjectionProbe(Probe):
+    """Records ``w_proj``."""
+
+    def __init__(self, projection: Projection, every: int):
+        self.projection, self.every = projection, every
 
     def __call__(self, traj, process) -> dict:
         return {"w_proj": self.projection(traj.w)}

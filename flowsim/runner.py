@@ -22,10 +22,12 @@ import flowsim
 from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
 from flowsim import sweep as sweep_mod
+from flowsim.curvature import CurvatureProbe
 from flowsim.problem import Problem, resolve_device
 from flowsim.record import Probe, Projection, ProjectionProbe, Recorder
 from flowsim.scenario import RunSpec, Scenario, ScenarioError
 from flowsim.solvers import PROCESSES, Schedule, Trajectory
+from flowsim.solvers.central import CRIT_DIM
 from flowsim.sweep import Task
 
 
@@ -56,7 +58,7 @@ def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
 
 def record_dims(sc: Scenario) -> dict[str, int]:
     """Sizes of the recorded variables' extra dims (``proj``; curvature adds ``eig``)."""
-    return {"proj": sc.record.projection_dim}
+    return {"proj": sc.record.projection_dim, "eig": sc.record.top_k, "crit": CRIT_DIM}
 
 
 def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
@@ -65,6 +67,10 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
     if sc.record.projection_dim:
         projection = Projection(problem.n_params, sc.record.projection_dim, sc.seed, problem.dtype, problem.device)
         probes.append(ProjectionProbe(projection, sc.record.projection_every))
+    if sc.record.curvature_every:
+        rec = sc.record
+        probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.curvature_tol, rec.precond, rec.noise_kernel,
+                                     rec.curvature_examples, rec.noise_kernel_examples, problem.n_examples))
     return probes
 
 
@@ -224,12 +230,14 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, overwrite=overwrite)
         done = {n for n in root["runs"].group_keys() if root[f"runs/{n}"].attrs.get("status") in ("complete", "diverged")}
         todo = [t for t in tasks if not (resume and t.name in done)]
+        from flowsim.batching import execute_group, groups
+        jobs = groups(todo) if sc.batch else [[task] for task in todo]
         if scheduler is None:
-            for task in todo:
-                execute(target, task, resume, problems[problem_key(task.scenario)], progress)
+            for job in jobs:
+                execute_group(target, job, resume, problems[problem_key(job[0].scenario)], progress)
         else:
             from flowsim.distributed import execute_all
-            execute_all(target, todo, scheduler, resume=resume, progress=progress)
+            execute_all(target, jobs, scheduler, resume=resume, progress=progress)
     return store_mod.open(target)
 
 

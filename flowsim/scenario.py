@@ -87,6 +87,16 @@ class RecordSpec(Strict):
     chunk: PositiveInt = Field(500, description="recorded rows per write to the store")
     divergence_factor: PositiveFloat = Field(
         1e6, description="a run diverges when its loss is not finite or exceeds this × max(L(w0), 1)")
+    curvature_every: Optional[PositiveInt] = Field(
+        None, description="measure sharpness, eigs and threshold every this many steps (absent = never)")
+    top_k: PositiveInt = Field(1, description="number of top Hessian eigenvalues recorded in eigs")
+    curvature_tol: PositiveFloat = Field(
+        1e-3, description="eigensolver tolerance: Ritz residual ≤ this × ‖H‖ (bounds the eigenvalue error)")
+    precond: bool = Field(False, description="also record precond_sharpness λ_max(P̃⁻¹H) of the rule's preconditioner")
+    noise_kernel: bool = Field(False, description="also record noise_kernel_norm K and grad_noise_trace (minibatch runs, mse)")
+    curvature_examples: Optional[PositiveInt] = Field(
+        None, description="measure curvature on the first this many training examples (absent = all)")
+    noise_kernel_examples: PositiveInt = Field(128, description="K and grad_noise_trace use the first this many examples")
 
 
 class CompareSpec(Strict):
@@ -107,6 +117,10 @@ class Scenario(Strict):
     runs: dict[str, RunSpec] = Field(..., min_length=1)
     record: RecordSpec = RecordSpec()
     compare: Optional[CompareSpec] = None
+    sweep: Optional[dict[str, list[Optional[Union[bool, int, float, str]]]]] = Field(
+        None, description="key (dotted path, or a run key for every run) → values; cartesian product, see flowsim.sweep")
+    batch: bool = Field(False, description="run discrete runs differing only in step size, schedule or seed (across "
+                        "sweep points too) as one vmapped pass; equal to separate runs to rounding, see flowsim.batching")
 
     @field_validator("runs")
     @classmethod
@@ -117,11 +131,12 @@ class Scenario(Strict):
         return runs
 
     @model_validator(mode="after")
-    sweep: Optional[dict[str, list[Optional[Union[bool, int, float, str]]]]] = Field(
-        None, description="key (dotted path, or a run key for every run) → values; cartesian product, see flowsim.sweep")
     def _checks(self):
         if self.compare is not None and self.compare.reference not in self.runs:
             raise ValueError(f"compare.reference: {self.compare.reference!r} is not one of the runs {list(self.runs)}")
+        for key, values in (self.sweep or {}).items():
+            if not values:
+                raise ValueError(f"sweep.{key}: give at least one value")
         for name, run in self.runs.items():
             if run.schedule is not None and run.schedule.drop_at > self.steps:
                 raise ValueError(f"runs.{name}.schedule.drop_at: {run.schedule.drop_at} is after the last step {self.steps}")
@@ -132,9 +147,6 @@ class Scenario(Strict):
 
 
 def _format_error(err: ValidationError) -> str:
-        for key, values in (self.sweep or {}).items():
-            if not values:
-                raise ValueError(f"sweep.{key}: give at least one value")
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     if len(loc) > 1 and loc[0] == "problem" and loc[1] in MODELS:
