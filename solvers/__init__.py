@@ -5,9 +5,7 @@
 from flowsim.solvers.processes import Discrete, EpochSampler, Process, Schedule, Trajectory
 from flowsim.solvers.rules import RULES, Rule, make_rule
 
-from flowsim.solvers.central import Central  # noqa: E402
-
-PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Central)}
+PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete,)}
 
 __all__ = ["PROCESSES", "RULES", "Discrete", "EpochSampler", "Process", "Rule", "Schedule", "Trajectory",
            "make_rule"]
