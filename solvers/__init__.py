@@ -5,7 +5,9 @@
 from flowsim.solvers.processes import Discrete, EpochSampler, Process, Schedule, Trajectory
 from flowsim.solvers.rules import RULES, Rule, make_rule
 
-PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete,)}
+from flowsim.solvers.central import Central  # noqa: E402
+
+PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Central)}
 
 __all__ = ["PROCESSES", "RULES", "Discrete", "EpochSampler", "Process", "Rule", "Schedule", "Trajectory",
            "make_rule"]
