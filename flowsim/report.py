@@ -82,15 +82,14 @@ def summary(ds: xr.Dataset) -> pd.DataFrame:
     rows = []
     for name in ds.run.values:
         r = ds.sel(run=name)
-        _, losses = plot.series(ds, "loss", name) if "loss" in r else (None, np.array([]))
-        _, walls = plot.series(ds, "wall_time", name) if "wall_time" in r else (None, np.array([]))
-        _, dist = plot.series(ds, "distance", name) if "distance" in r else (None, np.array([]))
+        losses, walls, dist = (plot.series(ds, v, name)[1] if v in ds else np.array([])
+                               for v in ("loss", "wall_time", "distance"))
         rows.append({
             "run": str(name),
             "process": str(r["process"].values),
             "rule": str(r["rule"].values),
             "lr": float(r["lr"]),
-            "batch size": int(r["batch_size"]) if "batch_size" in r.coords and np.isfinite(r["batch_size"]) else 0,
+            "batch size": int(r["batch_size"]) if "batch_size" in r.coords else 0,
             "final loss": losses[-1] if losses.size else np.nan,
             "EoS onset (time)": plot.eos_onset(ds, name),
             "largest distance": dist.max() if dist.size else np.nan,
