@@ -43,3 +43,98 @@ def test_largest_algebraic_not_largest_magnitude():
 def test_eigensolver_rejects_k_larger_than_n():
     with pytest.raises(ValueError, match="^k:"):
         top_eigenpairs(lambda v: v, 3, 4)
+
+
+def test_hessian_operators_match_dense_hessian(mlp_and_hessian):
+    from flowsim.curvature import hessian_operator
+    p, H = mlp_and_hessian
+    v = torch.randn(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for method in ("reverse", "forward"):
+        torch.testing.assert_close(hessian_operator(p, p.w0, method=method)(v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_preconditioned_top_k_matches_generalized_dense_eigenproblem(mlp_and_hessian):
+    """λ(P̃⁻¹H) from the symmetric operator P̃^{-1/2} H P̃^{-1/2} against scipy's generalized H u = λ P̃ u."""
+    import scipy.linalg
+
+    from flowsim.curvature import hessian_operator, preconditioned
+    p, H = mlp_and_hessian
+    P = torch.rand(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-3
+    dense = torch.from_numpy(scipy.linalg.eigh(H.numpy(), torch.diag(P).numpy(), eigvals_only=True)[::-1][:3].copy())
+    res = top_eigenpairs(preconditioned(hessian_operator(p, p.w0), P), p.n_params, 3)
+    assert ((res.vals - dense).abs() / dense.abs()).max() <= 1e-6
+    u = res.vecs[:, 0] / P.sqrt()  # eigenvector of P̃⁻¹H
+    torch.testing.assert_close((H @ u) / P, res.vals[0] * u, rtol=0, atol=1e-6 * dense[0].item() * u.abs().max().item())
+
+
+def test_hutchinson_trace_within_its_confidence_bound(mlp_and_hessian):
+    from flowsim.curvature import hessian_operator, hutchinson_trace
+    p, H = mlp_and_hessian
+    est, se = hutchinson_trace(hessian_operator(p, p.w0), p.n_params, samples=200, seed=5)
+    exact = torch.trace(H).item()
+    assert abs(est - exact) <= 3 * se
+    assert se < 0.05 * abs(exact)  # the bound is informative, not vacuous
+
+
+def test_noise_kernel_norm_against_explicit_ntk_of_a_linear_model():
+    """For f(x) = W x (C outputs) the NTK is δ_cc' xᵢ·xⱼ / D: its eigenvalues are those of XXᵀ/D, C times each."""
+    from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
+    from flowsim.problem import Problem
+    gen = torch.Generator().manual_seed(6)
+    D, d, C, B, lr = 40, 12, 3, 4, 0.05
+    X = torch.randn(D, d, generator=gen, dtype=torch.float64)
+    Y = torch.randn(D, C, generator=gen, dtype=torch.float64)
+    p = Problem.from_module(torch.nn.Linear(d, C, bias=False), X, Y, loss="mse", dtype="float64", device="cpu")
+    lam = torch.linalg.eigvalsh(X @ X.T / D)
+    expected = (1 / B - 1 / D) * C * (lr * lam / (2 - lr * lam)).sum().item()
+    eigs = ntk_eigenvalues(p, p.w0)
+    torch.testing.assert_close(eigs[:d * C].sort().values, lam[-d:].repeat_interleave(C).sort().values,
+                               rtol=1e-10, atol=1e-12)
+    assert noise_kernel_norm(eigs, lr, B, D) == pytest.approx(expected, rel=1e-10)
+    # small-step limit K ≈ (η/2B)(1 − B/D)·mean ‖∇_w f(xᵢ)‖² (THEORY.md §4): here ‖∇_W f(x)‖_F² = C‖x‖²
+    small = noise_kernel_norm(eigs, 1e-6, B, D)
+    assert small == pytest.approx(1e-6 / (2 * B) * (1 - B / D) * C * X.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_gradient_noise_trace_from_separate_gradients(tiny_mlp_problem):
+    from flowsim.curvature import gradient_noise_trace
+    p = tiny_mlp_problem
+    grads = torch.stack([p.grad(p.w0, torch.tensor([i])) for i in range(p.n_examples)])
+    expected = (grads - p.grad(p.w0)).pow(2).sum(1).mean().item()
+    assert gradient_noise_trace(p, p.w0) == pytest.approx(expected, rel=1e-10)
+
+
+def _quadratic_scenario(runs, steps=12, **record):
+    return {"name": "q", "device": "cpu", "problem": {"model": "quadratic", "spectrum": [4.0, 1.0, 0.5]},
+            "steps": steps, "runs": runs,
+            "record": {"projection_dim": 0, "curvature_every": 4, "top_k": 3, "curvature_tol": 1e-10, **record}}
+
+
+def test_recorded_curvature_on_a_quadratic_is_its_spectrum_and_gd_threshold():
+    import flowsim
+    ds = flowsim.run(_quadratic_scenario({"gd": {"lr": 0.1}}), progress=False).sel(run="gd")
+    measured = ds.sharpness.dropna("step")
+    assert list(measured.step.values) == [0, 4, 8, 12]
+    assert abs(measured.values - 4.0).max() <= 1e-9
+    assert abs(ds.eigs.sel(step=8).values - [4.0, 1.0, 0.5]).max() <= 1e-9
+    assert ds.eigs.dims[-1] == "eig" and ds.eigs.attrs["units"] == "loss/weight²"
+    assert ds.threshold.sel(step=4).item() == pytest.approx(2 / 0.1)
+
+
+def test_recorded_adam_preconditioned_sharpness_from_its_own_state():
+    """On diag(λ) the eigenvalues of P̃⁻¹H are λᵢ/P̃ᵢ with P̃ = (1 − β1ᵗ)(√v̂ + ε), replayed here by hand."""
+    import flowsim
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, 0.01
+    ds = flowsim.run(_quadratic_scenario({"adam": {"rule": "adam", "lr": lr}}, precond=True),
+                     progress=False).sel(run="adam")
+    assert ds.precond_sharpness.sel(step=0).isnull()  # no optimizer state before the first step
+    lam = torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64)
+    w, m, v = torch.ones(3, dtype=torch.float64), 0.0, 0.0
+    for t in range(1, 9):
+        g = lam * w
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        P = (1 - b1 ** t) * ((v / (1 - b2 ** t)).sqrt() + eps)
+        w = w - lr * m / P
+        if t in (4, 8):
+            assert ds.precond_sharpness.sel(step=t).item() == pytest.approx((lam / P).max().item(), rel=1e-9)
+    assert ds.threshold.sel(step=4).item() == pytest.approx((2 + 2 * b1) / ((1 - b1) * lr))
