@@ -18,6 +18,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
     "wall_time": ((), "s", "wall-clock seconds since the run started"),
     "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),
+    "w": (("param",), "weight", "the full weight vector (flat, Problem order), every record.keep_weights steps"),
     "predicted_loss": ((), "loss", "central flow: L(w) + ½⟨H, Σ⟩, the predicted time-averaged loss of the discrete run"),
     "predicted_grad_norm_sq": ((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH), the predicted time-averaged ‖g‖²"),
     "sigma_eigs": (("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, descending"),
@@ -70,6 +71,16 @@ class ProjectionProbe(Probe):
 
     def __call__(self, traj, process) -> dict:
         return {"w_proj": self.projection(traj.w)}
+
+
+class WeightsProbe(Probe):
+    """Records the full weights ``w`` (for exact weight-space distances in :func:`flowsim.compare`)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def __call__(self, traj, process) -> dict:
+        return {"w": traj.w.detach().cpu().numpy()}
 
 
 class Recorder:

@@ -24,7 +24,7 @@ from flowsim import store as store_mod
 from flowsim import sweep as sweep_mod
 from flowsim.curvature import CurvatureProbe
 from flowsim.problem import Problem, resolve_device
-from flowsim.record import Probe, Projection, ProjectionProbe, Recorder
+from flowsim.record import Probe, Projection, ProjectionProbe, Recorder, WeightsProbe
 from flowsim.scenario import RunSpec, Scenario, ScenarioError
 from flowsim.solvers import PROCESSES, Schedule, Trajectory
 from flowsim.solvers.central import CRIT_DIM
@@ -56,9 +56,11 @@ def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
     return {"order": order, "coords": coords, "hyperparameters": run.make_rule().hyperparameters()}
 
 
-def record_dims(sc: Scenario) -> dict[str, int]:
-    """Sizes of the recorded variables' extra dims (``proj``; curvature adds ``eig``)."""
-    return {"proj": sc.record.projection_dim, "eig": sc.record.top_k, "crit": CRIT_DIM}
+def record_dims(sc: Scenario, problem: Optional[Problem] = None) -> dict[str, int]:
+    """Sizes of the recorded variables' extra dims (``proj``; curvature adds ``eig``; ``param`` = the number of
+    weights, for ``record.keep_weights``, when the problem is given)."""
+    dims = {"proj": sc.record.projection_dim, "eig": sc.record.top_k, "crit": CRIT_DIM}
+    return dims if problem is None else {**dims, "param": problem.n_params}
 
 
 def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
@@ -67,6 +69,8 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
     if sc.record.projection_dim:
         projection = Projection(problem.n_params, sc.record.projection_dim, sc.seed, problem.dtype, problem.device)
         probes.append(ProjectionProbe(projection, sc.record.projection_every))
+    if sc.record.keep_weights:
+        probes.append(WeightsProbe(sc.record.keep_weights))
     if sc.record.curvature_every:
         rec = sc.record
         probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.curvature_tol, rec.precond, rec.noise_kernel,
@@ -177,7 +181,7 @@ def execute(store, task: Task, resume: bool = False, problem: Optional[Problem] 
         del root[f"runs/{task.name}"]
     attrs = run_attrs(task.key, spec, sc, task.order)
     attrs["coords"] = {**task.coords, **attrs["coords"]}
-    dims = record_dims(sc)
+    dims = record_dims(sc, problem)
     writer = store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk)
     if checkpoint is not None:
         writer.truncate(checkpoint["length"])

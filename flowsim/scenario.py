@@ -84,6 +84,7 @@ class RecordSpec(Strict):
     every: PositiveInt = Field(1, description="record loss and grad_norm every this many steps")
     projection_dim: NonNegativeInt = Field(256, description="size of the random projection w_proj (0 = none)")
     projection_every: PositiveInt = Field(10, description="record w_proj every this many steps")
+    keep_weights: NonNegativeInt = Field(0, description="store the full weights w every this many steps (0 = never)")
     chunk: PositiveInt = Field(500, description="recorded rows per write to the store")
     divergence_factor: PositiveFloat = Field(
         1e6, description="a run diverges when its loss is not finite or exceeds this × max(L(w0), 1)")

@@ -9,10 +9,10 @@ they run on, and never touch storage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from flowsim.problem import Problem
@@ -60,8 +60,25 @@ class EpochSampler:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
+class IIDSampler:
+    """Each step an independent, uniformly random B-subset of the n examples (the minibatch noise that SGD's
+    SDE models), drawn from a generator seeded with (seed, step): stateless, so resuming at any step is exact."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+
+    def indices(self, step: int) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.randperm(self.n, generator=gen)[:self.batch_size].to(self.device)
+
+
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DiscreteOptions(NoOptions):
+    sampling: Literal["epoch", "iid"] = Field(
+        "epoch", description="epoch: reshuffled each epoch; iid: an independent random batch every step")
 
 
 class Process:
@@ -97,11 +114,13 @@ class Process:
 class Discrete(Process):
     """The real iteration: full batch (``batch_size`` None) or minibatch SGD-style sampling."""
     name: ClassVar[str] = "discrete"
+    Options: ClassVar[type[BaseModel]] = DiscreteOptions
 
     def __init__(self, problem, rule, schedule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, schedule, seed, batch_size, options)
         full = batch_size is None or batch_size >= problem.n_examples
-        self.sampler = None if full else EpochSampler(problem.n_examples, batch_size, seed, problem.device)
+        sampler = IIDSampler if self.options.sampling == "iid" else EpochSampler
+        self.sampler = None if full else sampler(problem.n_examples, batch_size, seed, problem.device)
 
     def step(self, traj: Trajectory, measure: bool) -> dict:
         lr = self.schedule(traj.step)

@@ -49,6 +49,13 @@ class Rule:
         """c such that λ_max(P̃⁻¹H) = c/η is the stability threshold on a quadratic."""
         return 2.0
 
+    def state_rate(self, g: Tensor, state: State) -> State:
+        """d(state)/dt per unit time (one step) at gradient g: the continuous limit of ``advance_state``,
+        s_{k+1} − s_k read as a rate (used by the flows). A rule whose state has no such limit raises."""
+        if state:
+            raise ValueError(f"rule: {self.name!r} has no state ODE, so it has no continuous-time process")
+        return {}
+
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -86,6 +93,11 @@ class Momentum(Rule):
     def direction(self, g, state):
         return state["m"]
 
+    def state_rate(self, g, state):
+        """dm/dt = (1 − β1)(g − m) (EMA), g − (1 − β1) m (heavy ball)."""
+        scale = 1.0 if self.heavy_ball else 1.0 - self.beta1
+        return {"m": scale * g - (1.0 - self.beta1) * state["m"]}
+
     def threshold_coefficient(self):
         c = 2.0 * (1.0 + self.beta1)
         return c if self.heavy_ball else c / (1.0 - self.beta1)
@@ -104,6 +116,10 @@ class ScalarRMSProp(Rule):
     def advance_state(self, g, state):
         return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2).sum()}
 
+    def state_rate(self, g, state):
+        """dν/dt = (1 − β2)(‖g‖² − ν) (the central flow's form has an extra 1/β2)."""
+        return {"nu": (1 - self.beta2) * (g.pow(2).sum() - state["nu"])}
+
     def precond(self, state):
         return state["nu"].sqrt() + self.eps
 
@@ -118,6 +134,10 @@ class RMSProp(ScalarRMSProp):
 
     def advance_state(self, g, state):
         return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2)}
+
+    def state_rate(self, g, state):
+        """dν/dt = (1 − β2)(g² − ν) elementwise (the central flow's form has an extra 1/β2)."""
+        return {"nu": (1 - self.beta2) * (g.pow(2) - state["nu"])}
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,11 @@ class Adam(Rule):
 
     def direction(self, g, state):
         return state["m"]
+
+    def state_rate(self, g, state):
+        """dm/dt = (1 − β1)(g − m), dv/dt = (1 − β2)(g² − v), dt/dt = 1 (the bias-correction clock)."""
+        return {"m": (1 - self.beta1) * (g - state["m"]), "v": (1 - self.beta2) * (g * g - state["v"]),
+                "t": torch.ones_like(state["t"])}
 
     def precond(self, state):
         t = state["t"].clamp(min=1)
