@@ -1,4 +1,4 @@
-"""The ``flowsim`` command line: run | report | list | info | bench.
+"""The ``flowsim`` command line: run | report | compare | list | info | bench.
 
 Errors are one line on stderr (``flowsim: error: …``) with exit code 2; never a bare traceback.
 """
@@ -65,6 +65,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import flowsim
+    from flowsim.compare import summary_table as compare_table
+    print(compare_table(flowsim.compare(flowsim.open(args.store), args.reference, rtol=args.rtol)))
+    return 0
+
+
 def cmd_list(args) -> int:
     import yaml
     for name, path in sorted(bundled_scenarios().items()):
@@ -115,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("store", help="the store (.zarr) written by `flowsim run`")
     rep.add_argument("-o", "--output", help="HTML file (default: the store's path with .html)")
     rep.set_defaults(func=cmd_report)
+    c = sub.add_parser("compare", help="distances and gaps of every run against a reference run")
+    c.add_argument("store", help="the store (.zarr) written by `flowsim run`")
+    c.add_argument("--reference", help="reference run (default: the scenario's compare.reference, else the first run)")
+    c.add_argument("--rtol", type=float, default=0.1, help="relative tolerance of the *_exceeds_at steps")
+    c.set_defaults(func=cmd_compare)
     sub.add_parser("list", help="list the bundled scenarios").set_defaults(func=cmd_list)
     sub.add_parser("info", help="versions, device and dtype").set_defaults(func=cmd_info)
     b = sub.add_parser("bench", help="benchmarks that print ratios against a baseline")
