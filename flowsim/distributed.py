@@ -1,6 +1,6 @@
-"""Runs the tasks of a scenario (one per sweep point and run) on dask.distributed.
+"""Runs the tasks of a scenario (one per sweep point and run, or one per batched group) on dask.distributed.
 
-Each task is :func:`flowsim.runner.execute` on a worker: it builds its Problem, simulates, and writes its own
+Each task is :func:`flowsim.batching.execute_group` on a worker: it builds its Problem, simulates, and writes its own
 run group (and checkpoints) to the shared store, so the store must be a path every worker can reach. The
 process that submits the tasks holds the store's lock. ``scheduler="local"`` starts a LocalCluster with one
 single-threaded worker process per core; any other value is the address of a running scheduler.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -32,14 +33,15 @@ def client_for(scheduler: str):
         raise ValueError(f"scheduler: cannot reach the Dask scheduler at {scheduler!r} ({e})") from None
 
 
-def _run_task(store: str, task: Task, resume: bool) -> str:
-    from flowsim.runner import execute
-    return execute(store, task, resume)
+def _run_job(store: str, group: Optional[str], job: list[Task], resume: bool) -> list[str]:
+    from flowsim.batching import execute_group
+    return execute_group(store, group, job, resume)
 
 
-def execute_all(store, tasks: list[Task], scheduler, resume: bool = False, progress: bool = False,
+def execute_all(store, jobs: list[tuple[Optional[str], list[Task]]], scheduler, resume: bool = False, progress: bool = False,
                 client=None) -> dict[str, str]:
-    """Run ``tasks`` on the cluster and wait for all of them; returns run name → status.
+    """Run ``jobs`` (:func:`flowsim.batching.jobs`: a batched group, or one task) on the cluster and wait for
+    all of them; returns run name → status.
 
     ``scheduler``: ``"local"`` or an address (ignored when a ``client`` is given). A task that fails raises
     its error here, after the other tasks finish.
@@ -51,14 +53,14 @@ def execute_all(store, tasks: list[Task], scheduler, resume: bool = False, progr
     client = client_for(scheduler) if own else client
     try:
         path = str(Path(store).resolve())
-        futures = {client.submit(_run_task, path, task, resume, key=f"flowsim-{task.name}-{os.getpid()}",
-                                 pure=False): task.name for task in tasks}
+        futures = {client.submit(_run_job, path, group, job, resume, key=f"flowsim-{job[0].name}-{os.getpid()}",
+                                 pure=False): job for group, job in jobs}
         statuses, error = {}, None
         for future in tqdm(as_completed(futures), total=len(futures), disable=not progress, unit="run"):
             if future.status == "error" and error is None:
                 error = future.exception()
             elif future.status == "finished":
-                statuses[futures[future]] = future.result()
+                statuses.update(zip((t.name for t in futures[future]), future.result()))
         if error is not None:
             raise error
         return statuses

@@ -233,15 +233,14 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
                 "n_params": first.n_params, "n_examples": first.n_examples,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, overwrite=overwrite)
         done = {n for n in root["runs"].group_keys() if root[f"runs/{n}"].attrs.get("status") in ("complete", "diverged")}
-        todo = [t for t in tasks if not (resume and t.name in done)]
-        from flowsim.batching import execute_group, groups
-        jobs = groups(todo) if sc.batch else [[task] for task in todo]
+        from flowsim.batching import execute_group, jobs
+        todo = jobs(tasks, sc.batch, done if resume else set())
         if scheduler is None:
-            for job in jobs:
-                execute_group(target, job, resume, problems[problem_key(job[0].scenario)], progress)
+            for group, job in todo:
+                execute_group(target, group, job, resume, problems[problem_key(job[0].scenario)], progress)
         else:
             from flowsim.distributed import execute_all
-            execute_all(target, jobs, scheduler, resume=resume, progress=progress)
+            execute_all(target, todo, scheduler, resume=resume, progress=progress)
     return store_mod.open(target)
 
 

@@ -2,7 +2,7 @@
 advanced together as one vmapped pass.
 
 Run b has weights ``W[b]``, rule state ``state[k][b]``, step size ``schedules[b](step)`` and, for minibatch
-runs, its own :class:`EpochSampler` seeded with ``seeds[b]``. Gradients are ``vmap(grad)`` of the problem's
+runs, the minibatch sampler :class:`Discrete` would use with ``seeds[b]`` and ``options`` (its sampling). Gradients are ``vmap(grad)`` of the problem's
 loss over the runs, and the rule's ``init``/``update`` are vmapped too, so each run follows exactly the
 arithmetic of :class:`Discrete` (up to the summation order of batched matrix products: ~1e-16 relative per
 step). Like every process, it never touches storage.
@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from flowsim.problem import Problem
-from flowsim.solvers.processes import EpochSampler, Schedule
+from flowsim.solvers.processes import Discrete, Schedule
 from flowsim.solvers.rules import Rule, State
 
 
@@ -31,16 +32,17 @@ class BatchedTrajectory:
 
 
 class BatchedDiscrete:
-    """The discrete iteration for ``len(schedules)`` runs at once (full batch, or minibatches of ``batch_size``)."""
+    """The discrete iteration for ``len(schedules)`` runs at once (full batch, or minibatches of ``batch_size``
+    drawn as :class:`Discrete` with ``options`` draws them)."""
 
     def __init__(self, problem: Problem, rule: Rule, schedules: list[Schedule], seeds: list[int],
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, options: Optional[BaseModel] = None):
         if len(schedules) != len(seeds) or not schedules:
             raise ValueError("schedules and seeds: give one of each per run (at least one run)")
         self.problem, self.rule, self.schedules = problem, rule, schedules
         full = batch_size is None or batch_size >= problem.n_examples
-        self.samplers = None if full else [EpochSampler(problem.n_examples, batch_size, s, problem.device)
-                                           for s in seeds]
+        self.samplers = None if full else [Discrete(problem, rule, sched, seed, batch_size, options).sampler
+                                           for sched, seed in zip(schedules, seeds)]
         self._value_grad = vmap(grad_and_value(problem.loss), in_dims=(0, None if full else 0))
         self._init = vmap(rule.init)
         self._update = vmap(rule.update)
