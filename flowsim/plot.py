@@ -57,9 +57,11 @@ def _xy(r: xr.Dataset, y: xr.DataArray, x: str) -> tuple[np.ndarray, np.ndarray]
 
 def smoothed(ds: xr.Dataset, run: str, window: int = SMOOTH_WINDOW, name: str = "loss",
              x: str = "time") -> tuple[np.ndarray, np.ndarray]:
-    """Centered moving average of ``name`` over ``window`` optimizer steps (at least one recorded point).
+    """Centered moving average of ``name`` over ``window`` optimizer steps, at the points with a full window
+    (none when the run is shorter than the window).
 
-    The window is converted to recorded points with the run's median spacing of recorded steps.
+    The window is converted to recorded points with the run's median spacing of recorded steps; with an even
+    number of points the window at recorded point i is [i − points/2, i + points/2).
     """
     if window < 1:
         raise ValueError(f"window: must be ≥ 1 step, got {window}")
@@ -67,20 +69,28 @@ def smoothed(ds: xr.Dataset, run: str, window: int = SMOOTH_WINDOW, name: str = 
     xv, yv = series(ds, name, run, x=x)
     spacing = float(np.median(np.diff(steps))) if steps.size > 1 else 1.0
     points = max(1, int(round(window / spacing)))
-    avg = xr.DataArray(yv, dims="i").rolling(i=points, center=True, min_periods=1).mean().values
-    return xv, avg
+    avg = xr.DataArray(yv, dims="i").rolling(i=points, center=True).mean().values
+    full = np.isfinite(avg)
+    return xv[full], avg[full]
+
+
+def threshold_applies(ds: xr.Dataset, run: str, name: str) -> bool:
+    """Whether the run's ``threshold`` bounds ``name``: always ``precond_sharpness`` λ_max(P̃⁻¹H) (THEORY §2);
+    ``sharpness`` when the run has no precond_sharpness or equals it wherever both are measured (P̃ = I)."""
+    r = ds.sel(run=run)
+    if not (has(r, "threshold") and has(r, name)):
+        return False
+    if name == "precond_sharpness" or not has(r, "precond_sharpness"):
+        return True
+    s, p = r["sharpness"].values, r["precond_sharpness"].values
+    both = np.isfinite(s) & np.isfinite(p)
+    return bool(both.any()) and np.array_equal(s[both], p[both])
 
 
 def controlling(ds: xr.Dataset, run: str) -> Optional[str]:
-    """The variable that the run's ``threshold`` applies to: ``precond_sharpness`` where the run has it (the
-    threshold of λ_max(P̃⁻¹H), THEORY §2), else ``sharpness``; None when the run has neither or no threshold."""
-    r = ds.sel(run=run)
-    if not has(r, "threshold"):
-        return None
-    for name in ("precond_sharpness", "sharpness"):
-        if has(r, name):
-            return name
-    return None
+    """The variable compared with the run's ``threshold``: ``precond_sharpness`` where the run has it, else
+    ``sharpness``; None when the run has neither or no threshold."""
+    return next((n for n in ("precond_sharpness", "sharpness") if threshold_applies(ds, run, n)), None)
 
 
 def eos_onset(ds: xr.Dataset, run: str, x: str = "time") -> float:
@@ -147,16 +157,22 @@ def loss(ds: xr.Dataset, x: str = "time", window: int = SMOOTH_WINDOW) -> Figure
     fig, (ax,) = _figure()
     col = colors(ds)
     for run in _runs_with(ds, "loss"):
-        xv, yv = series(ds, "loss", run, x)
-        if str(ds["process"].sel(run=run).values) == "discrete" and xv.size > 2:
-            ax.plot(xv, yv, color=col[run], alpha=0.3, linewidth=0.8)
-            ax.plot(*smoothed(ds, run, window, x=x), color=col[run], label=f"{run} ({window}-step average)")
-        else:
-            ax.plot(xv, yv, color=col[run], label=run)
-        _mark_divergence(ax, ds, run, col[run], x)
+        _loss_lines(ax, ds, run, col[run], x, window if str(ds["process"].sel(run=run).values) == "discrete" else 0)
     ax.set_title("training loss")
     _finish(ax, x, "loss", log=_positive(ds, "loss"))
     return fig
+
+
+def _loss_lines(ax: Axes, ds: xr.Dataset, run: str, color: str, x: str, window: int) -> None:
+    """The run's loss; with ``window`` > 0 faint, under its moving average (when the run spans a full window)."""
+    xv, yv = series(ds, "loss", run, x)
+    xs, avg = smoothed(ds, run, window, x=x) if window else ((), ())
+    if len(xs):
+        ax.plot(xv, yv, color=color, alpha=0.3, linewidth=0.8)
+        ax.plot(xs, avg, color=color, label=f"{run} ({window}-step average)")
+    else:
+        ax.plot(xv, yv, color=color, label=run)
+    _mark_divergence(ax, ds, run, color, x)
 
 
 def _curvature(ds: xr.Dataset, name: str, title: str, ylabel: str, x: str, with_eigs: bool) -> Figure:
@@ -171,7 +187,7 @@ def _curvature(ds: xr.Dataset, name: str, title: str, ylabel: str, x: str, with_
                         label="tracked eigenvalues" if i == 0 else None)
         if has(r, name):
             ax.plot(*series(ds, name, run, x), color=col[run], marker=".", markersize=3, label=ylabel)
-        if controlling(ds, run) == name:
+        if threshold_applies(ds, run, name):
             ax.plot(*series(ds, "threshold", run, x), color="k", linestyle="--", linewidth=1, label="threshold")
         _mark_divergence(ax, ds, run, col[run], x)
         ax.set_title(f"{title} — {run}", fontsize=10)
@@ -181,7 +197,7 @@ def _curvature(ds: xr.Dataset, name: str, title: str, ylabel: str, x: str, with_
 
 def sharpness(ds: xr.Dataset, x: str = "time") -> Figure:
     """One panel per run: λ_max(H) and the tracked eigenvalues ``eigs``, with the run's stability ``threshold``
-    (dashed) where the threshold applies to λ_max(H) itself (runs without ``precond_sharpness``)."""
+    (dashed) where the threshold bounds λ_max(H) itself (:func:`threshold_applies`: P̃ = I, e.g. GD)."""
     _require(ds, "sharpness", "eigs")
     return _curvature(ds, "sharpness", "sharpness", "λ_max(H)", x, with_eigs=True)
 
@@ -240,10 +256,7 @@ def predicted_loss(ds: xr.Dataset, x: str = "time", window: int = SMOOTH_WINDOW)
             ax.plot(*series(ds, "loss", run, x), color=col[run], linestyle="--", linewidth=1, label=f"{run}: L(w)")
         partner = discrete_partner(ds, run)
         if partner is not None:
-            ax.plot(*series(ds, "loss", partner, x), color=col[partner], alpha=0.3, linewidth=0.8)
-            ax.plot(*smoothed(ds, partner, window, x=x), color=col[partner],
-                    label=f"{partner} ({window}-step average)")
-            _mark_divergence(ax, ds, partner, col[partner], x)
+            _loss_lines(ax, ds, partner, col[partner], x, window)
         _mark_divergence(ax, ds, run, col[run], x)
         ax.set_title(f"predicted vs actual loss — {run}", fontsize=10)
         _finish(ax, x, "loss", log=_positive(ds, "loss") and _positive(ds, "predicted_loss"))

@@ -96,17 +96,18 @@ def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_diver
     assert np.isnan(report.summary(ds.drop_vars("threshold")).loc["gd", "EoS onset (time)"])
 
 
-def test_moving_average_is_the_mean_over_a_window_of_steps():
+def test_moving_average_is_the_mean_over_a_full_window_of_steps():
     ds = synthetic().isel(run=[0])
-    _, avg = plot.smoothed(ds, "gd", window=20, x="step")
-    loss = np.exp(-np.arange(N + 1) / 80) * (1 + 0.3 * (-1.0) ** np.arange(N + 1))
-    expected = [loss[i - 10:i + 10].mean() for i in range(10, N - 10)]   # window [i−10, i+10)
-    np.testing.assert_allclose(avg[10:N - 10], expected, rtol=1e-12)
-    # recorded every 4th step, a 20-step window is 5 recorded points
+    loss = ds.loss.values[0]
+    steps, avg = plot.smoothed(ds, "gd", window=20, x="step")
+    assert steps[0] == 10 and steps[-1] == N - 9                       # window [k − 10, k + 10), full only
+    np.testing.assert_allclose(avg, [loss[int(k) - 10:int(k) + 10].mean() for k in steps], rtol=1e-12)
+    # recorded every 4th step, a 20-step window is 5 recorded points: [k − 8, k + 8] in steps
     sub = ds.isel(step=slice(0, None, 4))
-    _, avg4 = plot.smoothed(sub, "gd", window=20, x="step")
-    direct = [sub.loss.values[0, i - 2:i + 3].mean() for i in range(2, sub.sizes["step"] - 2)]
-    np.testing.assert_allclose(avg4[2:-2], direct, rtol=1e-12)
+    steps4, avg4 = plot.smoothed(sub, "gd", window=20, x="step")
+    assert steps4[0] == 8 and steps4[-1] == N - 8
+    np.testing.assert_allclose(avg4, [loss[int(k) - 8:int(k) + 9:4].mean() for k in steps4], rtol=1e-12)
+    assert plot.smoothed(ds.isel(step=slice(0, 19)), "gd", window=20)[1].size == 0
 
 
 def _dashed(ax):
@@ -122,6 +123,13 @@ def test_threshold_is_drawn_against_the_variable_it_applies_to():
     pre = plot.precond_sharpness(ds).axes
     assert len(pre) == 1 and pre[0].get_title().endswith("adam")
     np.testing.assert_array_equal(_dashed(pre[0])[0].get_ydata(), 38 / 0.01)
+    gd = ds.sel(run="gd")
+    same = ds.copy(deep=True)
+    same["precond_sharpness"].loc[{"run": "gd"}] = gd.sharpness            # P̃ = I: the threshold bounds both
+    assert _dashed(plot.sharpness(same).axes[0]) and plot.threshold_applies(same, "gd", "sharpness")
+    same["precond_sharpness"].loc[{"run": "gd"}] = gd.sharpness * 2        # a real preconditioner
+    assert not _dashed(plot.sharpness(same).axes[0])
+    assert report.summary(same).loc["gd", "EoS onset (time)"] == 0.5 * 60    # 2 + 6.4k/N ≥ 3.8 ⇔ k ≥ 56.25
     with pytest.raises(ValueError, match="noise_kernel_norm"):
         plot.noise_kernel_norm(ds.drop_vars("noise_kernel_norm"))
 
@@ -274,15 +282,21 @@ def test_report_with_every_section_a_diverged_run_and_nan_gaps_renders_in_chromi
     assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", path.read_text())     # nothing to fetch
 
 
+STEPS = 2   # test scale for the bundled scenarios: steps 0, 1, 2 (curvature is measured at the first and last)
+
+
 @pytest.mark.parametrize("name", sorted(bundled_scenarios()))
 def test_every_bundled_scenario_gets_a_report_at_test_scale(name, browser, tmp_path):
     doc = yaml.safe_load(bundled_scenarios()[name].read_text())
     doc.setdefault("record", {})["projection_dim"] = 4
+    for run in doc["runs"].values():        # a step-size drop moves into the short run, in proportion
+        if "schedule" in run:
+            run["schedule"]["drop_at"] = max(1, run["schedule"]["drop_at"] * STEPS // doc["steps"])
     doc["device"] = "cpu"
     scenario = tmp_path / f"{name}.yaml"
     scenario.write_text(yaml.safe_dump(doc))
     store = tmp_path / f"{name}.zarr"
-    assert main(["run", str(scenario), "-o", str(store), "--steps", "3", "-q", "--report"]) == 0
+    assert main(["run", str(scenario), "-o", str(store), "--steps", str(STEPS), "-q", "--report"]) == 0
     ds = flowsim.open(store)
     page = browser.load(store.with_suffix(".html"), screenshot=ARTIFACTS / f"report_{name}.png"
                         if name == "quickstart" else None)
