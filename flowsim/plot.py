@@ -222,12 +222,14 @@ def noise_kernel_norm(ds: xr.Dataset, x: str = "time") -> Figure:
     return fig
 
 
-GAPS = {"distance": "‖w − w_ref‖", "loss_gap": "L − L_ref", "sharpness_gap": "S − S_ref"}
-"""The comparison variables (flowsim.compare) and their axis labels."""
+GAPS = {"distance": "‖w − w_ref‖", "function_distance": "RMS ‖f(x; w) − f(x; w_ref)‖", "loss_gap": "L − L_ref",
+        "sharpness_gap": "S − S_ref"}
+"""The comparison variables of :func:`flowsim.compare` and their titles."""
 
 
-def gaps(ds: xr.Dataset, x: str = "time", reference: Optional[str] = None) -> Figure:
-    """Distance and loss/sharpness gaps of every run to the reference run, one panel per variable present."""
+def gaps(ds: xr.Dataset, x: str = "step", reference: Optional[str] = None) -> Figure:
+    """Distances and loss/sharpness gaps of every run to the reference run, one panel per variable present;
+    against steps by default, the alignment flowsim.compare uses."""
     names = [n for n in GAPS if has(ds, n)]
     _require(ds, *GAPS)
     fig, axes = _figure(len(names), height=2.6, sharex=True)
@@ -239,7 +241,7 @@ def gaps(ds: xr.Dataset, x: str = "time", reference: Optional[str] = None) -> Fi
             ax.plot(*series(ds, name, run, x), color=col[run], label=run)
             _mark_divergence(ax, ds, run, col[run], x)
         ax.set_title(f"{GAPS[name]}" + (f"  (reference: {reference})" if reference else ""), fontsize=10)
-        _finish(ax, x, name, log=name == "distance" and _positive(ds, name))
+        _finish(ax, x, name, log=name.endswith("distance") and _positive(ds, name))
     return fig
 
 

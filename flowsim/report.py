@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 
 import flowsim
 from flowsim import plot
+from flowsim.compare import compare
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("Noise kernel norm", ("noise_kernel_norm",), lambda ds, ref: plot.noise_kernel_norm(ds),
             "The noise kernel norm K of minibatch runs against 1, where stochastic training self-stabilizes."),
     Section("Distance and gaps to the reference run", tuple(plot.GAPS), lambda ds, ref: plot.gaps(ds, reference=ref),
-            "Weight-space distance ‖w − w_ref‖ and loss / sharpness differences to the reference run, at equal "
-            "time."),
+            "Distance to the reference run in weight space ‖w − w_ref‖ (from the random projection unless full "
+            "weights were kept) and in function space, and loss / sharpness differences, at equal step."),
     Section("Central flow: predicted vs actual loss", ("predicted_loss",), lambda ds, ref: plot.predicted_loss(ds),
             "The central flow's predicted time-averaged loss L(w) + ½⟨H, Σ⟩ against the matching discrete run's "
             f"loss and its {plot.SMOOTH_WINDOW}-step moving average."),
@@ -66,12 +66,11 @@ def reference(ds: xr.Dataset) -> Optional[str]:
 
 
 def compared(ds: xr.Dataset) -> xr.Dataset:
-    """``ds`` with distances and gaps to the reference run (flowsim.compare), unless already there or no
-    reference is named."""
+    """``ds`` with distances and gaps to the reference run (:func:`flowsim.compare`), unless already there or
+    no reference is named."""
     ref = reference(ds)
-    if ref is None or any(g in ds for g in plot.GAPS) or importlib.util.find_spec("flowsim.compare") is None:
+    if ref is None or "distance" in ds:
         return ds
-    from flowsim.compare import compare
     return compare(ds, reference=ref)
 
 
@@ -82,8 +81,7 @@ def summary(ds: xr.Dataset) -> pd.DataFrame:
     rows = []
     for name in ds.run.values:
         r = ds.sel(run=name)
-        losses, walls, dist = (plot.series(ds, v, name)[1] if v in ds else np.array([])
-                               for v in ("loss", "wall_time", "distance"))
+        losses, walls = (plot.series(ds, v, name)[1] if v in ds else np.array([]) for v in ("loss", "wall_time"))
         rows.append({
             "run": str(name),
             "process": str(r["process"].values),
@@ -92,7 +90,7 @@ def summary(ds: xr.Dataset) -> pd.DataFrame:
             "batch size": int(r["batch_size"]) if "batch_size" in r.coords else 0,
             "final loss": losses[-1] if losses.size else np.nan,
             "EoS onset (time)": plot.eos_onset(ds, name),
-            "largest distance": dist.max() if dist.size else np.nan,
+            "largest distance": float(r["max_distance"]) if "max_distance" in r else np.nan,
             "wall time (s)": walls[-1] if walls.size else np.nan,
             "diverged at (step)": float(r["diverged_at"]) if "diverged" in r and bool(r["diverged"]) else np.nan,
         })

@@ -25,11 +25,13 @@ N = 200          # recorded steps 0..N, every step; curvature every 10 steps
 
 
 def synthetic() -> xr.Dataset:
-    """Five runs holding every variable of DESIGN's schema, with known crossings, NaN gaps and a divergence.
+    """Five runs holding every recorded variable of DESIGN's schema (gaps come from flowsim.compare), with
+    known crossings, NaN between measurements and a divergence.
 
-    gd: sharpness 1 + 3.2k/N vs threshold 2/η = 4 (0.95·4 first reached at the measured step 180, time 90);
-    adam: sharpness far above its threshold but precond_sharpness = 38/η · k/150 (0.95 first at step 150);
-    sgd: diverges at step 120 (loss 1e9 there, NaN after).
+    gd (the reference): sharpness 1 + 3.2k/N vs threshold 2/η = 4 (0.95·4 first reached at the measured step
+    180, time 90); adam: sharpness far above its threshold but precond_sharpness = 38/η · k/150 (0.95 first at
+    step 150); sgd: diverges at step 120 (loss 1e9 there, NaN after). w_proj of run i is k·i/2 in each of 4
+    coordinates every 10 steps, so the distance to gd is k·i.
     """
     k = np.arange(N + 1)
     runs = {  # name: (process, rule, lr, batch_size)
@@ -42,8 +44,7 @@ def synthetic() -> xr.Dataset:
         return np.where(curv, v, np.nan)
 
     data = {v: [] for v in ("loss", "step_size", "time", "wall_time", "sharpness", "eigs", "precond_sharpness",
-                            "threshold", "noise_kernel_norm", "predicted_loss", "distance", "loss_gap",
-                            "sharpness_gap", "w_proj")}
+                            "threshold", "noise_kernel_norm", "predicted_loss", "w_proj")}
     for i, (name, (process, rule, lr, bs)) in enumerate(runs.items()):
         base = np.exp(-k / 80) * (1 + 0.3 * (-1.0) ** k * (process == "discrete"))
         sharp = at_curv(1 + 3.2 * k / N)
@@ -57,11 +58,7 @@ def synthetic() -> xr.Dataset:
         data["eigs"].append(np.stack([data["sharpness"][-1] * f for f in (1, 0.8, 0.5)], axis=-1))
         data["noise_kernel_norm"].append(at_curv(np.minimum(k / 100, 1.0)) if bs else nan)
         data["predicted_loss"].append(base * 1.1 if process == "central" else nan)
-        dist = 0.0 if name == "gd" else 0.01 * k * (i + 1)
-        data["distance"].append(np.where(k % 10 == 0, dist, np.nan))
-        data["loss_gap"].append(base - data["loss"][0])
-        data["sharpness_gap"].append(sharp - data["sharpness"][0])
-        data["w_proj"].append(np.outer(k, np.ones(4)))
+        data["w_proj"].append(np.outer(np.where(curv, k * i / 2, np.nan), np.ones(4)))
     sgd = list(runs).index("sgd")
     for v in data:
         data[v][sgd][121:] = np.nan
@@ -80,20 +77,20 @@ def synthetic() -> xr.Dataset:
 
 
 def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_divergence():
-    ds = synthetic()
-    s = report.summary(ds)
+    s = report.summary(report.compared(synthetic()))
     assert s.loc["gd", "EoS onset (time)"] == 0.5 * 180          # 1 + 3.2k/N ≥ 3.8 ⇔ k ≥ 175 → measured at 180
     assert s.loc["adam", "EoS onset (time)"] == 0.01 * 150       # precond_sharpness decides, not sharpness
     assert s.loc["central", "final loss"] == np.exp(-N / 80)
     assert s.loc["gd", "final loss"] == np.exp(-N / 80) * (1 + 0.3 * (-1) ** N)
     assert s.loc["sgd", "final loss"] == 1e9                   # the last finite value, at the divergence
     assert s.loc["sgd", "diverged at (step)"] == 120 and np.isnan(s.loc["gd", "diverged at (step)"])
-    assert s.loc["flow", "largest distance"] == pytest.approx(0.01 * N * 3, rel=1e-12)
-    assert s.loc["sgd", "largest distance"] == pytest.approx(0.01 * 120 * 5, rel=1e-12)
+    assert s.loc["flow", "largest distance"] == pytest.approx(2 * N, rel=1e-12)        # k·i, i = 2
+    assert s.loc["sgd", "largest distance"] == pytest.approx(4 * 120, rel=1e-12)       # until it diverged
+    assert s.loc["gd", "largest distance"] == 0
     assert s.loc["adam", "wall time (s)"] == pytest.approx(0.01 * N * 4, rel=1e-12)
     assert s.loc["sgd", "wall time (s)"] == pytest.approx(0.01 * 120 * 5, rel=1e-12)
     assert (s["batch size"].values == [0, 0, 0, 0, 10]).all()
-    assert np.isnan(report.summary(ds.drop_vars("threshold")).loc["gd", "EoS onset (time)"])
+    assert np.isnan(report.summary(synthetic().drop_vars("threshold")).loc["gd", "EoS onset (time)"])
 
 
 def test_moving_average_is_the_mean_over_a_full_window_of_steps():
@@ -135,7 +132,8 @@ def test_threshold_is_drawn_against_the_variable_it_applies_to():
 
 
 def test_sections_appear_only_with_their_variables():
-    ds = synthetic()
+    assert "Distance and gaps to the reference run" not in [s.title for s in report.sections(synthetic())]
+    ds = report.compared(synthetic())
     assert [s.title for s in report.sections(ds)] == [s.title for s in report.SECTIONS]
     for section in report.SECTIONS:
         less = ds.drop_vars([v for v in section.variables if v in ds])
@@ -146,11 +144,17 @@ def test_sections_appear_only_with_their_variables():
 
 
 def test_distance_to_reference_skips_the_reference_and_marks_the_divergence():
-    ax = plot.gaps(synthetic(), reference="gd").axes[0]
+    ds = report.compared(synthetic())
+    axes = plot.gaps(ds, reference="gd").axes
+    assert [a.get_ylabel() for a in axes] == ["distance", "loss_gap", "sharpness_gap"]
+    ax = axes[0]
     labels = [ln.get_label() for ln in ax.get_lines()]
     assert "gd" not in labels and {"central", "flow", "adam", "sgd"} <= set(labels)
+    flow = ax.get_lines()[labels.index("flow")]
+    np.testing.assert_array_equal(flow.get_xdata(), np.arange(0, N + 1, 10))               # NaN steps skipped
+    np.testing.assert_allclose(flow.get_ydata(), 2 * np.arange(0, N + 1, 10), rtol=1e-12)
     assert [t.get_text() for t in ax.texts] == ["diverged"]
-    assert ax.get_lines()[labels.index("sgd") + 1].get_xdata()[0] == 0.5 * 120     # the divergence line
+    assert ax.get_lines()[labels.index("sgd") + 1].get_xdata()[0] == 120     # the divergence line, in steps
 
 
 def test_report_cli_writes_next_to_the_store_and_fails_in_one_line(tmp_path, capsys):
