@@ -136,6 +136,9 @@ class StepCount(BaseModel):
     substeps: Optional[PositiveInt] = Field(
         None, description="fixed substeps per step; absent = max(4, ⌈2 S_eff⌉), S_eff = η λ_max(P̃⁻¹H)")
     sharpness_every: PositiveInt = Field(1, description="re-estimate S_eff every this many steps")
+    max_substeps: PositiveInt = Field(
+        1000, description="cap on the chosen substeps (a preconditioner near 0, e.g. Adam from v = 0, makes S_eff "
+                          "huge although the flow is not stiff there; use dopri5 for such rules)")
 
 
 class FlowOptions(StepCount):
@@ -205,12 +208,13 @@ class Stable(Process):
         return s * (1 + s / 2) if self.modified else s
 
     def substeps(self, traj: Trajectory, lr: float) -> int:
-        """Substeps of unit ``traj.step``: the fixed ``substeps`` option, else max(4, ⌈2 S_eff⌉)."""
+        """Substeps of unit ``traj.step``: the fixed ``substeps`` option, else max(4, ⌈2 S_eff⌉) capped at
+        ``max_substeps``."""
         if self.options.substeps is not None:
             return self.options.substeps
         if getattr(self.options, "method", None) == "dopri5":
             return 0
-        return max(4, math.ceil(2 * self.effective_sharpness(traj, lr)))
+        return min(self.options.max_substeps, max(4, math.ceil(2 * self.effective_sharpness(traj, lr))))
 
 
 class Modified(Stable):

@@ -1,0 +1,134 @@
+"""Stable and modified flows: closed forms on quadratics, an independent ODE solver, and the orders of GD's
+distance to each flow at fixed time below the edge of stability."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import flowsim
+from flowsim.models import build_problem
+from flowsim.scenario import ScenarioError
+from flowsim.solvers import PROCESSES, Schedule, make_rule
+
+SPECTRUM = [1.0, 3.0, 10.0]
+
+
+def quadratic(spectrum=SPECTRUM):
+    return build_problem({"model": "quadratic", "spectrum": spectrum}, device="cpu")
+
+
+def run_process(problem, name, lr, steps, rule=("gd", {}), **options):
+    """Run process ``name`` for ``steps`` steps; ``rule`` = (name, hyperparameters)."""
+    cls = PROCESSES[name]
+    process = cls(problem, make_rule(rule[0], **rule[1]), Schedule(lr), options=cls.Options(**options))
+    traj = process.start(problem.w0)
+    for _ in range(steps):
+        process.step(traj, measure=False)
+    return process, traj
+
+
+@pytest.mark.parametrize("options", [{"method": "rk4", "substeps": 64},
+                                     {"method": "dopri5", "rtol": 1e-10, "atol": 1e-12}])
+def test_gradient_flow_on_a_quadratic_is_exp_minus_lambda_t(options):
+    lam, lr, steps = torch.tensor(SPECTRUM, dtype=torch.float64), 0.1, 20
+    _, traj = run_process(quadratic(), "stable", lr, steps, **options)
+    exact = torch.exp(-lam * lr * steps)
+    assert ((traj.w - exact).abs() / exact).max() <= 1e-6
+    assert traj.time == pytest.approx(lr * steps) and traj.step == steps
+
+
+def test_modified_flow_on_a_quadratic_is_the_flow_of_the_modified_loss():
+    # L̃ = L + (η/4)‖∇L‖² = ½ Σ (λ + ηλ²/2) w²: the modified flow decays at rate η(λ + ηλ²/2) per step.
+    lam, lr, steps = torch.tensor(SPECTRUM, dtype=torch.float64), 0.1, 20
+    _, traj = run_process(quadratic(), "modified", lr, steps, method="dopri5", rtol=1e-10, atol=1e-20)
+    exact = torch.exp(-(lam + lr * lam ** 2 / 2) * lr * steps)
+    assert ((traj.w - exact).abs() / exact).max() <= 1e-6
+
+
+def test_rmsprop_stable_flow_matches_an_independent_ode_solver():
+    # dw/dt = −η g/(√ν + ε), dν/dt = (1 − β2)(g² − ν), g = λ w, ν(0) = g(0)², solved by scipy's Radau.
+    lam = np.array(SPECTRUM)
+    lr, beta2, eps, steps = 0.01, 0.9, 1e-8, 15
+
+    def rhs(t, y):
+        w, nu = y[:3], y[3:]
+        g = lam * w
+        return np.concatenate([-lr * g / (np.sqrt(nu) + eps), (1 - beta2) * (g * g - nu)])
+
+    y0 = np.concatenate([np.ones(3), lam ** 2])
+    ref = solve_ivp(rhs, (0, steps), y0, method="Radau", rtol=1e-12, atol=1e-14).y[:, -1]
+    _, traj = run_process(quadratic(), "stable", lr, steps, rule=("rmsprop", {"beta2": beta2, "eps": eps}),
+                          method="dopri5", rtol=1e-11, atol=1e-13)
+    assert np.abs(traj.w.numpy() - ref[:3]).max() / np.abs(ref[:3]).max() <= 1e-6
+    assert np.abs(traj.state["nu"].numpy() - ref[3:]).max() / np.abs(ref[3:]).max() <= 1e-6
+
+
+def test_substeps_follow_the_effective_sharpness_and_keep_euler_stable():
+    # λ_max = 100, η = 0.05: S_eff = ηλ = 5, so max(4, ⌈2·5⌉) = 10 substeps; one Euler substep is GD, which
+    # diverges at ηλ = 5 > 2, while the flow with the chosen substeps decays like exp(−ηλ t).
+    problem, lr = quadratic([1.0, 100.0]), 0.05
+    dense = torch.linalg.eigvalsh(torch.func.hessian(problem.loss)(problem.w0))
+    process, traj = run_process(problem, "stable", lr, 5, method="euler")
+    assert process.substeps(traj, lr) == max(4, math.ceil(2 * lr * dense.max().item())) == 10
+    assert 0 < traj.w[1] < math.exp(-lr * 100 * 5) * 10  # Euler at h·S_eff = 0.5: (1 − 0.5)^50 ≈ 1e-15
+    _, gd_like = run_process(problem, "stable", lr, 5, method="euler", substeps=1)
+    assert abs(gd_like.w[1]) > 1.0
+
+
+def test_modified_flow_substeps_account_for_the_modified_curvature():
+    problem, lr = quadratic([1.0, 100.0]), 0.05
+    process, traj = run_process(problem, "modified", lr, 1, method="rk4")
+    s = lr * 100
+    assert process.substeps(traj, lr) == math.ceil(2 * s * (1 + s / 2))
+
+
+def small_mlp():
+    return build_problem({"model": "mlp", "widths": [8], "activation": "tanh",
+                          "dataset": {"name": "teacher_student", "dim": 4}, "n_train": 32}, device="cpu")
+
+
+def test_gd_distance_to_gradient_flow_is_first_order_and_to_modified_flow_second_order():
+    # At fixed gradient-flow time T = 4 and below the edge (η S ≤ 0.4 < 2), halving η halves ‖w_GD − w_GF‖
+    # (order 1) and quarters ‖w_GD − w_MF‖ (order 2).
+    problem, T = small_mlp(), 4.0
+    sharpness = torch.linalg.eigvalsh(torch.func.hessian(problem.loss)(problem.w0)).max().item()
+    distances = {}
+    for lr in (0.2, 0.1):
+        assert lr * sharpness < 0.5
+        steps = round(T / lr)
+        _, gd = run_process(problem, "discrete", lr, steps)
+        _, gf = run_process(problem, "stable", lr, steps, method="rk4", substeps=8)
+        _, mf = run_process(problem, "modified", lr, steps, method="rk4", substeps=8)
+        distances[lr] = ((gd.w - gf.w).norm().item(), (gd.w - mf.w).norm().item())
+    first = distances[0.2][0] / distances[0.1][0]
+    second = distances[0.2][1] / distances[0.1][1]
+    assert 2 * 0.8 <= first <= 2 * 1.2, first
+    assert 4 * 0.75 <= second <= 4 * 1.25, second
+
+
+def test_flow_runs_in_a_scenario_with_state_and_records_losses():
+    ds = flowsim.run({"name": "f", "device": "cpu", "problem": {"model": "quadratic", "spectrum": SPECTRUM},
+                      "steps": 4, "record": {"projection_dim": 0, "keep_weights": 2},
+                      "runs": {"flow": {"process": "stable", "lr": 0.1, "method": "dopri5", "rtol": 1e-10,
+                                        "atol": 1e-12},
+                               "rms": {"process": "stable", "rule": "rmsprop", "lr": 0.01},
+                               "adam": {"process": "stable", "rule": "adam", "lr": 0.01, "method": "dopri5"}}},
+                     progress=False)
+    lam = np.array(SPECTRUM)
+    exact = 0.5 * (lam * np.exp(-2 * lam * 0.1 * np.arange(5)[:, None])).sum(1)
+    np.testing.assert_allclose(ds.loss.sel(run="flow").values, exact, rtol=1e-8)
+    np.testing.assert_allclose(ds.w.sel(run="flow", step=4).values, np.exp(-lam * 0.4), rtol=1e-8)
+    assert np.isnan(ds.w.sel(run="flow", step=1).values).all()
+    for run in ("rms", "adam"):
+        assert bool((ds.loss.sel(run=run).diff("step") < 0).all())
+
+
+@pytest.mark.parametrize("extra, key", [({"method": "midpoint"}, "runs.flow.method"),
+                                        ({"method": "dopri5", "substeps": 8}, "runs.flow.substeps"),
+                                        ({"substeps": 0}, "runs.flow.substeps")])
+def test_flow_options_are_checked_and_errors_name_the_key(extra, key):
+    with pytest.raises(ScenarioError, match=f"^{key}: "):
+        flowsim.load_scenario({"problem": {"model": "quadratic", "spectrum": [1.0]}, "steps": 1,
+                               "runs": {"flow": {"process": "stable", "lr": 0.1, **extra}}})
