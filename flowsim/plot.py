@@ -63,10 +63,15 @@ def smoothed(ds: xr.Dataset, run: str, window: int = SMOOTH_WINDOW, name: str = 
     The window is converted to recorded points with the run's median spacing of recorded steps; with an even
     number of points the window at recorded point i is [i − points/2, i + points/2).
     """
+    r = ds.sel(run=run)
+    return _moving_average(r, r[name], window, x)
+
+
+def _moving_average(r: xr.Dataset, y: xr.DataArray, window: int, x: str) -> tuple[np.ndarray, np.ndarray]:
     if window < 1:
         raise ValueError(f"window: must be ≥ 1 step, got {window}")
-    steps, _ = series(ds, name, run, x="step")
-    xv, yv = series(ds, name, run, x=x)
+    steps, _ = _xy(r, y, "step")
+    xv, yv = _xy(r, y, x)
     spacing = float(np.median(np.diff(steps))) if steps.size > 1 else 1.0
     points = max(1, int(round(window / spacing)))
     avg = xr.DataArray(yv, dims="i").rolling(i=points, center=True).mean().values
@@ -262,6 +267,28 @@ def predicted_loss(ds: xr.Dataset, x: str = "time", window: int = SMOOTH_WINDOW)
         _mark_divergence(ax, ds, run, col[run], x)
         ax.set_title(f"predicted vs actual loss — {run}", fontsize=10)
         _finish(ax, x, "loss", log=_positive(ds, "loss") and _positive(ds, "predicted_loss"))
+    return fig
+
+
+def sigma(ds: xr.Dataset, x: str = "time", window: int = SMOOTH_WINDOW) -> Figure:
+    """One panel per central-flow run: each eigenvalue of Σ (``sigma_eigs``, the predicted oscillation variance,
+    weight²) against the ``window``-step moving average of the shadow discrete run's squared displacement along
+    that eigenvector (``sigma_displacement_sq``), log scale."""
+    _require(ds, "sigma_eigs")
+    runs = _runs_with(ds, "sigma_eigs")
+    fig, axes = _figure(len(runs), height=2.8)
+    for ax, run in zip(axes, runs):
+        r = ds.sel(run=run)
+        for i in range(r.sizes["crit"]):
+            if not has(r.isel(crit=i), "sigma_eigs"):
+                continue
+            ax.plot(*_xy(r, r["sigma_eigs"].isel(crit=i), x), color=f"C{i}", label=f"Σ eigenvalue {i + 1}")
+            if has(r.isel(crit=i), "sigma_displacement_sq"):
+                ax.plot(*_moving_average(r, r["sigma_displacement_sq"].isel(crit=i), window, x), color=f"C{i}",
+                        linestyle="--", label=f"discrete displacement² ({window}-step average)")
+        _mark_divergence(ax, ds, run, "k", x)
+        ax.set_title(f"oscillation variance along Σ — {run}", fontsize=10)
+        _finish(ax, x, "weight²", log=_positive(r, "sigma_eigs"))
     return fig
 
 

@@ -52,6 +52,10 @@ SECTIONS: tuple[Section, ...] = (
     Section("Central flow: predicted vs actual loss", ("predicted_loss",), lambda ds, ref: plot.predicted_loss(ds),
             "The central flow's predicted time-averaged loss L(w) + ½⟨H, Σ⟩ against the matching discrete run's "
             f"loss and its {plot.SMOOTH_WINDOW}-step moving average."),
+    Section("Central flow: oscillation variance", ("sigma_eigs",), lambda ds, ref: plot.sigma(ds),
+            "Eigenvalues of the central flow's Σ (the predicted variance of the oscillation, solid) against the "
+            f"{plot.SMOOTH_WINDOW}-step average of the discrete run's squared displacement from the flow along "
+            "each eigenvector (dashed)."),
     Section("Step size", ("step_size",), lambda ds, ref: plot.step_size(ds),
             "The step size η used at each step."),
 )

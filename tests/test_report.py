@@ -44,7 +44,8 @@ def synthetic() -> xr.Dataset:
         return np.where(curv, v, np.nan)
 
     data = {v: [] for v in ("loss", "step_size", "time", "wall_time", "sharpness", "eigs", "precond_sharpness",
-                            "threshold", "noise_kernel_norm", "predicted_loss", "w_proj")}
+                            "threshold", "noise_kernel_norm", "predicted_loss", "w_proj", "sigma_eigs",
+                            "sigma_displacement_sq")}
     for i, (name, (process, rule, lr, bs)) in enumerate(runs.items()):
         base = np.exp(-k / 80) * (1 + 0.3 * (-1.0) ** k * (process == "discrete"))
         sharp = at_curv(1 + 3.2 * k / N)
@@ -58,12 +59,16 @@ def synthetic() -> xr.Dataset:
         data["eigs"].append(np.stack([data["sharpness"][-1] * f for f in (1, 0.8, 0.5)], axis=-1))
         data["noise_kernel_norm"].append(at_curv(np.minimum(k / 100, 1.0)) if bs else nan)
         data["predicted_loss"].append(base * 1.1 if process == "central" else nan)
+        sig = np.stack([0.01 * np.exp(-k / 100), nan], axis=-1) if process == "central" else np.stack([nan, nan], -1)
+        data["sigma_eigs"].append(sig)
+        data["sigma_displacement_sq"].append(sig * (1 + 0.5 * (-1.0) ** k)[:, None])
         data["w_proj"].append(np.outer(np.where(curv, k * i / 2, np.nan), np.ones(4)))
     sgd = list(runs).index("sgd")
     for v in data:
         data[v][sgd][121:] = np.nan
     data["loss"][sgd][120] = 1e9
-    dims = {"eigs": ("run", "step", "eig"), "w_proj": ("run", "step", "proj")}
+    dims = {"eigs": ("run", "step", "eig"), "w_proj": ("run", "step", "proj"), "sigma_eigs": ("run", "step", "crit"),
+            "sigma_displacement_sq": ("run", "step", "crit")}
     ds = xr.Dataset({v: (dims.get(v, ("run", "step")), np.stack(a)) for v, a in data.items()},
                     coords={"run": list(runs), "step": k,
                             **{c: ("run", [r[j] for r in runs.values()])
@@ -141,6 +146,18 @@ def test_sections_appear_only_with_their_variables():
         assert section.title not in titles and len(titles) == len(report.SECTIONS) - 1
     html = report.render(ds.assign(noise_kernel_norm=ds.noise_kernel_norm * np.nan))   # all-NaN = absent
     assert "Noise kernel norm" not in html and html.count("<img") == len(report.SECTIONS) - 1
+
+
+def test_sigma_figure_sets_each_eigenvalue_against_the_averaged_displacement():
+    ds = synthetic()
+    (ax,) = plot.sigma(ds).axes
+    assert ax.get_title().endswith("central")
+    solid, dashed = ax.get_lines()                     # the second Σ eigenvalue is all NaN: not drawn
+    k = np.arange(N + 1)
+    np.testing.assert_allclose(solid.get_ydata(), 0.01 * np.exp(-k / 100), rtol=1e-12)
+    disp = 0.01 * np.exp(-k / 100) * (1 + 0.5 * (-1.0) ** k)
+    steps = (dashed.get_xdata() / 0.5).round().astype(int)
+    np.testing.assert_allclose(dashed.get_ydata(), [disp[s - 10:s + 10].mean() for s in steps], rtol=1e-12)
 
 
 def test_distance_to_reference_skips_the_reference_and_marks_the_divergence():
