@@ -1,0 +1,144 @@
+"""SGD as an SDE: the Ornstein–Uhlenbeck closed form, the exact minibatch noise covariance, SGD against its SDE
+on linear regression (weakly, over many paths), seeded and resumable paths, and option errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowsim
+from flowsim.models import build_problem
+from flowsim.scenario import ScenarioError
+from flowsim.solvers import PROCESSES, Schedule, make_rule
+from flowsim.solvers.flows import Layout
+from flowsim.solvers.sde import SDE, SDEOptions, ensemble
+
+
+def linear_regression(n=64):
+    return build_problem({"model": "mlp", "widths": [], "n_train": n,
+                          "dataset": {"name": "teacher_student", "dim": 4, "outputs": 1, "noise": 0.5}},
+                         device="cpu")
+
+
+@pytest.mark.parametrize("method", ["euler", "milstein"])
+def test_ornstein_uhlenbeck_mean_and_variance_match_the_closed_form(method):
+    # dθ = −ηλθ dt + σ dW: E θ(t) = θ0 e^{−ηλt}, Var θ(t) = σ²(1 − e^{−2ηλt})/(2ηλ). 1024 paths, 3 SE.
+    lam = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    problem = build_problem({"model": "quadratic", "spectrum": lam.tolist()}, device="cpu")
+    lr, sigma, steps, paths = 0.1, 0.3, 10, 1024
+    W = ensemble(problem, make_rule("gd"), lr, steps, paths, seed=1,
+                 options={"noise": "isotropic", "sigma": sigma, "method": method, "substeps": 20})
+    a = lr * lam
+    mean, var = torch.exp(-a * steps), sigma ** 2 * (1 - torch.exp(-2 * a * steps)) / (2 * a)
+    m, v = W.mean(0), W.var(0)
+    assert ((m - mean).abs() <= 3 * (v / paths).sqrt()).all(), (m, mean)
+    assert ((v - var).abs() <= 3 * v * math.sqrt(2 / (paths - 1))).all(), (v, var)
+
+
+def test_minibatch_noise_of_one_unit_has_sgd_covariance_without_a_p_by_p_matrix():
+    # The diffusion applied to the n basis vectors gives a P × n matrix M with M Mᵀ = η² (n−B)/(n−1) Σ / B,
+    # Σ the per-example gradient covariance computed densely here with numpy.
+    problem, lr, B = linear_regression(), 0.1, 8
+    process = SDE(problem, make_rule("gd"), Schedule(lr), batch_size=B, options=SDEOptions())
+    layout = Layout(problem.n_params, {})
+    product = torch.func.vmap(process._noise_product(layout, lr), in_dims=(None, 0))
+    n = problem.n_examples
+    M = product(problem.w0, torch.eye(n, dtype=problem.dtype)).T
+    G = problem.per_example_grads(problem.w0).numpy()
+    expected = lr ** 2 * (n - B) / (n - 1) / B * np.cov(G.T, bias=True)
+    np.testing.assert_allclose((M @ M.T).numpy(), expected, rtol=1e-10, atol=1e-16)
+
+
+def sgd_paths(problem, lr, steps, paths, B, seed=0):
+    """Independent SGD reference for linear regression: every path draws its own uniform B-subset each step."""
+    X = torch.cat([problem.X, torch.ones(problem.n_examples, 1, dtype=problem.dtype)], 1)  # weight, then bias
+    Y = problem.Y[:, 0]
+    gen = torch.Generator().manual_seed(seed)
+    W = problem.w0.expand(paths, -1).clone()
+    for _ in range(steps):
+        idx = torch.rand(paths, problem.n_examples, generator=gen).argsort(1)[:, :B]
+        r = (X[idx] @ W[:, :, None])[..., 0] - Y[idx]
+        W = W - lr * (X[idx] * r[..., None]).mean(1)
+    return W
+
+
+def test_sgd_and_its_sde_agree_on_linear_regression_and_the_weak_error_shrinks_with_lr():
+    problem, B, T, paths = linear_regression(), 8, 4.0, 1000
+    errors = {}
+    for lr in (0.2, 0.1):
+        steps = round(T / lr)
+        sgd = torch.stack([problem.loss(w) for w in sgd_paths(problem, lr, steps, paths, B)])
+        sde = torch.stack([problem.loss(w) for w in ensemble(problem, make_rule("gd"), lr, steps, paths, seed=7,
+                                                             batch_size=B, options={"substeps": 4})])
+        se_mean = math.sqrt(sgd.var() / paths + sde.var() / paths)
+        se_var = math.sqrt(2 / (paths - 1)) * math.sqrt(sgd.var() ** 2 + sde.var() ** 2)
+        errors[lr] = (abs(sgd.mean() - sde.mean()).item(), se_mean, abs(sgd.var() - sde.var()).item(), se_var)
+    d_mean, se_mean, d_var, se_var = errors[0.1]
+    assert d_mean <= 3 * se_mean and d_var <= 3 * se_var, errors
+    assert errors[0.1][0] < errors[0.2][0] and errors[0.1][2] < errors[0.2][2], errors
+
+
+def test_discrete_iid_sampling_draws_independent_seeded_batches():
+    problem = linear_regression(n=16)
+    cls = PROCESSES["discrete"]
+    proc = cls(problem, make_rule("gd"), Schedule(0.1), seed=3, batch_size=4, options=cls.Options(sampling="iid"))
+    batches = [proc.sampler.indices(k) for k in range(50)]
+    assert all(len(set(b.tolist())) == 4 for b in batches)
+    assert torch.equal(batches[7], proc.sampler.indices(7))
+    counts = torch.bincount(torch.cat(batches), minlength=16)
+    assert counts.min() > 0  # 200 draws over 16 examples: every example appears
+    epoch = cls(problem, make_rule("gd"), Schedule(0.1), seed=3, batch_size=4)
+    assert sorted(torch.cat([epoch.sampler.indices(k) for k in range(4)]).tolist()) == list(range(16))
+
+
+def test_a_seed_reproduces_a_path_and_resuming_is_exact():
+    problem = linear_regression(n=32)
+
+    def process(seed):
+        return PROCESSES["sde"](problem, make_rule("rmsprop"), Schedule(0.05), seed=seed, batch_size=4,
+                                options=SDEOptions(substeps=4))
+
+    full = process(5)
+    traj = full.start(problem.w0)
+    for _ in range(6):
+        full.step(traj, measure=False)
+    first = process(5)
+    half = first.start(problem.w0)
+    for _ in range(3):
+        first.step(half, measure=False)
+    resumed = process(5)
+    resumed.restore(first.checkpoint_state())
+    for _ in range(3):
+        resumed.step(half, measure=False)
+    assert torch.equal(half.w, traj.w) and torch.equal(half.state["nu"], traj.state["nu"])
+    other = process(6)
+    t6 = other.start(problem.w0)
+    for _ in range(6):
+        other.step(t6, measure=False)
+    assert not torch.allclose(t6.w, traj.w)
+
+
+def test_sde_runs_in_a_scenario_and_an_sde_without_noise_is_the_stable_flow():
+    ds = flowsim.run({"name": "s", "device": "cpu", "problem": {"model": "quadratic", "spectrum": [1.0, 4.0]},
+                      "steps": 3, "record": {"projection_dim": 0, "keep_weights": 1},
+                      "runs": {"flow": {"process": "stable", "lr": 0.1, "method": "euler", "substeps": 8},
+                               "sde": {"process": "sde", "lr": 0.1, "noise": "isotropic", "sigma": 0.0,
+                                       "substeps": 8}}}, progress=False)
+    np.testing.assert_allclose(ds.w.sel(run="sde").values, ds.w.sel(run="flow").values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("extra, key", [({"method": "milstein"}, "runs.s.method"),
+                                        ({"sigma": 0.1}, "runs.s.sigma"),
+                                        ({"noise": "pink"}, "runs.s.noise")])
+def test_sde_options_are_checked_and_errors_name_the_key(extra, key):
+    with pytest.raises(ScenarioError, match=f"^{key}: "):
+        flowsim.load_scenario({"problem": {"model": "quadratic", "spectrum": [1.0]}, "steps": 1,
+                               "runs": {"s": {"process": "sde", "lr": 0.1, **extra}}})
+
+
+def test_minibatch_noise_needs_data_and_a_batch_size():
+    quad = build_problem({"model": "quadratic", "spectrum": [1.0]}, device="cpu")
+    with pytest.raises(ValueError, match="^noise: "):
+        SDE(quad, make_rule("gd"), Schedule(0.1), batch_size=1, options=SDEOptions())
+    with pytest.raises(ValueError, match="^batch_size: "):
+        SDE(linear_regression(), make_rule("gd"), Schedule(0.1), options=SDEOptions())
