@@ -182,7 +182,13 @@ def test_report_cli_writes_next_to_the_store_and_fails_in_one_line(tmp_path, cap
     flowsim.run(doc, store, progress=False)
     assert main(["report", str(store)]) == 0
     html = (tmp_path / "s.html").read_text()
-    assert html.count("<img") == 2 and "diverged" in html           # loss and step size; blowup diverged
+    assert html.count("<img") == 2                                   # loss and step size
+    # blowup: L_k = ½ Σ λ (1 − ηλ)^{2k} w0² first exceeds 1e6 · max(L_0, 1) (the default divergence_factor)
+    w0, lam = flowsim.runner.build(flowsim.load_scenario(doc)).w0.numpy(), np.array([1.0, 0.5])
+    L = [0.5 * np.sum(lam * (1 - 30.0 * lam) ** (2 * k) * w0 ** 2) for k in range(7)]
+    expected = next(k for k in range(7) if L[k] > 1e6 * max(L[0], 1))
+    summary = report.summary(flowsim.open(store))
+    assert summary.loc["blowup", "diverged at (step)"] == expected and np.isnan(summary.loc["ok", "diverged at (step)"])
     assert main(["report", str(store), "-o", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text() == html
     capsys.readouterr()
