@@ -8,10 +8,11 @@ from __future__ import annotations
 from flowsim.models.base import ModelConfig, NetworkConfig
 from flowsim.models.landscapes import ProductConfig, QuadraticConfig
 from flowsim.models.networks import MLPConfig
-from flowsim.models.sequence import TransformerConfig
+from flowsim.models.sequence import LSTMConfig, TransformerConfig
 from flowsim.models.vision import CNNConfig, ResNetConfig, ViTConfig
 
-CONFIGS = [QuadraticConfig, ProductConfig, MLPConfig, CNNConfig, ResNetConfig, ViTConfig, TransformerConfig]
+CONFIGS = [QuadraticConfig, ProductConfig, MLPConfig, CNNConfig, ResNetConfig, ViTConfig, TransformerConfig,
+           LSTMConfig]
 MODELS = {name: cfg for cfg in CONFIGS for name in cfg.model_fields["model"].annotation.__args__}
 
 

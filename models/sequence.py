@@ -1,8 +1,9 @@
-"""A small causal transformer (GPT-style, hand-written LayerNorm) for the token tasks of ``tasks.py``.
+"""Sequence models for the token tasks of ``tasks.py``: a small causal transformer (GPT-style, hand-written
+LayerNorm) and a one-layer LSTM (hand-written cell, no fused kernel).
 
-One example is one row of token ids, given as floats (a Problem casts its inputs to its dtype); the model
-compares them with the integers 0..V, so the embedding is a one-hot matrix product, differentiable to any order.
-The model reads the whole input causally and returns logits (N × T_out × V) at the last T_out positions, the
+One example is one row of token ids, given as floats (a Problem casts its inputs to its dtype); the models
+compare them with the integers 0..V, so the embedding is a one-hot matrix product, differentiable to any order.
+A model reads the whole input causally and returns logits (N × T_out × V) at the last T_out positions, the
 positions that have targets. Loss conventions (the Problem's): ``ce`` is the cross-entropy in nats averaged over
 examples and target positions; ``mse`` is ½‖f − onehot‖² summed over target positions and symbols, averaged
 over examples.
@@ -21,6 +22,12 @@ from flowsim.models.layers import Block, LayerNorm
 from flowsim.models.tasks import TOKEN_TASKS
 
 
+def one_hot(tokens: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """(…, T) float or integer token ids → (…, T, n) one-hot rows in ``dtype``."""
+    ids = torch.arange(n, device=tokens.device, dtype=tokens.dtype)
+    return (tokens[..., None] == ids).to(dtype)
+
+
 class CausalTransformer(nn.Module):
     """Token one-hot @ embedding + learned positions → causal pre-norm blocks → LayerNorm → linear read-out."""
 
@@ -33,29 +40,64 @@ class CausalTransformer(nn.Module):
         self.norm, self.head = LayerNorm(dim), nn.Linear(dim, vocab)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        ids = torch.arange(self.embed.shape[0], device=tokens.device, dtype=tokens.dtype)
-        onehot = (tokens[..., None] == ids).to(self.embed.dtype)
-        h = self.blocks(onehot @ self.embed + self.pos)
+        h = self.blocks(one_hot(tokens, self.embed.shape[0], self.embed.dtype) @ self.embed + self.pos)
         return self.head(self.norm(h[:, -self.n_predict:]))
 
 
-class TransformerConfig(NetworkConfig):
-    """Causal transformer on a token task (``dataset: {name: sorting | markov, vocab, length, size, seed}``).
+class LSTM(nn.Module):
+    """One-hot tokens → one LSTM layer (gates i, f, g, o from one linear map of [x_t, h_{t−1}]; h₀ = c₀ = 0)
+    → linear read-out of h_t at the target positions."""
 
-    Token embeddings are N(0, 1), position embeddings N(0, 0.02²), linear layers PyTorch's default.
-    """
-    model: Literal["transformer"] = "transformer"
+    def __init__(self, vocab: int, n_predict: int, hidden: int):
+        super().__init__()
+        self.vocab, self.n_predict, self.hidden = vocab, n_predict, hidden
+        self.cell = nn.Linear(vocab + 1 + hidden, 4 * hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = one_hot(tokens, self.vocab + 1, self.cell.weight.dtype)
+        h = c = x.new_zeros(x.shape[0], self.hidden)
+        outputs = []
+        for t in range(x.shape[1]):
+            i, f, g, o = self.cell(torch.cat([x[:, t], h], -1)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return self.head(torch.stack(outputs[-self.n_predict:], 1))
+
+
+class SequenceConfig(NetworkConfig):
+    """A model on a token task (``dataset: {name: sorting | markov, vocab, length, size, seed}``)."""
     dataset: DatasetSpec = DatasetSpec(name="sorting")
     loss: Literal["mse", "ce"] = "ce"
+
+    @model_validator(mode="after")
+    def _token_task(self):
+        if self.dataset.name not in TOKEN_TASKS:
+            raise ValueError(f"dataset: the {self.model} needs a token task ({', '.join(TOKEN_TASKS)})")
+        return self
+
+
+class LSTMConfig(SequenceConfig):
+    """One-layer LSTM; weights PyTorch's default ``nn.Linear`` initialization."""
+    model: Literal["lstm"] = "lstm"
+    hidden: PositiveInt = 32
+
+    def make_module(self, in_shape, n_out):
+        return LSTM(n_out, self.dataset.length, self.hidden)
+
+
+class TransformerConfig(SequenceConfig):
+    """Causal transformer. Token embeddings are N(0, 1), position embeddings N(0, 0.02²), linear layers
+    PyTorch's default."""
+    model: Literal["transformer"] = "transformer"
     d_model: PositiveInt = 32
     n_heads: PositiveInt = 2
     n_layers: PositiveInt = 2
     mlp_width: Optional[PositiveInt] = Field(None, description="hidden width of the block MLPs (4·d_model)")
 
     @model_validator(mode="after")
-    def _checks(self):
-        if self.dataset.name not in TOKEN_TASKS:
-            raise ValueError(f"dataset: the transformer needs a token task ({', '.join(TOKEN_TASKS)})")
+    def _heads_divide(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide d_model = {self.d_model}")
         return self

@@ -1,4 +1,4 @@
-"""Causal transformer and token tasks: exact derivatives, LayerNorm against torch, causality, data, losses."""
+"""Causal transformer, LSTM and token tasks: exact derivatives, LayerNorm against torch, causality, data, losses."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +7,7 @@ import flowsim
 from flowsim.cli import bundled_scenarios
 from flowsim.models import build_problem
 from flowsim.models.layers import LayerNorm
-from flowsim.models.sequence import TransformerConfig
+from flowsim.models.sequence import LSTMConfig, TransformerConfig
 from flowsim.models.tasks import markov, markov_chain, sorting
 from flowsim.problem import Problem
 
@@ -18,6 +18,10 @@ SMALL = {
                    "dataset": {"name": "sorting", "vocab": 3, "length": 3, "size": 50}, "n_train": 16},
     "markov-mse": {"model": "transformer", "d_model": 8, "n_heads": 2, "n_layers": 2, "loss": "mse",
                    "dataset": {"name": "markov", "vocab": 4, "length": 6, "size": 50}, "n_train": 16},
+    "lstm-sorting-ce": {"model": "lstm", "hidden": 3, "dataset": {"name": "sorting", "vocab": 3, "length": 3, "size": 50},
+                        "n_train": 16},
+    "lstm-markov-mse": {"model": "lstm", "hidden": 8, "loss": "mse",
+                        "dataset": {"name": "markov", "vocab": 4, "length": 6, "size": 50}, "n_train": 16},
 }
 
 
@@ -35,9 +39,10 @@ def test_third_derivative_matches_finite_differences_of_hvps(name):
     assert third_derivative_fd_error(small(name)) < 1e-6
 
 
-def test_hvp_equals_dense_hessian_times_v_on_the_smallest_transformer():
-    p = small("sorting-ce")
-    assert p.n_params == 235
+@pytest.mark.parametrize("name, n_params", [("sorting-ce", 235), ("lstm-sorting-ce", 108)])
+def test_hvp_equals_dense_hessian_times_v_on_the_smallest_models(name, n_params):
+    p = small(name)
+    assert p.n_params == n_params
     product_error, asymmetry = dense_hessian_error(p)
     assert product_error < 1e-10 and asymmetry < 1e-10
 
@@ -74,8 +79,9 @@ def test_mse_is_half_squared_error_summed_over_positions_and_symbols():
     assert abs(p.loss(p.w0).item() - by_hand) < 1e-12
 
 
-def test_transformer_is_causal_and_reads_float_token_ids():
-    p = build_problem({**SMALL["markov-mse"], "loss": "ce"}, dtype="float64", device="cpu")
+@pytest.mark.parametrize("name, config", [("markov-mse", TransformerConfig), ("lstm-markov-mse", LSTMConfig)])
+def test_sequence_models_are_causal_and_read_float_token_ids(name, config):
+    p = build_problem({**SMALL[name], "loss": "ce"}, dtype="float64", device="cpu")
     X = p.X.clone()
     base = p.outputs(p.w0, X)
     X[:, 3] = (X[:, 3] + 1) % 4
@@ -83,7 +89,7 @@ def test_transformer_is_causal_and_reads_float_token_ids():
     # input length 6 = target positions: outputs at positions 0..2 cannot see token 3
     torch.testing.assert_close(changed[:, :3], base[:, :3], rtol=0, atol=0)
     assert (changed[:, 3:] - base[:, 3:]).abs().amax() > 1e-3
-    module = TransformerConfig.model_validate(SMALL["markov-mse"]).make_module((6,), 4)
+    module = config.model_validate(SMALL[name]).make_module((6,), 4)
     torch.testing.assert_close(module(X.float()), module(X.long()), rtol=0, atol=0)
 
 
@@ -110,15 +116,16 @@ def test_markov_task_follows_its_transition_matrix():
     assert not np.array_equal(Y, markov(4000, 4, 8, seed=1)[1])
 
 
-def test_transformer_needs_a_token_task():
-    with pytest.raises(flowsim.ScenarioError, match=r"^problem\.dataset: the transformer needs a token task"):
-        flowsim.load_scenario({"problem": {"model": "transformer", "dataset": "digits"}, "steps": 1,
+@pytest.mark.parametrize("model", ["transformer", "lstm"])
+def test_sequence_models_need_a_token_task(model):
+    with pytest.raises(flowsim.ScenarioError, match=rf"^problem\.dataset: the {model} needs a token task"):
+        flowsim.load_scenario({"problem": {"model": model, "dataset": "digits"}, "steps": 1,
                                "runs": {"gd": {"lr": 0.1}}})
     with pytest.raises(ValueError, match=r"^problem\.classes"):
-        build_problem({"model": "transformer", "classes": [0, 1]}, device="cpu")
+        build_problem({"model": model, "classes": [0, 1]}, device="cpu")
 
 
-@pytest.mark.parametrize("name", sorted(n for n in bundled_scenarios() if n.startswith("transformer")))
+@pytest.mark.parametrize("name", sorted(n for n in bundled_scenarios() if n.split("-")[0] in ("transformer", "lstm")))
 def test_bundled_sequence_scenario_runs_at_test_scale(name):
     ds = flowsim.run(bundled_scenarios()[name], steps=2, progress=False)
     assert ds.sizes["step"] == 3
