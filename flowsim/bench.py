@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from flowsim import bench_curvature
+from flowsim import bench_curvature, bench_flows
+from flowsim import bench_models
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -78,3 +79,5 @@ def overhead(steps: int = 2000) -> int:
 
 BENCHMARKS = {"overhead": overhead}
 BENCHMARKS["curvature"] = bench_curvature.curvature
+BENCHMARKS["flows"] = bench_flows.flows
+BENCHMARKS["models"] = bench_models.models

@@ -87,14 +87,18 @@ def flow_field(problem: Problem, rule: Rule, lr: float, layout: Layout, modified
 
     def field(t: Tensor, y: Tensor) -> Tensor:
         w, state = layout.unpack(y)
-        g = gradient(w, state)
-        dw = -lr * rule.direction(g, state)
-        P = rule.precond(state)
-        return layout.pack(dw if P is None else dw / P, rule.state_rate(g, state))
+        return velocity(rule, lr, layout, state, gradient(w, state))
 
     if vectorized:
         return vmap(field, in_dims=(None, 0))
     return field
+
+
+def velocity(rule: Rule, lr: float, layout: Layout, state: State, g: Tensor) -> Tensor:
+    """dy/dt = layout.pack(−η P̃⁻¹ direction(g, s), rule.state_rate(g, s)) for the gradient g at state s."""
+    dw = -lr * rule.direction(g, state)
+    P = rule.precond(state)
+    return layout.pack(dw if P is None else dw / P, rule.state_rate(g, state))
 
 
 def integrate_unit(field: VectorField, y0: Tensor, method: str = "rk4", substeps: int = 4, rtol: float = 1e-7,

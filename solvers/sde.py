@@ -9,7 +9,9 @@ the per-example gradient covariance, B the batch size and c = (n − B)/(n − 1
 drawing B of n examples without replacement, so one unit of the SDE has the covariance of one SGD step's
 gradient noise (Li, Tai & E's first-order stochastic modified equation; c = 0 for the full batch).
 Σ^{1/2} dW is applied as Gᵀ dW / √n with G the centred n × P per-example gradient matrix and W an
-n-dimensional Brownian motion (torchsde ``general`` noise through ``f_and_g_prod``): no P × P matrix is formed.
+n-dimensional Brownian motion (torchsde ``general`` noise through ``f_and_g_prod``). Neither G nor a P × P
+matrix is formed: Gᵀv = Σᵢ (vᵢ − v̄) ∇ℓᵢ = ∇_w Σᵢ (vᵢ − v̄) ℓᵢ(w) is a vector–Jacobian product of the per-example
+losses, computed in the same backward pass as ∇L (two cotangents, vmapped).
 Isotropic noise is the seed proposal's σ dW, σ in weight units per √step, not preconditioned. Noise enters w
 only: a rule's state follows its stable-flow ODE on the full-batch gradient.
 
@@ -25,10 +27,10 @@ import torch
 import torchsde
 from pydantic import BaseModel, Field, NonNegativeFloat, model_validator
 from torch import Tensor
-from torch.func import vmap
+from torch.func import vjp, vmap
 
 from flowsim.problem import Problem
-from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field
+from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field, velocity
 from flowsim.solvers.processes import Schedule
 from flowsim.solvers.rules import Rule
 
@@ -56,15 +58,15 @@ def brownian_entropy(seed: int, step: int) -> int:
 
 
 class _MinibatchSDE(torch.nn.Module):
-    """dy = drift dt + diffusion·dW with diffusion applied as a product (torchsde general noise)."""
+    """dy = drift dt + diffusion·dW, both from one call (y, v) ↦ (drift, diffusion·v) (torchsde general noise)."""
     noise_type, sde_type = "general", "ito"
 
-    def __init__(self, drift, diffusion_prod):
+    def __init__(self, drift_and_noise):
         super().__init__()
-        self.drift, self.diffusion_prod = drift, diffusion_prod
+        self.drift_and_noise = drift_and_noise
 
     def f_and_g_prod(self, t, y, v):
-        return self.drift(t, y), self.diffusion_prod(y, v)
+        return self.drift_and_noise(y, v)
 
 
 class _IsotropicSDE(torch.nn.Module):
@@ -103,13 +105,13 @@ class SDE(Stable):
 
     def advance_paths(self, layout: Layout, ys: Tensor, lr: float, substeps: int, step: int, seed: int) -> Tensor:
         """Paths ys (paths × layout.size) at the end of unit ``step``; Brownian motion seeded by (seed, step)."""
-        field = flow_field(self.problem, self.rule, lr, layout, vectorized=True)
         o = self.options
         if o.noise == "minibatch":
-            sde, channels = _MinibatchSDE(field, vmap(self._noise_product(layout, lr))), self.problem.n_examples
+            sde, channels = _MinibatchSDE(vmap(self.drift_and_noise(layout, lr))), self.problem.n_examples
         else:
             diffusion = torch.zeros(layout.size, dtype=ys.dtype, device=ys.device)
             diffusion[:layout.n_params] = o.sigma
+            field = flow_field(self.problem, self.rule, lr, layout, vectorized=True)
             sde, channels = _IsotropicSDE(field, diffusion), layout.size
         bm = torchsde.BrownianInterval(t0=0.0, t1=1.0, size=(ys.shape[0], channels), dtype=ys.dtype,
                                        device=ys.device, entropy=brownian_entropy(seed, step),
@@ -117,20 +119,23 @@ class SDE(Stable):
         ts = torch.tensor([0.0, 1.0], dtype=ys.dtype, device=ys.device)
         return torchsde.sdeint(sde, ys, ts, bm=bm, method=o.method, dt=1.0 / substeps)[-1]
 
-    def _noise_product(self, layout: Layout, lr: float):
-        """(y, v) ↦ the noise increment η P̃⁻¹ √(c/B) Gᵀ v / √n for one path, v ∈ ℝⁿ (zero on the state)."""
+    def drift_and_noise(self, layout: Layout, lr: float):
+        """(y, v) ↦ (stable-flow drift, noise η P̃⁻¹ √(c/B) Gᵀ v / √n) for one path, v ∈ ℝⁿ (no noise on the
+        state). One forward pass of the per-example losses, one vmapped backward for ∇L and Gᵀv."""
         n, B = self.problem.n_examples, min(self.batch_size, self.problem.n_examples)
         scale = lr * math.sqrt((n - B) / max(n - 1, 1) / B / n)
         problem, rule = self.problem, self.rule
 
-        def product(y: Tensor, v: Tensor) -> Tensor:
+        def drift_and_noise(y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             w, state = layout.unpack(y)
-            G = problem.per_example_grads(w)
-            dw = scale * ((G - G.mean(0)).T @ v)
+            losses, pullback = vjp(problem.per_example_losses, w)
+            cotangents = torch.stack([torch.full_like(losses, 1.0 / n), scale * (v - v.mean())])
+            g, gv = vmap(pullback)(cotangents)[0]
             P = rule.precond(state)
-            return layout.pack(dw if P is None else dw / P, {k: torch.zeros_like(s) for k, s in state.items()})
+            noise = layout.pack(gv if P is None else gv / P, {k: torch.zeros_like(s) for k, s in state.items()})
+            return velocity(rule, lr, layout, state, g), noise
 
-        return product
+        return drift_and_noise
 
 
 def ensemble(problem: Problem, rule: Rule, lr: float, steps: int, paths: int, seed: int = 0,

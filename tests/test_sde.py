@@ -41,9 +41,11 @@ def test_minibatch_noise_of_one_unit_has_sgd_covariance_without_a_p_by_p_matrix(
     problem, lr, B = linear_regression(), 0.1, 8
     process = SDE(problem, make_rule("gd"), Schedule(lr), batch_size=B, options=SDEOptions())
     layout = Layout(problem.n_params, {})
-    product = torch.func.vmap(process._noise_product(layout, lr), in_dims=(None, 0))
+    drift_and_noise = torch.func.vmap(process.drift_and_noise(layout, lr), in_dims=(None, 0))
     n = problem.n_examples
-    M = product(problem.w0, torch.eye(n, dtype=problem.dtype)).T
+    drift, noise = drift_and_noise(problem.w0, torch.eye(n, dtype=problem.dtype))
+    np.testing.assert_allclose(drift[0].numpy(), -lr * problem.grad(problem.w0).numpy(), rtol=1e-12)
+    M = noise.T
     G = problem.per_example_grads(problem.w0).numpy()
     expected = lr ** 2 * (n - B) / (n - 1) / B * np.cov(G.T, bias=True)
     np.testing.assert_allclose((M @ M.T).numpy(), expected, rtol=1e-10, atol=1e-16)
