@@ -9,7 +9,6 @@ import time
 import torch
 
 from flowsim import bench_curvature, bench_flows
-from flowsim import bench_models
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -80,4 +79,3 @@ def overhead(steps: int = 2000) -> int:
 BENCHMARKS = {"overhead": overhead}
 BENCHMARKS["curvature"] = bench_curvature.curvature
 BENCHMARKS["flows"] = bench_flows.flows
-BENCHMARKS["models"] = bench_models.models
