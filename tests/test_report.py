@@ -329,3 +329,17 @@ def test_every_bundled_scenario_gets_a_report_at_test_scale(name, browser, tmp_p
                         if name == "quickstart" else None)
     assert_renders(page, len(report.sections(report.compared(ds))))
     assert [alt for alt, _, _ in page["images"]][:1] == ["Loss"]
+
+
+def test_a_real_central_flow_store_gets_every_section_it_measured(browser, tmp_path):
+    doc = {"name": "cf", "device": "cpu", "steps": 6, "compare": {"reference": "gd"},
+           "problem": {"model": "mlp", "widths": [8], "dataset": "digits", "classes": [0, 1, 2, 3], "n_train": 40},
+           "runs": {"gd": {"process": "discrete", "lr": 0.9}, "central": {"process": "central", "lr": 0.9},
+                    "flow": {"process": "stable", "lr": 0.9}},
+           "record": {"curvature_every": 2, "top_k": 2, "precond": True, "projection_dim": 8, "projection_every": 2}}
+    ds = flowsim.run(doc, tmp_path / "cf.zarr", progress=False)
+    page = browser.load(report.write(tmp_path / "cf.zarr"))
+    expected = [s.title for s in report.SECTIONS if s.title != "Noise kernel norm"]
+    assert [alt for alt, _, _ in page["images"]] == expected
+    assert_renders(page, len(expected))
+    assert report.summary(report.compared(ds)).loc["gd", "largest distance"] == 0
