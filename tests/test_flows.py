@@ -132,3 +132,10 @@ def test_flow_options_are_checked_and_errors_name_the_key(extra, key):
     with pytest.raises(ScenarioError, match=f"^{key}: "):
         flowsim.load_scenario({"problem": {"model": "quadratic", "spectrum": [1.0]}, "steps": 1,
                                "runs": {"flow": {"process": "stable", "lr": 0.1, **extra}}})
+
+
+def test_bundled_flow_and_sde_scenarios_validate():
+    from flowsim.cli import bundled_scenarios
+    processes = {name: {run.process for run in flowsim.load_scenario(bundled_scenarios()[name]).runs.values()}
+                 for name in ("flows-mlp-eos", "sde-linreg")}
+    assert processes == {"flows-mlp-eos": {"discrete", "stable", "modified"}, "sde-linreg": {"discrete", "sde"}}
