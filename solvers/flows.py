@@ -11,8 +11,10 @@ L + (η/4)‖∇L‖², Barrett & Dherin's backward-error-analysis flow, which f
 other rules it is the same correction with the preconditioned step, not a full second-order analysis.
 
 Reusable pieces (the central flow and the SDE build on them): :class:`Layout` packs (w, state) into one flat
-vector y, :func:`flow_field` gives the vector field f(t, y) of one unit (vmappable over a batch of y), and
-:func:`integrate_unit` integrates it from t = 0 to 1 with torchdiffeq. This module never touches storage.
+vector y; :func:`velocity` turns a gradient (or any force replacing it) into dy/dt; :func:`flow_field` gives
+the vector field f(t, y) of one unit (optionally vectorized over a batch of y); :func:`integrate_unit`
+integrates one unit, t = 0 → 1, with torchdiffeq; ``Stable.substeps`` picks the substeps from the sharpness.
+This module never touches storage.
 """
 from __future__ import annotations
 
@@ -216,7 +218,7 @@ class Stable(Process):
         ``max_substeps``."""
         if self.options.substeps is not None:
             return self.options.substeps
-        if getattr(self.options, "method", None) == "dopri5":
+        if self.options.method == "dopri5":
             return 0
         return min(self.options.max_substeps, max(4, math.ceil(2 * self.effective_sharpness(traj, lr))))
 
