@@ -138,3 +138,72 @@ def test_recorded_adam_preconditioned_sharpness_from_its_own_state():
         if t in (4, 8):
             assert ds.precond_sharpness.sel(step=t).item() == pytest.approx((lam / P).max().item(), rel=1e-9)
     assert ds.threshold.sel(step=4).item() == pytest.approx((2 + 2 * b1) / ((1 - b1) * lr))
+
+
+def _bundled(name: str, **changes) -> dict:
+    """A bundled scenario as a dict, with top-level keys replaced and ``problem``/``record`` keys updated."""
+    from flowsim.cli import bundled_scenarios
+    from flowsim.scenario import load
+    doc = load(bundled_scenarios()[name]).model_dump(exclude_none=True)
+    for key in ("problem", "record"):
+        doc[key].update(changes.pop(key, {}))
+    doc.update(device="cpu", **changes)
+    return doc
+
+
+TEST_SCALE = {"problem": {"widths": [32, 32], "n_train": 500},
+              "record": {"projection_dim": 0, "top_k": 1, "curvature_every": 20}}
+
+
+def test_gd_sharpness_settles_at_two_over_eta_for_three_step_sizes():
+    """Scenario eos-gd-digits at test scale: median sharpness over the last 30 % of steps ∈ [0.95, 1.10]·2/η."""
+    import flowsim
+    ds = flowsim.run(_bundled("eos-gd-digits", steps=500, **TEST_SCALE), progress=False)
+    assert len(ds.run) == 3
+    assert ds.sharpness.sel(run="gd-0.4", step=0).item() < 0.6 * 2 / 0.4  # η = 0.4 starts far below: sharpening
+    for run in ds.run.values:
+        d = ds.sel(run=run)
+        lr = d.lr.item()
+        ratio = d.sharpness.sel(step=slice(350, None)).median().item() / (2 / lr)
+        assert 0.95 <= ratio <= 1.10, (run, ratio)
+
+
+def test_adam_preconditioned_sharpness_settles_at_38_over_eta():
+    """Scenario adaptive-eos at test scale (its Adam run): median λ_max(P̃⁻¹H) over the last 30 % ∈ 38/η ± 10 %."""
+    import flowsim
+    doc = _bundled("adaptive-eos", steps=600, **TEST_SCALE)
+    doc["runs"] = {"adam": doc["runs"]["adam"]}
+    d = flowsim.run(doc, progress=False).sel(run="adam")
+    threshold = 38 / d.lr.item()
+    assert d.threshold.sel(step=100).item() == pytest.approx(threshold)
+    ratio = d.precond_sharpness.sel(step=slice(420, None)).median().item() / threshold
+    assert 0.9 <= ratio <= 1.1, ratio
+
+
+def test_gd_on_xyzw_lands_on_minima_with_sharpness_just_below_two_over_eta():
+    """A minimum is stable for GD only if S ≤ 2/η; on ½(1 − xyzw)² GD finds one right at that edge."""
+    import flowsim
+    doc = _bundled("landscapes-xyzw", record={"every": 100, "curvature_every": 100})
+    ds = flowsim.run(doc, progress=False)
+    for run in ("gd-0.42", "gd-0.45"):
+        d = ds.sel(run=run)
+        assert d.loss.isel(step=-1).item() < 1e-12
+        ratio = d.sharpness.isel(step=-1).item() / (2 / d.lr.item())
+        assert 0.98 <= ratio <= 1.0, (run, ratio)
+    flow_like = ds.sel(run="gd-0.1")
+    assert flow_like.sharpness.isel(step=-1).item() < 0.3 * 2 / 0.1  # small η: far from the edge
+
+
+def test_sharpening_resumes_after_a_step_size_cut_up_to_the_new_edge():
+    """Scenario eos-lr-drop at test scale (cut at step 300 of 1000): the median sharpness over the last 30 % of
+    each phase is within [0.95, 1.10] of that phase's 2/η (η = 0.7, then 0.5)."""
+    import flowsim
+    doc = _bundled("eos-lr-drop", steps=1000, **TEST_SCALE)
+    doc["runs"]["gd-drop"]["schedule"]["drop_at"] = 300
+    d = flowsim.run(doc, progress=False).sel(run="gd-drop")
+    assert d.threshold.sel(step=280).item() == pytest.approx(2 / 0.7)
+    assert d.threshold.sel(step=300).item() == pytest.approx(2 / 0.5)
+    before = d.sharpness.sel(step=slice(210, 290)).median().item() / (2 / 0.7)
+    after = d.sharpness.sel(step=slice(790, None)).median().item() / (2 / 0.5)
+    assert 0.95 <= before <= 1.10 and 0.95 <= after <= 1.10, (before, after)
+    assert d.sharpness.sel(step=300).item() < 0.85 * 2 / 0.5  # at the cut it is well below the new edge
