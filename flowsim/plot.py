@@ -22,6 +22,9 @@ SMOOTH_WINDOW = 20
 EOS_FRACTION = 0.95
 """The edge of stability starts the first time the controlling sharpness reaches this fraction of threshold."""
 
+MAX_LEGEND = 10
+"""Axes with more labelled lines than this (e.g. large sweeps, where colours repeat) get no legend."""
+
 _XLABEL = {"time": "time  (Σ η, gradient-flow units)", "step": "step"}
 
 
@@ -151,7 +154,7 @@ def _finish(ax: Axes, x: str, ylabel: str, log: bool = False) -> None:
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    if 0 < len(ax.get_legend_handles_labels()[0]) <= MAX_LEGEND:
         ax.legend(fontsize=8)
 
 
