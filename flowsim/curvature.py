@@ -170,18 +170,22 @@ def ntk_eigenvalues(problem, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
     return torch.linalg.eigvalsh(gram / X.shape[0]).flip(0)
 
 
-def noise_kernel_norm(ntk_eigs: Tensor, lr: float, batch_size: int, n_examples: int) -> float:
-    """K = (1/B − 1/D) Σ_α ηλ_α / (2 − ηλ_α), λ_α the NTK eigenvalues (MSE), B the batch, D the data set size.
+def noise_kernel_norm(ntk_eigs: Tensor, lr: float, batch_size: int, n_examples: int, n_outputs: int = 1) -> float:
+    """K = (1/C)(1/B − 1/D) Σ_α ηλ_α / (2 − ηλ_α): λ_α the D·C eigenvalues of the NTK (MSE), B the batch,
+    D the data set size, C the outputs per example.
 
     Derivation (THEORY.md §4): for SGD on a linearized model with MSE, batches of B drawn without replacement,
-    the residual's second moment along the NTK eigenvector α obeys m_α ← (1 − ηλ_α)² m_α + (1/B − 1/D) η²λ_α² M
-    (M = Σ m_β, per-example residuals taken as exchangeable). Its fixed point exists iff K < 1: K is the
-    stochastic edge of stability. Modes with ηλ_α ≥ 2 are unstable already in full batch and give K = inf.
+    the residual's second moment along the NTK eigenvector α obeys m_α ← (1 − ηλ_α)² m_α + (1/B − 1/D) η²λ_α²
+    M/C (M = Σ m_β; the residuals' second moments taken as spread evenly over examples and outputs). Its fixed
+    point exists iff K < 1: K is the stochastic edge of stability. For C = 1 this is the formula of THEORY.md
+    §4; the 1/C is exact for a linear model, whose C outputs are C independent regressions on the same
+    batches (tests/test_curvature.py checks that SGD there diverges exactly when K crosses 1). Modes with
+    ηλ_α ≥ 2 are unstable already in full batch and give K = inf.
     """
     x = lr * ntk_eigs.double()
     if bool((x >= 2).any()):
         return float("inf")
-    return (1.0 / batch_size - 1.0 / n_examples) * (x / (2 - x)).sum().item()
+    return (1.0 / batch_size - 1.0 / n_examples) * (x / (2 - x)).sum().item() / n_outputs
 
 
 def gradient_noise_trace(problem, w: Tensor, idx: Optional[Tensor] = None) -> float:
@@ -244,7 +248,7 @@ class CurvatureProbe(Probe):
                                         self._top("PH", preconditioned(H, P), w)[0].item())
         if self.noise_kernel and process.batch_size is not None and process.batch_size < problem.n_examples:
             nidx = None if self.noise_idx is None else self.noise_idx.to(w.device)
-            out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr,
-                                                         process.batch_size, problem.n_examples)
+            out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
+                                                         problem.n_examples, problem.Y[0].numel())
             out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
         return out

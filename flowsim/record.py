@@ -28,7 +28,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "eigs": (("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
     "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),
     "threshold": ((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
-    "noise_kernel_norm": ((), "1", "K = (1/B − 1/D) Σ ηλ/(2 − ηλ) over NTK eigenvalues λ (minibatch runs)"),
+    "noise_kernel_norm": ((), "1", "K = (1/C)(1/B − 1/D) Σ ηλ/(2 − ηλ), NTK eigenvalues λ, C outputs (minibatch runs)"),
     "grad_noise_trace": ((), "(loss/weight)²", "trace of the per-example gradient covariance"),
 }
 

@@ -141,6 +141,8 @@ class Scenario(Strict):
         for name, run in self.runs.items():
             if run.schedule is not None and run.schedule.drop_at > self.steps:
                 raise ValueError(f"runs.{name}.schedule.drop_at: {run.schedule.drop_at} is after the last step {self.steps}")
+        if self.record.noise_kernel and getattr(self.problem, "loss", None) != "mse":
+            raise ValueError("record.noise_kernel: the noise kernel norm K is defined for networks with the mse loss")
         return self
 
     def to_yaml(self) -> str:

@@ -76,24 +76,55 @@ def test_hutchinson_trace_within_its_confidence_bound(mlp_and_hessian):
     assert se < 0.05 * abs(exact)  # the bound is informative, not vacuous
 
 
+def _linear_regression(D=200, d=100, C=3, seed=6):
+    """f(x) = W x with C outputs on Gaussian inputs, targets realizable by a W* (zero loss at the minimum)."""
+    from flowsim.problem import Problem
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(D, d, generator=gen, dtype=torch.float64)
+    Y = X @ torch.randn(d, C, generator=gen, dtype=torch.float64) / d ** 0.5
+    return Problem.from_module(torch.nn.Linear(d, C, bias=False), X, Y, loss="mse", dtype="float64", device="cpu")
+
+
 def test_noise_kernel_norm_against_explicit_ntk_of_a_linear_model():
     """For f(x) = W x (C outputs) the NTK is δ_cc' xᵢ·xⱼ / D: its eigenvalues are those of XXᵀ/D, C times each."""
     from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
-    from flowsim.problem import Problem
-    gen = torch.Generator().manual_seed(6)
     D, d, C, B, lr = 40, 12, 3, 4, 0.05
-    X = torch.randn(D, d, generator=gen, dtype=torch.float64)
-    Y = torch.randn(D, C, generator=gen, dtype=torch.float64)
-    p = Problem.from_module(torch.nn.Linear(d, C, bias=False), X, Y, loss="mse", dtype="float64", device="cpu")
-    lam = torch.linalg.eigvalsh(X @ X.T / D)
-    expected = (1 / B - 1 / D) * C * (lr * lam / (2 - lr * lam)).sum().item()
+    p = _linear_regression(D, d, C)
+    lam = torch.linalg.eigvalsh(p.X @ p.X.T / D)
     eigs = ntk_eigenvalues(p, p.w0)
     torch.testing.assert_close(eigs[:d * C].sort().values, lam[-d:].repeat_interleave(C).sort().values,
                                rtol=1e-10, atol=1e-12)
-    assert noise_kernel_norm(eigs, lr, B, D) == pytest.approx(expected, rel=1e-10)
-    # small-step limit K ≈ (η/2B)(1 − B/D)·mean ‖∇_w f(xᵢ)‖² (THEORY.md §4): here ‖∇_W f(x)‖_F² = C‖x‖²
-    small = noise_kernel_norm(eigs, 1e-6, B, D)
-    assert small == pytest.approx(1e-6 / (2 * B) * (1 - B / D) * C * X.pow(2).sum(1).mean().item(), rel=1e-5)
+    expected = (1 / B - 1 / D) * (lr * lam / (2 - lr * lam)).sum().item()
+    assert noise_kernel_norm(eigs, lr, B, D, C) == pytest.approx(expected, rel=1e-10)
+    # small-step limit K ≈ (η/2B)(1 − B/D)·mean ‖∇_w f(xᵢ)‖²/C (THEORY.md §4): here ‖∇_W f(x)‖_F² = C‖x‖²
+    small = noise_kernel_norm(eigs, 1e-6, B, D, C)
+    assert small == pytest.approx(1e-6 / (2 * B) * (1 - B / D) * p.X.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_sgd_on_linear_regression_diverges_exactly_when_k_crosses_one():
+    """The stochastic edge of stability: with η λ_max < 0.5 (far inside the GD-stable range η λ_max < 2), SGD
+    with batch 4 converges at the η where K = 0.8 and diverges at the η where K = 1.25."""
+    from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
+    from flowsim.solvers import Discrete, Schedule, make_rule
+    p, B, epochs = _linear_regression(), 4, 100
+    eigs = ntk_eigenvalues(p, p.w0)
+
+    def lr_at(k_target):  # K is increasing in η: bisection
+        lo, hi = 0.0, 1.0 / eigs[0].item()
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if noise_kernel_norm(eigs, mid, B, p.n_examples, 3) < k_target else (lo, mid)
+        return lo
+
+    for k_target, converges in ((0.8, True), (1.25, False)):
+        lr = lr_at(k_target)
+        assert lr * eigs[0].item() < 0.5
+        process = Discrete(p, make_rule("gd"), Schedule(lr), seed=0, batch_size=B)
+        traj = process.start(p.w0)
+        for _ in range(epochs * p.n_examples // B):
+            process.step(traj, measure=False)
+        ratio = p.loss(traj.w).item() / p.loss(p.w0).item()
+        assert (ratio < 1e-6) if converges else not (ratio < 1e6), (k_target, ratio)
 
 
 def test_gradient_noise_trace_from_separate_gradients(tiny_mlp_problem):
