@@ -17,8 +17,9 @@ stable flow (gradient flow for GD).
 Integration: ``substeps`` forward-Euler substeps per unit of time (default 4, the reference setting), or Heun's
 second-order method (``method: heun``, two field evaluations per substep). Eigenpairs come from the warm-started
 Lanczos solver ``flowsim.curvature.top_eigenpairs`` at every field evaluation, tracking every effective
-eigenvalue above ``track_threshold`` plus one. The third-derivative terms ∇_w(uᵢᵀH(w)uⱼ) are nested jvp + grad
-(torch.func) over all pairs i ≤ j.
+eigenvalue above ``track_threshold`` plus one. The gradient's graph is built once per field evaluation and
+serves the Hessian-vector products and the third-derivative terms ∇_w(uᵢᵀH(w)uⱼ) for all pairs i ≤ j (reverse
+mode through H u_j: ~4x cheaper on CPU than nested jvp + grad with torch.func, same values to 1e-16).
 
 Predictions measured at the start of each step: ``predicted_loss`` = L + ½⟨H, Σ⟩, ``predicted_grad_norm_sq`` =
 ‖g‖² + tr(HΣH) (the time-averaged ‖g‖² of the discrete run), ``sigma_eigs`` (Σ's eigenvalues, weight²). With
@@ -34,9 +35,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import Tensor
-from torch.func import grad, jvp, vmap
 
-from flowsim.curvature import hessian_operator, preconditioned, top_eigenpairs
+from flowsim.curvature import preconditioned, top_eigenpairs
 from flowsim.solvers.processes import Discrete, Process, Trajectory
 from flowsim.solvers.rules import State
 from flowsim.solvers.sdcp import solve_sdcp
@@ -58,20 +58,35 @@ class CentralOptions(BaseModel):
                                            "sigma_displacement_sq")
 
 
-def third_derivatives(problem, w: Tensor, U: Tensor) -> Tensor:
-    """T (k, k, n) with T[i, j] = ∇_w(uᵢᵀ H(w) uⱼ) for the columns of U (n, k); computed for i ≤ j, mirrored."""
-    k = U.shape[1]
-    iu, ju = torch.triu_indices(k, k)
-    f = problem.loss
+class LossGraph:
+    """L(w), ∇L(w) with its graph kept: Hessian-vector products and third-derivative terms at w reuse it."""
 
-    def uHv(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return jvp(lambda y: jvp(f, (y,), (u,))[1], (x,), (v,))[1]
+    def __init__(self, problem, w: Tensor):
+        with torch.enable_grad():
+            self.leaf = w.detach().requires_grad_(True)
+            self.loss = problem.loss(self.leaf)
+            (self.g,) = torch.autograd.grad(self.loss, self.leaf, create_graph=True)
 
-    upper = vmap(grad(uHv), in_dims=(None, 1, 1))(w.detach(), U[:, iu], U[:, ju])
-    T = U.new_empty(k, k, U.shape[0])
-    T[iu, ju] = upper
-    T[ju, iu] = upper
-    return T
+    def grad(self) -> Tensor:
+        return self.g.detach()
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """H(w) v (one backward pass through the gradient's graph)."""
+        with torch.enable_grad():
+            return torch.autograd.grad(self.g, self.leaf, v, retain_graph=True)[0].detach()
+
+    def third_derivatives(self, U: Tensor) -> Tensor:
+        """T (k, k, n) with T[i, j] = ∇_w(uᵢᵀ H(w) uⱼ) for the columns of U (n, k): reverse mode over the
+        gradient's graph (Hu_j kept with its graph, then one backward per pair i ≤ j; mirrored)."""
+        k = U.shape[1]
+        T = U.new_empty(k, k, U.shape[0])
+        with torch.enable_grad():
+            for j in range(k):
+                (hu,) = torch.autograd.grad(self.g, self.leaf, U[:, j], retain_graph=True, create_graph=True)
+                for i in range(j + 1):
+                    (T[i, j],) = torch.autograd.grad(hu, self.leaf, U[:, i], retain_graph=True)
+                    T[j, i] = T[i, j]
+        return T
 
 
 class Central(Process):
@@ -103,11 +118,11 @@ class Central(Process):
         w = self.problem.w0
         return (torch.ones(1, dtype=w.dtype, device=w.device) if Pt is None else Pt.reshape(-1)) / lr
 
-    def _eigenpairs(self, w: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+    def _eigenpairs(self, graph: LossGraph, w: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
         """Top effective eigenvalues (desc) and orthonormal eigenvectors of P^{-1/2} H P^{-1/2}; warm-started."""
         n = self.problem.n_params
         k = min(self._k, n)
-        op = preconditioned(hessian_operator(self.problem, w), P)
+        op = preconditioned(graph.hvp, P)
         v0 = self._vecs if self._vecs is not None and self._vecs.shape[0] == n else None
         vals, vecs, _ = top_eigenpairs(op, n, k, v0=v0, tol=self.options.eig_tol, dtype=w.dtype,
                                        device=w.device, seed=self.seed)
@@ -121,9 +136,10 @@ class Central(Process):
         Returns a dict: ``loss``, ``g``, ``eigs`` (effective, desc), ``U`` (n, k critical generalized
         eigenvectors, UᵀPU = I), ``X`` (k, k), ``dw``, ``ds`` (dict like the state).
         """
-        loss, g = self.problem.loss_and_grad(w)
+        graph = LossGraph(self.problem, w)
+        loss, g = graph.loss.detach(), graph.grad()
         P = self._precond(state, lr)
-        eigs, vecs = self._eigenpairs(w, P)
+        eigs, vecs = self._eigenpairs(graph, w, P)
         k = int((eigs > self.options.crit_threshold).sum())
         U = vecs[:, :k] / P.sqrt()[:, None]
         lam = eigs[:k]
@@ -132,7 +148,7 @@ class Central(Process):
         out = {"loss": loss, "g": g, "eigs": eigs, "U": U, "P": P, "X": g.new_zeros(k, k), "dw": dw0, "ds": ds0}
         if k == 0:
             return out
-        T = third_derivatives(self.problem, w, U).reshape(k * k, -1)  # rows: ∇(u_aᵀ H u_b), a-major
+        T = graph.third_derivatives(U).reshape(k * k, -1)  # rows: ∇(u_aᵀ H u_b), a-major
         dw_X = -0.5 * (T / P).T  # dw/dt = dw0 + dw_X @ vec(X)
         A0 = torch.diag(2 - lam).reshape(-1) - dt * (T @ dw0)
         B = -dt * (T @ dw_X)
