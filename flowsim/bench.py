@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from flowsim import bench_curvature, bench_flows
+from flowsim import bench_central, bench_curvature, bench_flows
 
 
 def _best_of(fn, repeats: int = 3) -> float:

@@ -2,7 +2,7 @@
 
 Not a test: it prints seconds per unit of time (one unit = one optimizer step) and the ratios stable flow / GD,
 modified flow / GD and SDE / SGD, on the quickstart MLP (digits, 1000 examples, 2 × 64 tanh, float64), at a
-point of the GD trajectory near the edge of stability (after ``warmup`` GD steps at η = 0.4, where S_eff = ηS ≈ 2)
+point of the GD trajectory past 2/η (after ``warmup`` GD steps at η = 0.4, where S_eff = ηS ≈ 2.5)
 so that the substeps chosen from the sharpness are those a run at the edge needs.
 """
 from __future__ import annotations
