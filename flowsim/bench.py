@@ -79,3 +79,4 @@ def overhead(steps: int = 2000) -> int:
 BENCHMARKS = {"overhead": overhead}
 BENCHMARKS["curvature"] = bench_curvature.curvature
 BENCHMARKS["flows"] = bench_flows.flows
+BENCHMARKS["central"] = bench_central.central
