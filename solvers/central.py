@@ -156,7 +156,8 @@ class Central(Process):
         if state:  # ν-rules: the state's rate and the preconditioner's drift enter A too
             HU = P[:, None] * U * lam
             ds_X = self._state_rate_X(HU)
-            dP_dnu = 1.0 / (2.0 * lr * state["nu"].reshape(-1).sqrt())
+            nu = state["nu"].reshape(-1)  # dP/dν = 1/(2η√ν); 0 where ν = 0 (a weight with no gradient ever)
+            dP_dnu = torch.where(nu > 0, 0.5 / (lr * nu.sqrt()), torch.zeros_like(nu))
             Q = (U[:, :, None] * U[:, None, :]).reshape(-1, k * k).T  # rows: u_a ⊙ u_b
             if P.numel() == 1:
                 Q = Q.sum(1, keepdim=True)
