@@ -9,6 +9,7 @@ import time
 import torch
 
 from flowsim import bench_central, bench_curvature, bench_flows
+from flowsim import bench_models
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -80,3 +81,4 @@ BENCHMARKS = {"overhead": overhead}
 BENCHMARKS["curvature"] = bench_curvature.curvature
 BENCHMARKS["flows"] = bench_flows.flows
 BENCHMARKS["central"] = bench_central.central
+BENCHMARKS["models"] = bench_models.models
