@@ -45,6 +45,8 @@ def build(sc: Scenario) -> Problem:
             if run.batch_size > problem.n_examples:
                 raise ScenarioError(f"runs.{name}.batch_size: {run.batch_size} is larger than the data "
                                     f"({problem.n_examples} examples)")
+    if sc.record.curvature_every and sc.record.top_k > problem.n_params:
+        raise ScenarioError(f"record.top_k: {sc.record.top_k} is more than the {problem.n_params} parameters")
     return problem
 
 

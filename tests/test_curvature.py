@@ -238,3 +238,13 @@ def test_sharpening_resumes_after_a_step_size_cut_up_to_the_new_edge():
     after = d.sharpness.sel(step=slice(790, None)).median().item() / (2 / 0.5)
     assert 0.95 <= before <= 1.10 and 0.95 <= after <= 1.10, (before, after)
     assert d.sharpness.sel(step=300).item() < 0.85 * 2 / 0.5  # at the cut it is well below the new edge
+
+
+def test_curvature_keys_that_cannot_be_measured_are_one_line_errors_before_anything_runs():
+    import flowsim
+    from flowsim.scenario import ScenarioError
+    with pytest.raises(ScenarioError, match=r"^record\.top_k: 5 is more than the 3 parameters$"):
+        flowsim.run(_quadratic_scenario({"gd": {"lr": 0.1}}, top_k=5), progress=False)
+    doc = _quadratic_scenario({"gd": {"lr": 0.1}}, noise_kernel=True)
+    with pytest.raises(ScenarioError, match=r"^record\.noise_kernel: "):
+        flowsim.run(doc, progress=False)
