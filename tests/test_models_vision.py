@@ -41,6 +41,12 @@ def test_third_derivative_matches_finite_differences_of_hvps(name):
     assert third_derivative_fd_error(small(name)) < 1e-6
 
 
+@pytest.mark.parametrize("name", SMALL)
+def test_per_example_gradients_under_vmap_average_to_the_gradient(name):
+    p = small(name)
+    torch.testing.assert_close(p.per_example_grads(p.w0).mean(0), p.grad(p.w0), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", SMALLEST)
 def test_hvp_equals_dense_hessian_times_v(name):
     p = small(name)
