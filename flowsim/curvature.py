@@ -39,8 +39,8 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     best Ritz pairs are returned. If the Krylov space becomes invariant before k pairs converge, it is
     extended by a random vector orthogonal to it. Like every Krylov method it cannot see directions absent
     from its start vector: a warm start that is an exact invariant subspace of A returns that subspace's
-    eigenpairs. ``dtype``/``device``: those of the vectors (default: ``v0``'s, else float64 on the default
-    device). Returns :class:`Eigenpairs` (vals, vecs, matvecs).
+    eigenpairs. The vectors have ``v0``'s dtype when it is given, else ``dtype``; ``device`` defaults to
+    ``v0``'s, else the default device. Returns :class:`Eigenpairs` (vals, vecs, matvecs).
     """
     if not 1 <= k <= n:
         raise ValueError(f"k: must be in [1, n={n}], got {k}")
