@@ -51,7 +51,10 @@ def jobs(tasks: list[Task], batch: bool, skip: set[str]) -> list[tuple[Optional[
     """(group name or None, tasks) to execute: batched groups when ``batch`` (named after their first run, so a
     group keeps its name when some of its runs are already finished), else one job per task; runs in ``skip``
     are left out."""
-    parts = [(g[0].name, g) for g in groups(tasks)] if batch else [(None, [t]) for t in tasks]
+    if batch:
+        parts = [(g[0].name if group_key(g[0]) is not None else None, g) for g in groups(tasks)]
+    else:
+        parts = [(None, [t]) for t in tasks]
     parts = [(name, [t for t in g if t.name not in skip]) for name, g in parts]
     return [(name, g) for name, g in parts if g]
 

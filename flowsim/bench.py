@@ -10,6 +10,7 @@ import torch
 
 from flowsim import bench_central, bench_curvature, bench_flows
 from flowsim import bench_models
+from flowsim import bench_sweep
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -82,3 +83,5 @@ BENCHMARKS["curvature"] = bench_curvature.curvature
 BENCHMARKS["flows"] = bench_flows.flows
 BENCHMARKS["central"] = bench_central.central
 BENCHMARKS["models"] = bench_models.models
+BENCHMARKS["sweep"] = bench_sweep.sweep
+BENCHMARKS["batched"] = bench_sweep.batched

@@ -45,6 +45,11 @@ def build(sc: Scenario) -> Problem:
             if run.batch_size > problem.n_examples:
                 raise ScenarioError(f"runs.{name}.batch_size: {run.batch_size} is larger than the data "
                                     f"({problem.n_examples} examples)")
+        try:  # a process refuses what it cannot run (a rule, a batch size) when it is made
+            PROCESSES[run.process](problem, run.make_rule(), Schedule(run.lr), seed=sc.seed,
+                                   batch_size=run.batch_size, options=run.options)
+        except ValueError as e:
+            raise ScenarioError(f"runs.{name}.{e}") from None
     if sc.record.curvature_every and sc.record.top_k > problem.n_params:
         raise ScenarioError(f"record.top_k: {sc.record.top_k} is more than the {problem.n_params} parameters")
     return problem

@@ -118,7 +118,7 @@ class Scenario(Strict):
     runs: dict[str, RunSpec] = Field(..., min_length=1)
     record: RecordSpec = RecordSpec()
     compare: Optional[CompareSpec] = None
-    sweep: Optional[dict[str, list[Optional[Union[bool, int, float, str]]]]] = Field(
+    sweep: Optional[dict[str, list]] = Field(
         None, description="key (dotted path, or a run key for every run) → values; cartesian product, see flowsim.sweep")
     batch: bool = Field(False, description="run discrete runs differing only in step size, schedule or seed (across "
                         "sweep points too) as one vmapped pass; equal to separate runs to rounding, see flowsim.batching")
@@ -138,6 +138,8 @@ class Scenario(Strict):
         for key, values in (self.sweep or {}).items():
             if not values:
                 raise ValueError(f"sweep.{key}: give at least one value")
+            if not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+                raise ValueError(f"sweep.{key}: values must be scalars (numbers, strings, booleans or null)")
         for name, run in self.runs.items():
             if run.schedule is not None and run.schedule.drop_at > self.steps:
                 raise ValueError(f"runs.{name}.schedule.drop_at: {run.schedule.drop_at} is after the last step {self.steps}")

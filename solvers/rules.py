@@ -179,7 +179,7 @@ class Adam(Rule):
 RULES: dict[str, type[Rule]] = {r.name: r for r in (GD, Momentum, ScalarRMSProp, RMSProp, Adam)}
 
 
-def make_rule(name: str, **hyper) -> Rule:
+def make_rule(name: str, /, **hyper) -> Rule:
     """Look a rule up by name and type-check its hyperparameters; errors name the offending key."""
     if name not in RULES:
         raise ValueError(f"rule: unknown rule {name!r}; choose from {sorted(RULES)}")
