@@ -9,7 +9,7 @@ import time
 
 import torch
 
-SCENARIOS = ("cnn-digits", "resnet-digits", "vit-digits", "transformer-markov", "lstm-markov")
+SCENARIOS = ("cnn-digits", "cnn-mnist1d", "resnet-digits", "vit-digits", "transformer-markov", "lstm-markov")
 
 
 def _best_of(fn, repeats: int) -> float:
