@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         print(f"flowsim: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("flowsim: interrupted; completed chunks are kept in the store", file=sys.stderr)
+        print("flowsim: interrupted; completed chunks are kept in the store (continue with --resume)", file=sys.stderr)
         return 130
 
 

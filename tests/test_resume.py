@@ -134,3 +134,39 @@ def test_overwrite_replaces_a_store_and_keeps_nothing_of_it(tmp_path):
     ds = flowsim.run({**SCENARIO, "steps": 2, "runs": {"gd": {"lr": 0.1}}}, store, overwrite=True, progress=False)
     assert list(ds.run.values) == ["gd"] and ds.sizes["step"] == 3
     assert np.isfinite(ds.loss.values).all()
+
+
+PROCESSES_DOC = {
+    "name": "processes", "seed": 1, "device": "cpu", "dtype": "float64",
+    "problem": {"model": "mlp", "widths": [4], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2],
+                "n_train": 30, "loss": "mse"},
+    "steps": 16,
+    "runs": {"sde": {"process": "sde", "rule": "gd", "lr": 0.3, "batch_size": 6},
+             "stable": {"process": "stable", "rule": "gd", "lr": 0.3},
+             "central": {"process": "central", "rule": "gd", "lr": 2.0},
+             "iid": {"process": "discrete", "rule": "gd", "lr": 0.3, "batch_size": 6, "sampling": "iid"}},
+    "record": {"every": 1, "projection_dim": 2, "chunk": 4, "curvature_every": 3},
+}
+
+
+def test_every_process_and_the_curvature_probe_resume_bitwise(tmp_path, monkeypatch):
+    """Interrupted right after a chunk is stored (rows past the checkpoint exist) in every run in turn:
+    Brownian motion, iid sampler, flow substeps, central-flow warm starts and Lanczos warm starts all resume."""
+    from flowsim.store import RunWriter
+    reference = flowsim.run(PROCESSES_DOC, tmp_path / "ref.zarr", progress=False)
+    append, calls, kills = RunWriter.append, [], []
+
+    def append_then_die(self, columns):
+        append(self, columns)
+        calls.append(self.group.name)
+        if len(calls) % 5 == 3:
+            kills.append(self.group.name)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(RunWriter, "append", append_then_die)
+    for _ in range(4):
+        with pytest.raises(KeyboardInterrupt):
+            flowsim.run(PROCESSES_DOC, tmp_path / "killed.zarr", resume=True, progress=False)
+    monkeypatch.setattr(RunWriter, "append", append)
+    ds = flowsim.run(PROCESSES_DOC, tmp_path / "killed.zarr", resume=True, progress=False)
+    assert len(set(kills)) >= 3, kills
+    assert_bitwise_equal(ds, reference)
