@@ -148,6 +148,7 @@ class RunWriter:
                 data = np.full((n, *arr.shape[1:]), np.nan)
             arr.append(data, axis=0)
         self.length += n
+        self.group.attrs["length"] = self.length  # rows past this (a chunk cut short by a kill) are not read
 
     def truncate(self, length: int) -> None:
         """Cut every array back to ``length`` rows (rows written after the checkpoint a run resumes from)."""
@@ -155,6 +156,7 @@ class RunWriter:
             arr = self.group[name]
             arr.resize((min(length, arr.shape[0]), *arr.shape[1:]))
         self.length = length
+        self.group.attrs["length"] = length
 
     def finish(self, **attrs: Any) -> None:
         self.group.attrs.update(attrs)
@@ -194,9 +196,13 @@ def drop_checkpoint(store: StoreLike, name: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def _open_group(store: StoreLike, name: str) -> xr.Dataset:
-    ds = xr.open_dataset(store, engine="zarr", group=f"runs/{name}", consolidated=False, chunks=None)
-    return ds.load().set_coords("step")
+def _open_group(group: zarr.Group) -> xr.Dataset:
+    """A run group's first ``attrs['length']`` rows (the completed chunks) as a Dataset indexed by step."""
+    arrays = dict(group.arrays())
+    n = group.attrs.get("length", min((a.shape[0] for a in arrays.values()), default=0))
+    variables = {name: xr.Variable(arr.metadata.dimension_names, arr[:n], attrs=dict(arr.attrs))
+                 for name, arr in arrays.items()}
+    return xr.Dataset(variables).set_coords("step")
 
 
 def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_dataset
@@ -208,7 +214,7 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
     parts = []
     for name in names:
         attrs = dict(root[f"runs/{name}"].attrs)
-        ds = _open_group(store, name)
+        ds = _open_group(root[f"runs/{name}"])
         coords = {**attrs.get("coords", {}), "status": attrs.get("status", "running")}
         ds = ds.expand_dims(run=[name]).assign_coords({k: ("run", [_coord_value(v)]) for k, v in coords.items()})
         ds["diverged"] = ("run", [bool(attrs.get("diverged", False))])
