@@ -35,7 +35,7 @@ def overhead(steps: int = 2000) -> int:
     doc = load(bundled_scenarios()["quickstart"]).model_dump(exclude_none=True)
     doc.pop("compare", None)
     doc.update(steps=steps, device="cpu", runs={"gd": {"process": "discrete", "rule": "gd", "lr": 0.1}})
-    doc["record"].update(every=1, projection_every=10)
+    doc["record"] = {"every": 1, "projection_dim": 256, "projection_every": 10}  # no curvature: bare does none
     sc = load(doc)
     problem = sc.problem.build(dtype=sc.dtype, device="cpu", seed=sc.seed)
     module_problem_dim = problem.n_params
