@@ -46,7 +46,8 @@ def build(sc: Scenario) -> Problem:
                 raise ScenarioError(f"runs.{name}.batch_size: {run.batch_size} is larger than the data "
                                     f"({problem.n_examples} examples)")
         try:  # a process refuses what it cannot run (a rule, a batch size) when it is made
-            PROCESSES[run.process](problem, run.make_rule(), Schedule(run.lr), seed=sc.seed,
+            schedule = Schedule(run.lr, *(run.schedule.drop_at, run.schedule.lr_after) if run.schedule else ())
+            PROCESSES[run.process](problem, run.make_rule(), schedule, seed=sc.seed,
                                    batch_size=run.batch_size, options=run.options)
         except ValueError as e:
             raise ScenarioError(f"runs.{name}.{e}") from None

@@ -8,8 +8,9 @@ from flowsim.solvers.flows import Modified, Stable  # noqa: E402
 from flowsim.solvers.sde import SDE  # noqa: E402
 
 from flowsim.solvers.central import Central  # noqa: E402
+from flowsim.solvers.adaptive import Adaptive  # noqa: E402
 
-PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central)}
+PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central, Adaptive)}
 
 __all__ = ["PROCESSES", "RULES", "Discrete", "EpochSampler", "Process", "Rule", "Schedule", "Trajectory",
            "make_rule"]

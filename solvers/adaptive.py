@@ -1,0 +1,132 @@
+"""The ``adaptive`` process: the discrete iteration of any rule with its step size set from tracked curvature.
+
+Why a process and not a rule: a rule is a pair of pure functions of the gradient and its state (rules.py), while
+setting η needs Hessian-vector products of the Problem at the current weights — something only a process sees.
+So ``process: adaptive, rule: R`` runs rule R exactly as ``discrete`` does (full batch or minibatch), but asks
+an :class:`EdgeController` for η_k instead of a fixed schedule.
+
+The controller (units: η in the rule's lr units, S in 1/lr):
+- every ``every`` steps (right after the step that reaches w_k, k a multiple of ``every``) it re-estimates S_k = λ_max(P̃⁻¹H) at w_k (λ_max(H) for GD) with the warm-started
+  Lanczos of ``flowsim.curvature.top_eigenpairs`` on the full batch (or the first ``curvature_examples``), and
+  sets η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
+  that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2));
+- ``c_start`` (default c) replaces c at the first estimate, at step 0: c_start > 1 starts above the edge, so that
+  GD catapults out of its sharp initial region (the fixed-η runs that win on small networks do exactly this);
+- ``ratchet``: η never decreases at a regular re-estimate (η_k = max(η_{k−1}, c·θ/S_k)); GD's own
+  self-stabilization then keeps S ≈ θ/η, and η only grows when the run reaches flatter regions;
+- the divergence guard: when a step's loss exceeds ``guard`` × the smallest step loss since the last
+  re-estimate, the step about to be taken is shrunk: s ← ``shrink``·s (ratchet: η ← shrink·min(η, c·θ/S_k)),
+  with S re-estimated at once; each later regular re-estimate lets s recover by ``recover`` up to 1.
+``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard);
+the curvature estimates run inside ``step``, so their cost is in the recorded wall time. The controller's state
+(η, s, S, the reference loss and the warm-start vectors) is the process's checkpoint state: resume is exact.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Optional
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+import torch
+
+from flowsim.curvature import hessian_operator, preconditioned, top_eigenpairs
+from flowsim.solvers.processes import Discrete, DiscreteOptions, Trajectory
+
+
+class AdaptiveOptions(DiscreteOptions):
+    c: float = Field(1.0, gt=0, lt=2, description="target η·S as a fraction of the rule's threshold θ (2 for GD)")
+    c_start: Optional[float] = Field(None, gt=0, lt=4, description="c at the first estimate (absent = c)")
+    every: PositiveInt = Field(10, description="re-estimate the sharpness every this many steps")
+    ratchet: bool = Field(False, description="η never decreases at a regular re-estimate (only the guard lowers it)")
+    guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
+                         "shrinks the step")
+    shrink: float = Field(0.5, gt=0, lt=1, description="factor applied to the step size by the guard")
+    recover: float = Field(1.25, ge=1, description="factor by which a shrunk step recovers at each re-estimate (≤ 1×)")
+    tol: PositiveFloat = Field(1e-3, description="eigensolver tolerance (Ritz residual ≤ tol·‖H‖)")
+    curvature_examples: Optional[PositiveInt] = Field(None, description="estimate S on the first this many "
+                                                      "examples (absent = all)")
+
+
+class Adaptive(Discrete):
+    """Discrete iteration with η_k = min(lr, s·c·θ/S_k) from warm-started curvature tracking (module docstring)."""
+    name: ClassVar[str] = "adaptive"
+    Options: ClassVar[type[BaseModel]] = AdaptiveOptions
+
+    def __init__(self, problem, rule, schedule, seed=0, batch_size=None, options=None):
+        super().__init__(problem, rule, schedule, seed, batch_size, options)
+        if schedule.drop_at is not None:
+            raise ValueError("schedule: the adaptive process sets η itself; a step-size drop does not apply")
+        self.lr_max = schedule.lr
+        n = problem.n_examples
+        m = self.options.curvature_examples
+        self.curvature_idx = None if m is None or m >= n else torch.arange(m, device=problem.device)
+        self.schedule = self.step_size
+        self.ctl = {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
+
+    def step_size(self, step: int) -> float:
+        """η for the step about to be taken (the process's schedule: the curvature probe reads it)."""
+        return self.ctl["eta"]
+
+    def start(self, w0):
+        traj = super().start(w0)
+        self._estimate(traj, self.options.c_start or self.options.c, first=True)
+        return traj
+
+    def sharpness(self, traj: Trajectory) -> float:
+        """S = λ_max(P̃⁻¹H) at traj.w, P̃ from the rule state (at the start: the state after a first step)."""
+        w, state = traj.w, traj.state
+        if state is None:
+            g = self.problem.grad(w)
+            state = self.rule.advance_state(g, self.rule.init(w, g))
+        H = hessian_operator(self.problem, w, self.curvature_idx)
+        P = self.rule.precond(state)
+        res = top_eigenpairs(H if P is None else preconditioned(H, P), w.numel(), 1, v0=self.ctl["vecs"],
+                             tol=self.options.tol, dtype=w.dtype, device=w.device)
+        self.ctl["vecs"] = res.vecs
+        return res.vals[0].item()
+
+    def _estimate(self, traj: Trajectory, c: float, first: bool = False, spike: bool = False) -> None:
+        o, ctl = self.options, self.ctl
+        S = ctl["S"] = self.sharpness(traj)
+        target = c * self.rule.threshold_coefficient() / S if S > 0 else math.inf
+        if spike:
+            ctl["ref"] = math.inf
+            if o.ratchet:
+                ctl["eta"] = o.shrink * min(ctl["eta"], target)
+                return
+            ctl["scale"] *= o.shrink
+        elif not first:
+            ctl["scale"] = min(1.0, ctl["scale"] * o.recover)
+        eta = ctl["scale"] * target
+        if o.ratchet and not first:
+            eta = max(ctl["eta"], eta)
+        ctl["eta"] = min(self.lr_max, eta)
+        ctl["ref"] = math.inf
+
+    def step(self, traj, measure):
+        k, o = traj.step, self.options
+        idx = None if self.sampler is None else self.sampler.indices(k)
+        loss, g = self.problem.loss_and_grad(traj.w) if idx is None else self.problem.batch_loss_and_grad(traj.w, idx)
+        step_loss = loss.item()
+        if step_loss > o.guard * self.ctl["ref"]:
+            self._estimate(traj, o.c, spike=True)
+        self.ctl["ref"] = min(self.ctl["ref"], step_loss)
+        lr = self.ctl["eta"]
+        out = {"step_loss": step_loss, "step_size": lr}
+        if measure:
+            out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
+        if traj.state is None:
+            traj.state = self.rule.init(traj.w, g)
+        delta, traj.state = self.rule.update(g, traj.state, lr)
+        traj.w = traj.w + delta
+        traj.step += 1
+        traj.time += lr
+        if traj.step % o.every == 0:
+            self._estimate(traj, o.c)
+        return out
+
+    def checkpoint_state(self) -> dict:
+        return {k: v for k, v in self.ctl.items() if v is not None}
+
+    def restore(self, state: dict) -> None:
+        self.ctl = {"vecs": None, **state}

@@ -1,0 +1,124 @@
+"""The adaptive process: η·S held at c·θ (exact on a quadratic, measured by the curvature probe on an MLP, for GD
+and Adam), the divergence guard, exact resume and one-line errors for bad options."""
+import numpy as np
+import pytest
+import torch
+
+import flowsim
+from flowsim.models.landscapes import QuadraticConfig
+from flowsim.scenario import ScenarioError
+from flowsim.solvers import PROCESSES, Schedule, make_rule
+
+SPECTRUM = [4.0, 1.0, 0.25]
+
+
+def quadratic_run(steps, lr=100.0, **options):
+    """Adaptive GD on ½ Σ λ_i w_i² from w0 = 1: returns (η_k list, loss_k list, final w)."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    process = cls(problem, make_rule("gd"), Schedule(lr), options=cls.Options(**options))
+    traj = process.start(problem.w0)
+    etas, losses = [], []
+    for _ in range(steps):
+        out = process.step(traj, False)
+        etas.append(out["step_size"])
+        losses.append(out["step_loss"])
+    return np.array(etas), np.array(losses), traj.w
+
+
+@pytest.mark.parametrize("c", [0.5, 0.9, 1.0])
+def test_quadratic_step_size_is_c_times_two_over_lambda_max_and_matches_gd_at_that_step(c):
+    etas, _, w = quadratic_run(40, c=c)
+    np.testing.assert_allclose(etas * SPECTRUM[0], 2 * c, rtol=1e-6)
+    lr = 2 * c / SPECTRUM[0]
+    expected = torch.tensor([(1 - lr * lam) ** 40 for lam in SPECTRUM], dtype=torch.float64)
+    torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_step_size_is_capped_by_lr():
+    etas, _, _ = quadratic_run(5, lr=0.1, c=0.9)
+    assert (etas == 0.1).all()
+
+
+MLP = {"model": "mlp", "widths": [32, 32], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
+       "n_train": 200, "loss": "mse"}
+
+
+def test_mlp_holds_eta_times_preconditioned_sharpness_at_its_target_for_gd_and_adam():
+    """The probe measures S every 5 steps, half of them between the controller's estimates (every 10): the
+    median of η_t·S_t over the last half is within ±10 % of c·θ (θ = 2 for GD, 38 for Adam with β1 = 0.9)."""
+    doc = {"name": "adaptive-test", "seed": 0, "device": "cpu", "dtype": "float64", "problem": MLP, "steps": 300,
+           "runs": {"gd-0.9": {"process": "adaptive", "rule": "gd", "lr": 100.0, "c": 0.9},
+                    "gd-1.0": {"process": "adaptive", "rule": "gd", "lr": 100.0, "c": 1.0},
+                    "adam-0.9": {"process": "adaptive", "rule": "adam", "lr": 100.0, "c": 0.9}},
+           "record": {"every": 1, "projection_dim": 0, "curvature_every": 5, "precond": True}}
+    ds = flowsim.run(doc, progress=False)
+    for run, target in [("gd-0.9", 1.8), ("gd-1.0", 2.0), ("adam-0.9", 0.9 * 38)]:
+        d = ds.sel(run=run)
+        assert not bool(d.diverged)
+        product = (d.step_size * d.precond_sharpness).dropna("step").values
+        median = np.median(product[len(product) // 2:])
+        assert abs(median / target - 1) < 0.10, (run, median)
+        theta = 38.0 if run.startswith("adam") else 2.0
+        np.testing.assert_allclose((d.step_size * d.threshold).dropna("step").values, theta, rtol=1e-12)
+        assert float(d.loss[-1]) < 0.1 * float(d.loss[0])
+
+
+@pytest.mark.parametrize("ratchet", [False, True])
+def test_guard_recovers_from_a_forced_loss_spike(ratchet):
+    """c_start = 3 forces η0·λ_max = 6 (unstable: the top mode grows 25× in loss): the guard shrinks the next
+    step to η·λ_max = 0.9, the run converges, and η·λ_max is back at 2c = 1.8 after the recoveries."""
+    etas, losses, w = quadratic_run(80, c=0.9, c_start=3.0, every=10, ratchet=ratchet)
+    products = etas * SPECTRUM[0]
+    assert products[0] == pytest.approx(6.0) and products[1] == pytest.approx(0.9)
+    assert products[-1] == pytest.approx(1.8)
+    assert losses.max() < 25 * losses[0]
+    factors = np.prod([(1 - etas * lam) ** 2 for lam in SPECTRUM], axis=1)
+    assert 0.5 * np.dot(SPECTRUM, factors) == pytest.approx(0.5 * np.dot(SPECTRUM, w.numpy() ** 2), rel=1e-9)
+    assert losses[-1] < 1e-6 * losses[0]
+
+
+def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
+    _, losses, _ = quadratic_run(12, c=0.9, c_start=3.0, every=10, guard=1e300)
+    assert losses[9] > 1e12 * losses[0]
+
+
+def test_checkpoint_and_restore_continue_exactly():
+    """Minibatch Adam, stopped after 6 steps and continued by a fresh process from the checkpoint state."""
+    problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    options = cls.Options(c=1.0, every=4)
+
+    def make():
+        return cls(problem, make_rule("adam"), Schedule(100.0), seed=2, batch_size=16, options=options)
+
+    whole = make()
+    traj = whole.start(problem.w0)
+    for _ in range(14):
+        whole.step(traj, False)
+    first = make()
+    part = first.start(problem.w0)
+    for _ in range(6):
+        first.step(part, False)
+    second = make()
+    second.restore({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in first.checkpoint_state().items()})
+    part = flowsim.solvers.Trajectory(part.w.clone(), {k: v.clone() for k, v in part.state.items()}, part.step, part.time)
+    for _ in range(8):
+        second.step(part, False)
+    assert torch.equal(part.w, traj.w) and part.time == traj.time
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("c", 2.5, "runs.a.c: Input should be less than 2"),
+    ("guard", 0.5, "runs.a.guard: Input should be greater than 1"),
+    ("shrink", 1.0, "runs.a.shrink: Input should be less than 1"),
+    ("every", 0, "runs.a.every: Input should be greater than 0"),
+    ("schedule", {"drop_at": 2, "lr_after": 0.1}, "runs.a.schedule: the adaptive process sets η itself"),
+])
+def test_bad_options_fail_in_one_line_naming_the_key(key, value, message, tmp_path):
+    doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
+           "runs": {"a": {"process": "adaptive", "lr": 1.0, key: value}}}
+    with pytest.raises(ScenarioError) as err:
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "s.zarr").exists()
