@@ -11,6 +11,7 @@ import torch
 from flowsim import bench_central, bench_curvature, bench_flows
 from flowsim import bench_models
 from flowsim import bench_sweep
+from flowsim import bench_adaptive
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -85,3 +86,4 @@ BENCHMARKS["central"] = bench_central.central
 BENCHMARKS["models"] = bench_models.models
 BENCHMARKS["sweep"] = bench_sweep.sweep
 BENCHMARKS["batched"] = bench_sweep.batched
+BENCHMARKS["adaptive"] = bench_adaptive.adaptive
