@@ -6,18 +6,21 @@ So ``process: adaptive, rule: R`` runs rule R exactly as ``discrete`` does (full
 an :class:`EdgeController` for η_k instead of a fixed schedule.
 
 The controller (units: η in the rule's lr units, S in 1/lr):
-- every ``every`` steps (right after the step that reaches w_k, k a multiple of ``every``) it re-estimates S_k = λ_max(P̃⁻¹H) at w_k (λ_max(H) for GD) with the warm-started
-  Lanczos of ``flowsim.curvature.top_eigenpairs`` on the full batch (or the first ``curvature_examples``), and
-  sets η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
+- every ``every`` steps (right after the step that reaches w_k, k a multiple of ``every``) it re-estimates
+  S_k = λ_max(P̃⁻¹H) at w_k (λ_max(H) for GD) with the warm-started Lanczos of
+  ``flowsim.curvature.top_eigenpairs`` on the full batch (or the first ``curvature_examples``), and sets
+  η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
   that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2));
-- ``c_start`` (default c) replaces c at the first estimate, at step 0: c_start > 1 starts above the edge, so that
+- ``c_start`` (default c) replaces c at the first estimate, made in step 0: c_start > 1 starts above the edge, so that
   GD catapults out of its sharp initial region (the fixed-η runs that win on small networks do exactly this);
-- ``ratchet``: η never decreases at a regular re-estimate (η_k = max(η_{k−1}, c·θ/S_k)); GD's own
-  self-stabilization then keeps S ≈ θ/η, and η only grows when the run reaches flatter regions;
+- ``ratchet``: η never decreases at a regular re-estimate (η_k = max(η_{k−1}, c·θ/S_k)): GD's own
+  self-stabilization keeps S ≈ θ/η instead of η following a sharpening S down; with c > 1, η grows by up
+  to c per estimate while the run stays stable, until the guard fires (a search for the largest stable η);
 - the divergence guard: when a step's loss exceeds ``guard`` × the smallest step loss since the last
   re-estimate, the step about to be taken is shrunk: s ← ``shrink``·s (ratchet: η ← shrink·min(η, c·θ/S_k)),
   with S re-estimated at once; each later regular re-estimate lets s recover by ``recover`` up to 1.
-``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard);
+``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard;
+a curvature probe's ``threshold`` at that step still uses the η from before it);
 the curvature estimates run inside ``step``, so their cost is in the recorded wall time. The controller's state
 (η, s, S, the reference loss and the warm-start vectors) is the process's checkpoint state: resume is exact.
 """
@@ -64,13 +67,9 @@ class Adaptive(Discrete):
         self.ctl = {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
 
     def step_size(self, step: int) -> float:
-        """η for the step about to be taken (the process's schedule: the curvature probe reads it)."""
+        """η for the step about to be taken (the process's schedule: the curvature probe reads it); NaN before
+        the first step, which makes the first estimate."""
         return self.ctl["eta"]
-
-    def start(self, w0):
-        traj = super().start(w0)
-        self._estimate(traj, self.options.c_start or self.options.c, first=True)
-        return traj
 
     def sharpness(self, traj: Trajectory) -> float:
         """S = λ_max(P̃⁻¹H) at traj.w, P̃ from the rule state (at the start: the state after a first step)."""
@@ -105,6 +104,8 @@ class Adaptive(Discrete):
 
     def step(self, traj, measure):
         k, o = traj.step, self.options
+        if math.isnan(self.ctl["eta"]):  # the first estimate, inside the step so that its cost is timed
+            self._estimate(traj, o.c_start or o.c, first=True)
         idx = None if self.sampler is None else self.sampler.indices(k)
         loss, g = self.problem.loss_and_grad(traj.w) if idx is None else self.problem.batch_loss_and_grad(traj.w, idx)
         step_loss = loss.item()
