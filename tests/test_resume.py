@@ -143,7 +143,7 @@ PROCESSES_DOC = {
     "steps": 16,
     "runs": {"sde": {"process": "sde", "rule": "gd", "lr": 0.3, "batch_size": 6},
              "stable": {"process": "stable", "rule": "gd", "lr": 0.3},
-             "central": {"process": "central", "rule": "gd", "lr": 2.0},
+             "central": {"process": "central", "rule": "gd", "lr": 1.0},  # S0 = 10.4: 1–2 critical directions
              "iid": {"process": "discrete", "rule": "gd", "lr": 0.3, "batch_size": 6, "sampling": "iid"}},
     "record": {"every": 1, "projection_dim": 2, "chunk": 4, "curvature_every": 3},
 }
