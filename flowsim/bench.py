@@ -1,20 +1,17 @@
 """Benchmarks (not tests): each prints its timings and the ratio against a named baseline, in one run.
 
-``BENCHMARKS`` maps the name used by ``flowsim bench NAME`` to a function returning an exit code.
+``BENCHMARKS`` maps the name used by ``flowsim bench NAME`` to ``"module:function"``, imported only when run;
+the function returns an exit code. Benchmark modules share :func:`best_of` from here.
 """
 from __future__ import annotations
 
+import importlib
 import time
 
 import torch
 
-from flowsim import bench_central, bench_curvature, bench_flows
-from flowsim import bench_models
-from flowsim import bench_sweep
-from flowsim import bench_adaptive
 
-
-def _best_of(fn, repeats: int = 3) -> float:
+def best_of(fn, repeats: int = 3) -> float:
     """Smallest wall time of ``repeats`` calls (seconds)."""
     times = []
     for _ in range(repeats):
@@ -69,8 +66,8 @@ def overhead(steps: int = 2000) -> int:
 
     bare()  # warm up both paths once
     through_flowsim()
-    t_bare = _best_of(bare)
-    t_flowsim = _best_of(through_flowsim)
+    t_bare = best_of(bare)
+    t_flowsim = best_of(through_flowsim)
     print(f"overhead: {steps} GD steps, quickstart MLP ({problem.n_params} params, {problem.n_examples} examples, "
           f"float64, {torch.get_num_threads()} threads)")
     print(f"  bare torch loop : {t_bare:7.3f} s")
@@ -79,11 +76,18 @@ def overhead(steps: int = 2000) -> int:
     return 0
 
 
-BENCHMARKS = {"overhead": overhead}
-BENCHMARKS["curvature"] = bench_curvature.curvature
-BENCHMARKS["flows"] = bench_flows.flows
-BENCHMARKS["central"] = bench_central.central
-BENCHMARKS["models"] = bench_models.models
-BENCHMARKS["sweep"] = bench_sweep.sweep
-BENCHMARKS["batched"] = bench_sweep.batched
-BENCHMARKS["adaptive"] = bench_adaptive.adaptive
+BENCHMARKS = {
+    "overhead": "flowsim.bench:overhead",
+    "curvature": "flowsim.bench_curvature:curvature",
+    "flows": "flowsim.bench_flows:flows",
+    "central": "flowsim.bench_central:central",
+    "models": "flowsim.bench_models:models",
+    "sweep": "flowsim.bench_sweep:sweep",
+    "batched": "flowsim.bench_sweep:batched",
+    "adaptive": "flowsim.bench_adaptive:adaptive",
+}
+
+
+def run_benchmark(name: str) -> int:
+    module, function = BENCHMARKS[name].split(":")
+    return getattr(importlib.import_module(module), function)()

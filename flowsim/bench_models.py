@@ -5,20 +5,11 @@ count, the seconds per GD step (loss and gradient) and per Hessian-vector produc
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
+from flowsim.bench import best_of
+
 SCENARIOS = ("cnn-digits", "cnn-mnist1d", "resnet-digits", "vit-digits", "transformer-markov", "lstm-markov")
-
-
-def _best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def models(repeats: int = 5) -> int:
@@ -32,8 +23,8 @@ def models(repeats: int = 5) -> int:
         p = sc.problem.build(dtype=sc.dtype, device="cpu", seed=sc.seed)
         v = torch.randn(p.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(p.dtype)
         p.loss_and_grad(p.w0), p.hvp(p.w0, v)  # warm up
-        t_step = _best_of(lambda: p.loss_and_grad(p.w0), repeats)
-        t_hvp = _best_of(lambda: p.hvp(p.w0, v), repeats)
+        t_step = best_of(lambda: p.loss_and_grad(p.w0), repeats)
+        t_hvp = best_of(lambda: p.hvp(p.w0, v), repeats)
         print(f"  {name:<20} {p.n_params:>7} {p.n_examples:>8} {sc.dtype:>8} {t_step:>10.4f} {t_hvp:>8.4f} "
               f"{t_hvp / t_step:>8.2f}")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowsim.bench import BENCHMARKS
+from flowsim.bench import BENCHMARKS, run_benchmark
 
 
 def bundled_scenarios() -> dict[str, Path]:
@@ -99,7 +99,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    return BENCHMARKS[args.which]()
+    return run_benchmark(args.which)
 
 
 def parser() -> argparse.ArgumentParser:

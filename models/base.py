@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from flowsim.models.datasets import DatasetSpec, load
 from flowsim.problem import Problem
@@ -83,3 +83,17 @@ class NetworkConfig(ModelConfig):
                                       meta={"model": self.model, "n_train": len(X), "n_classes": n_classes or 0})
         problem.w0 = self.initial_vector(problem.w0)
         return problem
+
+
+class AttentionFields(BaseModel):
+    """Sizes shared by the attention models (ViT, transformer): width, heads, depth, block-MLP width."""
+    d_model: PositiveInt = 32
+    n_heads: PositiveInt = 2
+    n_layers: PositiveInt = 2
+    mlp_width: Optional[PositiveInt] = Field(None, description="hidden width of the block MLPs (4·d_model)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model = {self.d_model}")
+        return self

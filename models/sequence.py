@@ -10,13 +10,13 @@ over examples.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import PositiveInt, model_validator
 from torch import Tensor, nn
 
-from flowsim.models.base import NetworkConfig
+from flowsim.models.base import AttentionFields, NetworkConfig
 from flowsim.models.datasets import DatasetSpec
 from flowsim.models.layers import Block, LayerNorm
 from flowsim.models.tasks import TOKEN_TASKS
@@ -87,20 +87,10 @@ class LSTMConfig(SequenceConfig):
         return LSTM(n_out, self.dataset.length, self.hidden)
 
 
-class TransformerConfig(SequenceConfig):
+class TransformerConfig(SequenceConfig, AttentionFields):
     """Causal transformer. Token embeddings are N(0, 1), position embeddings N(0, 0.02²), linear layers
     PyTorch's default."""
     model: Literal["transformer"] = "transformer"
-    d_model: PositiveInt = 32
-    n_heads: PositiveInt = 2
-    n_layers: PositiveInt = 2
-    mlp_width: Optional[PositiveInt] = Field(None, description="hidden width of the block MLPs (4·d_model)")
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model = {self.d_model}")
-        return self
 
     def make_module(self, in_shape, n_out):
         return CausalTransformer(n_out, in_shape[0], self.dataset.length, self.d_model, self.n_heads,

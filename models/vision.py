@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from flowsim.models.base import NetworkConfig
+from flowsim.models.base import AttentionFields, NetworkConfig
 from flowsim.models.layers import Block, GroupNorm, LayerNorm, conv, pool
 from flowsim.models.networks import ACTIVATIONS
 
@@ -170,20 +170,10 @@ class PatchTransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-class ViTConfig(VisionConfig):
+class ViTConfig(VisionConfig, AttentionFields):
     """ViT-style patch model; ``patch`` must divide every spatial size of the input."""
     model: Literal["vit"] = "vit"
     patch: PositiveInt = 2
-    d_model: PositiveInt = 32
-    n_heads: PositiveInt = 2
-    n_layers: PositiveInt = 2
-    mlp_width: Optional[PositiveInt] = Field(None, description="hidden width of the block MLPs (4·d_model)")
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model = {self.d_model}")
-        return self
 
     def input_shape(self, X):
         shape = super().input_shape(X)
