@@ -116,12 +116,7 @@ class Adaptive(Discrete):
         out = {"step_loss": step_loss, "step_size": lr}
         if measure:
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
-        if traj.state is None:
-            traj.state = self.rule.init(traj.w, g)
-        delta, traj.state = self.rule.update(g, traj.state, lr)
-        traj.w = traj.w + delta
-        traj.step += 1
-        traj.time += lr
+        self.apply(traj, g, lr)
         if traj.step % o.every == 0:
             self._estimate(traj, o.c)
         return out

@@ -134,11 +134,15 @@ class Discrete(Process):
             out = {"step_loss": loss.item(), "step_size": lr}
             if measure:
                 out.update(self.measure(traj))
+        self.apply(traj, g, lr)
+        return out
+
+    def apply(self, traj: Trajectory, g: Tensor, lr: float) -> None:
+        """One update of the rule with gradient g at step size lr: w, rule state, step and time advance."""
         if traj.state is None:
             traj.state = self.rule.init(traj.w, g)
         delta, traj.state = self.rule.update(g, traj.state, lr)
         traj.w = traj.w + delta
         traj.step += 1
         traj.time += lr
-        return out
 
