@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
     out = Path(args.output) if args.output else Path(Path(args.scenario).stem + ".zarr")
     ds = flowsim.run(scenario_path(args.scenario), out, steps=args.steps, device=args.device,
                      overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler,
-                     progress=not args.quiet)
+                     progress=False if args.quiet else None)
     print(summary_table(ds))
     print(f"stored in {out}  (open with flowsim.open({str(out)!r}))")
     if args.report:
@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the unfinished runs of an existing store from their checkpoints; skip finished ones")
     r.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each (sweep point, run) on dask.distributed: 'local' starts a LocalCluster")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     r.add_argument("--report", action="store_true", help="also write the HTML report next to the store (.html)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="write a self-contained HTML report of a store")
