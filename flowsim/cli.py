@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:
-        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() adds quotes
+        msg = str(text).splitlines()[0] if str(text) else type(e).__name__
         print(f"flowsim: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -52,6 +52,8 @@ BAD = [  # (scenario document or raw text, text the one-line error must contain)
     (with_("device", "tpu"), "device:"),
     (with_("runs.gd.schedule", {"drop_at": 10, "lr_after": 0.01}), "runs.gd.schedule.drop_at:"),
     (with_("record", {"every": 0}), "record.every:"),
+    (with_("runs.gd.process", "central", with_("runs.gd.rule", "adam")), "runs.gd.rule: the central flow is "
+     "derived for gd, scalar_rmsprop, rmsprop, not 'adam'"),
 ]
 
 
