@@ -12,7 +12,6 @@ first run), so a killed group resumes batched, exactly where it was saved.
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Optional
 
@@ -22,7 +21,7 @@ import zarr
 from flowsim import store as store_mod
 from flowsim.problem import Problem
 from flowsim.record import Recorder
-from flowsim.runner import _to, build, execute, make_probes, problem_key, record_dims, run_attrs
+from flowsim.runner import _to, build, execute, make_probes, problem_key, record_dims, record_step, run_attrs
 from flowsim.solvers import Discrete, Schedule, Trajectory
 from flowsim.solvers.batched import BatchedDiscrete, BatchedTrajectory
 from flowsim.sweep import Task
@@ -140,15 +139,8 @@ def _simulate_group(store, group: str, tasks: list[Task], checkpoints: list[Opti
                     rows[b].update(probe(_member_trajectory(traj, b), m.process))
         values = engine.measure(traj) if last else engine.step(traj, measure)
         for b, m in active:
-            row, v = rows[b], values[b]
-            step_loss = v.pop("step_loss", v.get("loss"))
-            if m.limit is None:
-                m.limit = rec.divergence_factor * max(abs(step_loss), 1.0) if math.isfinite(step_loss) else 0.0
-            bad = not math.isfinite(step_loss) or abs(step_loss) > m.limit
-            if measure or bad or len(row) > 1:
-                row.update(v if measure else {"step_size": v["step_size"]})
-                row["wall_time"] = time.perf_counter() - m.t0
-                m.recorder.add(k, row)
+            m.limit, bad = record_step(m.recorder, k, rows[b], values[b], measure, m.limit, rec.divergence_factor,
+                                       m.t0)
             if bad:
                 m.diverged_at = k
                 statuses[m.name] = m.finish()

@@ -86,6 +86,24 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
     return probes
 
 
+def record_step(recorder: Recorder, k: int, row: dict, values: dict, measure: bool, limit: Optional[float],
+                factor: float, t0: float) -> tuple[float, bool]:
+    """Record step k (probe ``row`` plus the process's ``values``) and check it for divergence.
+
+    The divergence limit is ``factor`` × max(|first step loss|, 1), set at the first step seen; returns
+    (limit, diverged). A step is stored when it is measured, carries probe values, or diverged.
+    """
+    step_loss = values.pop("step_loss", values.get("loss"))
+    if limit is None:
+        limit = factor * max(abs(step_loss), 1.0) if math.isfinite(step_loss) else 0.0
+    bad = not math.isfinite(step_loss) or abs(step_loss) > limit
+    if measure or bad or len(row) > 1:
+        row.update(values if measure else {"step_size": values["step_size"]})
+        row["wall_time"] = time.perf_counter() - t0
+        recorder.add(k, row)
+    return limit, bad
+
+
 def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[Probe], dims: dict[str, int],
              progress: bool = False, label: str = "", checkpoint: Optional[dict] = None,
              save: Optional[Callable[[dict], None]] = None) -> dict:
@@ -121,14 +139,7 @@ def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[
             if k % probe.every == 0 or last:
                 row.update(probe(traj, process))
         values = process.measure(traj) if last else process.step(traj, measure)
-        step_loss = values.pop("step_loss", values.get("loss"))
-        if limit is None:
-            limit = rec.divergence_factor * max(abs(step_loss), 1.0) if math.isfinite(step_loss) else 0.0
-        bad = not math.isfinite(step_loss) or abs(step_loss) > limit
-        if measure or bad or len(row) > 1:
-            row.update(values if measure else {"step_size": values["step_size"]})
-            row["wall_time"] = time.perf_counter() - t0
-            recorder.add(k, row)
+        limit, bad = record_step(recorder, k, row, values, measure, limit, rec.divergence_factor, t0)
         if bad:
             diverged_at = k
             break
@@ -242,6 +253,9 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, overwrite=overwrite)
         done = {n for n in root["runs"].group_keys() if root[f"runs/{n}"].attrs.get("status") in ("complete", "diverged")}
         from flowsim.batching import execute_group, jobs
+        if resume:  # a run killed between finishing and dropping its checkpoint leaves an obsolete one
+            for name in done:
+                store_mod.drop_checkpoint(target, name)
         todo = jobs(tasks, sc.batch, done if resume else set())
         if scheduler is None:
             for group, job in todo:
