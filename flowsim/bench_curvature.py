@@ -25,12 +25,13 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _pyhessian_top1(problem, tol: float, seed: int = 0):
+def _pyhessian_top1(module, problem, tol: float, seed: int = 0):
     """PyHessian's ``hessian(model, criterion, data).eigenvalues(top_n=1, tol=tol)`` (power iteration, ≤ 100
-    iterations) on the module behind ``problem``; returns (eigenvalue, HVP count)."""
+    iterations) on ``module`` with the data of ``problem``; returns (eigenvalue, HVP count). Building the
+    gradient's graph is part of it, as it is of flowsim's measurement."""
     import importlib
+    import warnings
     ph = importlib.import_module("pyhessian.hessian")  # the module (the package re-exports a class of that name)
-    module = build_module(problem)
     calls = {"n": 0}
     hvp = ph.hessian_vector_product
 
@@ -41,7 +42,9 @@ def _pyhessian_top1(problem, tol: float, seed: int = 0):
     try:
         torch.manual_seed(seed)
         crit = lambda out, y: 0.5 * (out - y).pow(2).sum(1).mean()  # noqa: E731 - the Problem's mse
-        vals, _ = ph.hessian(module, crit, data=(problem.X, problem.Y), cuda=False).eigenvalues(tol=tol, top_n=1)
+        with warnings.catch_warnings():  # PyHessian's own loss.backward(create_graph=True)
+            warnings.simplefilter("ignore", UserWarning)
+            vals, _ = ph.hessian(module, crit, data=(problem.X, problem.Y), cuda=False).eigenvalues(tol=tol, top_n=1)
     finally:
         ph.hessian_vector_product = hvp
     return vals[0], calls["n"]
@@ -96,9 +99,10 @@ def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int
     except ImportError:
         print("  PyHessian is not installed (pip install --no-deps pyhessian): comparison skipped")
     else:
-        value, count = _pyhessian_top1(p32, 1e-3)
+        module = build_module(p32)
+        value, count = _pyhessian_top1(module, p32, 1e-3)
         print(f"  (PyHessian at its default tol 1e-3: {count} HVPs, rel. error {abs(value - exact) / exact:.1e})")
-        found = _loosest(lambda tol: _pyhessian_top1(p32, tol), exact)
+        found = _loosest(lambda tol: _pyhessian_top1(module, p32, tol), exact)
         if found is None:
             print(f"  PyHessian power iteration reaches no 1e-3 accuracy at tol ≥ {TOLS[-1]:.0e} (≤ 100 iterations)")
         else:

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dsyevd
 from torch import Tensor
 
 from flowsim.record import Probe
@@ -76,13 +77,14 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     for m in range(1, m_max + 1):
         Q[m - 1] = q
         z = matvec(q)
-        coefficients = Q[:m] @ z  # the last one is α = qᵀAq; the rest vanish in exact arithmetic but for β_{m−1}
+        Qm = Q[:m]
+        coefficients = torch.mv(Qm, z)  # the last is α = qᵀAq; the rest vanish in exact arithmetic but for β_{m−1}
         alpha = coefficients[m - 1].item()
-        z = z - Q[:m].T @ coefficients  # the three-term recurrence and a full Gram–Schmidt pass at once
-        z = z - Q[:m].T @ (Q[:m] @ z)  # and once more ("twice is enough")
-        beta = z.norm().item()
+        z = torch.addmv(z, Qm.T, coefficients, alpha=-1)  # the three-term recurrence and a Gram–Schmidt pass at once
+        z = torch.addmv(z, Qm.T, torch.mv(Qm, z), alpha=-1)  # and once more ("twice is enough")
+        beta = torch.linalg.vector_norm(z).item()
         T[m - 1, m - 1] = alpha
-        theta, S = np.linalg.eigh(T[:m, :m])
+        theta, S, _ = dsyevd(T[:m, :m])  # LAPACK directly: np.linalg.eigh's checks cost as much as the solve
         theta, S = theta[::-1], S[:, ::-1]
         scale = max(abs(theta).max(), tiny)
         residuals = beta * abs(S[m - 1, :k])
