@@ -11,6 +11,8 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   ``flowsim.curvature.top_eigenpairs`` on the full batch (or the first ``curvature_examples``), and sets
   η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
   that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2));
+- ``early``: also re-estimate after the steps that reach w_1, w_2, w_4, … below ``every``: an adaptive rule's
+  preconditioner (Adam's ν from a handful of gradients) and the curvature change fastest in the first steps;
 - ``c_start`` (default c) replaces c at the first estimate, made in step 0: c_start > 1 starts above the edge, so that
   GD catapults out of its sharp initial region (the fixed-η runs that win on small networks do exactly this);
 - ``ratchet``: η never decreases at a regular re-estimate (η_k = max(η_{k−1}, c·θ/S_k)): GD's own
@@ -42,6 +44,8 @@ class AdaptiveOptions(DiscreteOptions):
     c: float = Field(1.0, gt=0, lt=2, description="target η·S as a fraction of the rule's threshold θ (2 for GD)")
     c_start: Optional[float] = Field(None, gt=0, lt=4, description="c at the first estimate (absent = c)")
     every: PositiveInt = Field(10, description="re-estimate the sharpness every this many steps")
+    early: bool = Field(False, description="also re-estimate at steps 1, 2, 4, … below ``every`` (the rule state "
+                        "and the curvature change fastest in the first steps)")
     ratchet: bool = Field(False, description="η never decreases at a regular re-estimate (only the guard lowers it)")
     guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
                          "shrinks the step")
@@ -124,7 +128,8 @@ class Adaptive(Discrete):
         if measure:
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
         self.apply(traj, g, lr)
-        if traj.step % o.every == 0:
+        k = traj.step
+        if k % o.every == 0 or (o.early and k < o.every and k & (k - 1) == 0):
             self._estimate(traj, o.c)
         return out
 

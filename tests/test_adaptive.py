@@ -53,6 +53,21 @@ def test_eta_grows_by_at_most_growth_per_estimate_when_the_sharpness_collapses()
     assert [process.step(traj, False)["step_size"] for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
 
 
+@pytest.mark.parametrize("early, expected", [(False, [0, 10, 20]), (True, [0, 1, 2, 4, 8, 10, 20])])
+def test_estimates_are_made_every_every_steps_and_with_early_also_at_powers_of_two(early, expected):
+    """The sharpness is estimated at step 0 and after the steps that reach w_k, k a multiple of ``every`` —
+    with ``early`` also at k = 1, 2, 4, 8 < every, where the rule state and the curvature change fastest."""
+    problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(every=10, early=early))
+    seen = []
+    process.sharpness = lambda traj: (seen.append(traj.step), 1.0)[1]
+    traj = process.start(problem.w0)
+    for _ in range(25):
+        process.step(traj, False)
+    assert seen == expected
+
+
 MLP = {"model": "mlp", "widths": [32, 32], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
        "n_train": 200, "loss": "mse"}
 
