@@ -36,12 +36,14 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     vector (n,) to (n,) — it is never called on batches. The Krylov space starts from the normalized sum of the
     columns of ``v0`` (n, j) when given (a warm start: pass the previous measurement's ``vecs``), else from a
     random vector drawn from ``seed`` (on the CPU, so results do not depend on the device). Stops when every
-    one of the top k Ritz pairs (θ, y) has residual r = ‖A y − θ y‖ ≤ tol · ‖T‖₂, with ‖T‖₂ (the largest
-    |Ritz value|) estimating ‖A‖₂; each returned θ is then within tol · ‖A‖₂ of an eigenvalue of A (and in
-    practice within ≈ r²/gap). With ``values_only`` — when only the eigenvalues must be accurate, as for
-    sharpness — a pair also counts as converged once its eigenvalue error estimate is below tol · ‖T‖₂: θ
-    moved by at most that since the previous Krylov step, r²/gap is below it (gap: the distance to the
-    nearest other Ritz value), and r ≤ 0.3 √tol · ‖T‖₂ (so that r²/gap ≤ tol for any relative gap ≥ 0.09
+    one of the top k Ritz pairs (θ, y) has residual r = ‖A y − θ y‖ ≤ tol · s, s = max_{i≤k} |θ_i| (floored
+    at √ε_64 · ‖T‖₂, ‖T‖₂ the largest |Ritz value|); each returned θ is then within tol · s of an eigenvalue of A
+    (and in practice within ≈ r²/gap). Scaling by the wanted Ritz values rather than by ‖T‖₂ matters for
+    indefinite operators: a preconditioned Hessian with eigenvalues ≈ −1e6 and a top one of 5e4 would otherwise
+    accept a top Ritz value of 81 after two products. With ``values_only`` — when only the eigenvalues must be
+    accurate, as for sharpness — a pair also counts as converged once its eigenvalue error estimate is below
+    tol · s: θ moved by at most that since the previous Krylov step, r²/gap is below it (gap: the distance to
+    the nearest other Ritz value), and r ≤ 0.3 √tol · s (so that r²/gap ≤ tol for any relative gap ≥ 0.09
     even though the Ritz gap overestimates the true one). This heuristic roughly halves the products at tol
     1e-3; ``flowsim bench curvature`` measures its errors against dense eigenvalues. ``max_iter`` bounds the
     Krylov dimension (default min(n, 300)); when it is reached the best Ritz pairs are returned. If the Krylov space becomes invariant before k pairs converge, it is
@@ -86,7 +88,10 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
         T[m - 1, m - 1] = alpha
         theta, S, _ = dsyevd(T[:m, :m])  # LAPACK directly: np.linalg.eigh's checks cost as much as the solve
         theta, S = theta[::-1], S[:, ::-1]
-        scale = max(abs(theta).max(), tiny)
+        norm = max(abs(theta).max(), tiny)  # ‖T‖₂, an estimate of ‖A‖₂
+        # tolerances scale with the wanted Ritz values (as ARPACK's): scaled by ‖T‖, a large negative eigenvalue
+        # would pass a top Ritz value that has not yet seen the top eigenvector
+        scale = max(abs(theta[:k]).max(), math.sqrt(np.finfo(np.float64).eps) * norm, tiny)
         residuals = beta * abs(S[m - 1, :k])
         converged = residuals <= tol * scale
         if values_only and m > k:
@@ -98,7 +103,7 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
         previous = theta
         if (m >= k and converged.all()) or m == m_max:
             break
-        if beta <= 1e3 * torch.finfo(dtype).eps * scale:
+        if beta <= 1e3 * torch.finfo(dtype).eps * norm:
             z = random_vector()
             for _ in range(2):
                 z = z - Q[:m].T @ (Q[:m] @ z)

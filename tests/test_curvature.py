@@ -58,6 +58,21 @@ def test_eigensolver_rejects_k_larger_than_n():
         top_eigenpairs(lambda v: v, 3, 4)
 
 
+@pytest.mark.parametrize("values_only", [False, True])
+def test_top_eigenvalue_of_an_indefinite_operator_dominated_by_a_negative_eigenvalue(values_only):
+    """Spectrum −1e6, 100 and 198 values in [0, 1]: the top eigenvalue 100 to tol, although the Krylov space of
+    two products is nearly invariant and a tolerance scaled by ‖A‖ would accept a top Ritz value of ≈ 1.7 there
+    (as a preconditioned Hessian with ν from one gradient does)."""
+    n = 200
+    spectrum = torch.linspace(0, 1, n, dtype=torch.float64)
+    spectrum[0], spectrum[1] = -1e6, 100.0
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    A = Q @ torch.diag(spectrum) @ Q.T
+    for tol in (1e-2, 1e-3):
+        res = top_eigenpairs(lambda v: A @ v, n, 1, tol=tol, values_only=values_only)
+        assert abs(res.vals[0].item() - 100.0) <= tol * 100.0
+
+
 def test_hessian_operators_match_dense_hessian(mlp_and_hessian):
     from flowsim.curvature import hessian_operator
     p, H = mlp_and_hessian
