@@ -110,7 +110,7 @@ def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int
             print(f"  PyHessian power   tol {tol_ph:.0e}: {hvp_ph:4d} HVPs {t_ph * 1e3:7.2f} ms  rel. error {err_ph:.1e}")
             print(f"  ratios PyHessian/flowsim: HVPs {hvp_ph / hvp_fs:.1f}x, time {t_ph / t_fs:.2f}x  (targets ≥ 3x)")
 
-    # tol_fs was enough once, cold; tol 1e-3 asks for every eigenvalue within ≈ 1e-3·‖H‖ (see top_eigenpairs)
+    # tol_fs was enough once, cold; tol 1e-3 asks for every eigenvalue within ≈ 1e-3·λ_max (see top_eigenpairs)
     for lr in lrs:
         for tol in sorted({tol_fs, 1e-3}, reverse=True):
             w, v0, counts, errs = p32.w0.clone(), None, [], []

@@ -92,7 +92,8 @@ class RecordSpec(Strict):
         None, description="measure sharpness, eigs and threshold every this many steps (absent = never)")
     top_k: PositiveInt = Field(1, description="number of top Hessian eigenvalues recorded in eigs")
     curvature_tol: PositiveFloat = Field(
-        1e-3, description="eigensolver tolerance: estimated eigenvalue error ≤ this × ‖H‖ (top_eigenpairs values_only)")
+        1e-3, description="eigensolver tolerance: estimated eigenvalue error ≤ this × the largest |top-k eigenvalue| "
+        "(top_eigenpairs values_only)")
     precond: bool = Field(False, description="also record precond_sharpness λ_max(P̃⁻¹H) of the rule's preconditioner")
     noise_kernel: bool = Field(False, description="also record noise_kernel_norm K and grad_noise_trace (minibatch runs, mse)")
     curvature_examples: Optional[PositiveInt] = Field(
