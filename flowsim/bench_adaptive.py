@@ -59,9 +59,9 @@ ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
             "adaptive-gd-c1.2-ratchet": ("gd", {"c": 1.2, "ratchet": True, "guard": 10.0, **CHEAP}),
             "adaptive-adam-c1": ("adam", {"c": 1.0, **CHEAP}),
             "adaptive-adam-c0.5-early": ("adam", {"c": 0.5, "c_start": 3.9, "early": True, **CHEAP})}
-# adaptive-adam-c0.5-early: the fixed-η Adam that wins on the digits MLP (η = 0.024) runs at η·S_P/θ ≈ 52 at its first
-# step (P̃ from one gradient), 2.5 at the second and 0.3–0.4 through its fast phase; so c_start > 1 for the
-# first estimate, early re-estimates while ν settles, and c = 0.5 below the edge.
+# adaptive-adam-c0.5-early: the fixed-η Adam that wins on the digits MLP (η = 0.024) runs at η·S_P/θ ≈ 52 at its
+# first step (P̃ from one gradient), 2.5 at the second and 0.3–0.4 through its fast phase; so c_start > 1 for
+# the first estimate, early re-estimates while ν settles, and c = 0.5 below the edge.
 BASELINE = "gd-best"
 """The method the ratios are taken against: GD/SGD at the step size of its grid with the lowest mean final loss."""
 

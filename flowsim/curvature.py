@@ -36,8 +36,8 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     vector (n,) to (n,) — it is never called on batches. The Krylov space starts from the normalized sum of the
     columns of ``v0`` (n, j) when given (a warm start: pass the previous measurement's ``vecs``), else from a
     random vector drawn from ``seed`` (on the CPU, so results do not depend on the device). Stops when every
-    one of the top k Ritz pairs (θ, y) has residual r = ‖A y − θ y‖ ≤ tol · s, s = max_{i≤k} |θ_i| (floored
-    at √ε_64 · ‖T‖₂, ‖T‖₂ the largest |Ritz value|); each returned θ is then within tol · s of an eigenvalue of A
+    one of the top k Ritz pairs (θ, y) has residual r = ‖A y − θ y‖ ≤ tol · s, s = max_{i≤k} |θ_i| (floored at
+    √ε_64 · ‖T‖₂, ‖T‖₂ the largest |Ritz value|); each returned θ is then within tol · s of an eigenvalue of A
     (and in practice within ≈ r²/gap). Scaling by the wanted Ritz values rather than by ‖T‖₂ matters for
     indefinite operators: a preconditioned Hessian with eigenvalues ≈ −1e6 and a top one of 5e4 would otherwise
     accept a top Ritz value of 81 after two products. With ``values_only`` — when only the eigenvalues must be
@@ -46,11 +46,12 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     the nearest other Ritz value), and r ≤ 0.3 √tol · s (so that r²/gap ≤ tol for any relative gap ≥ 0.09
     even though the Ritz gap overestimates the true one). This heuristic roughly halves the products at tol
     1e-3; ``flowsim bench curvature`` measures its errors against dense eigenvalues. ``max_iter`` bounds the
-    Krylov dimension (default min(n, 300)); when it is reached the best Ritz pairs are returned. If the Krylov space becomes invariant before k pairs converge, it is
-    extended by a random vector orthogonal to it. Like every Krylov method it cannot see directions absent
-    from its start vector: a warm start that is an exact invariant subspace of A returns that subspace's
-    eigenpairs. The vectors have ``v0``'s dtype when it is given, else ``dtype``; ``device`` defaults to
-    ``v0``'s, else the default device. Returns :class:`Eigenpairs` (vals, vecs, matvecs).
+    Krylov dimension (default min(n, 300)); when it is reached the best Ritz pairs are returned. If the Krylov
+    space becomes invariant before k pairs converge, it is extended by a random vector orthogonal to it. Like
+    every Krylov method it cannot see directions absent from its start vector: a warm start that is an exact
+    invariant subspace of A returns that subspace's eigenpairs. The vectors have ``v0``'s dtype when it is
+    given, else ``dtype``; ``device`` defaults to ``v0``'s, else the default device. Returns
+    :class:`Eigenpairs` (vals, vecs, matvecs).
     """
     if not 1 <= k <= n:
         raise ValueError(f"k: must be in [1, n={n}], got {k}")
@@ -80,9 +81,9 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
         Q[m - 1] = q
         z = matvec(q)
         Qm = Q[:m]
-        coefficients = torch.mv(Qm, z)  # the last is α = qᵀAq; the rest vanish in exact arithmetic but for β_{m−1}
+        coefficients = torch.mv(Qm, z)  # the last is α = qᵀAq; the rest vanish in exact arithmetic, but β_{m−1}
         alpha = coefficients[m - 1].item()
-        z = torch.addmv(z, Qm.T, coefficients, alpha=-1)  # the three-term recurrence and a Gram–Schmidt pass at once
+        z = torch.addmv(z, Qm.T, coefficients, alpha=-1)  # the three-term recurrence and a Gram–Schmidt pass
         z = torch.addmv(z, Qm.T, torch.mv(Qm, z), alpha=-1)  # and once more ("twice is enough")
         beta = torch.linalg.vector_norm(z).item()
         T[m - 1, m - 1] = alpha

@@ -128,8 +128,8 @@ class Adaptive(Discrete):
         if measure:
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
         self.apply(traj, g, lr)
-        k = traj.step
-        if k % o.every == 0 or (o.early and k < o.every and k & (k - 1) == 0):
+        reached = traj.step  # w_reached, after this step
+        if reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0):
             self._estimate(traj, o.c)
         return out
 
