@@ -21,6 +21,11 @@ The controller (units: η in the rule's lr units, S in 1/lr):
 - the divergence guard: when a step's loss exceeds ``guard`` × the smallest step loss since the last
   re-estimate, the step about to be taken is shrunk: s ← ``shrink``·s (ratchet: η ← shrink·min(η, c·θ/S_k)),
   with S re-estimated at once; each later regular re-estimate lets s recover by ``recover`` up to 1;
+- injected noise (optional): ``noise`` σ > 0 adds η_k·σ·ξ_k to every update (ξ_k ~ N(0, I), drawn on the CPU from
+  a generator seeded with (seed, k), so runs reproduce and resume exactly), at the steps k < ``noise_until``
+  (absent = all). σ is in gradient units, like SGD's minibatch noise η(g_B − g), so the noise follows η_k: it
+  shrinks when the controller lowers η for a sharpening S. On a quadratic the stationary variance along λ is
+  η σ²/(λ(2 − ηλ)). A noisy loss trips the guard more often: raise ``guard`` with the noise;
 - growth: after the first estimate η grows by at most ``growth`` per re-estimate, so a collapsing or non-positive
   S estimate (noisy curvature, e.g. a preconditioner from a few large gradients) cannot throw η to ``lr``.
 ``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard;
@@ -37,7 +42,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 import torch
 
 from flowsim.curvature import hessian_operator, preconditioned, top_eigenpairs
-from flowsim.solvers.processes import Discrete, DiscreteOptions, Trajectory
+from flowsim.solvers.processes import Discrete, DiscreteOptions, Trajectory, step_seed
 
 
 class AdaptiveOptions(DiscreteOptions):
@@ -53,6 +58,8 @@ class AdaptiveOptions(DiscreteOptions):
     recover: float = Field(1.25, ge=1, description="factor by which a shrunk step recovers at each re-estimate (≤ 1×)")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate (an S estimate "
                           "that collapses, or is ≤ 0, cannot throw η to lr)")
+    noise: float = Field(0.0, ge=0, description="σ of the injected noise η·σ·ξ per step (gradient units; 0 = none)")
+    noise_until: Optional[PositiveInt] = Field(None, description="inject noise only before this step (absent = always)")
     tol: PositiveFloat = Field(1e-3, description="eigensolver tolerance: relative eigenvalue error "
                                "(``top_eigenpairs`` values_only)")
     curvature_examples: Optional[PositiveInt] = Field(None, description="estimate S on the first this many "
@@ -128,6 +135,10 @@ class Adaptive(Discrete):
         if measure:
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
         self.apply(traj, g, lr)
+        if o.noise > 0 and (o.noise_until is None or k < o.noise_until):
+            gen = torch.Generator().manual_seed(step_seed(self.seed, k))
+            xi = torch.randn(traj.w.shape, generator=gen, dtype=torch.float64)
+            traj.w = traj.w + (lr * o.noise) * xi.to(dtype=traj.w.dtype, device=traj.w.device)
         reached = traj.step  # w_reached, after this step
         if reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0):
             self._estimate(traj, o.c)

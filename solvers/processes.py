@@ -40,6 +40,12 @@ class Schedule:
         return self.lr
 
 
+def step_seed(seed: int, index: int) -> int:
+    """The seed of the random stream of step (or epoch) ``index`` of a run with ``seed``: a function of the two
+    only, so every draw is stateless and a resumed run draws exactly what the uninterrupted one did."""
+    return seed * 1_000_003 + index
+
+
 class EpochSampler:
     """Minibatches without replacement within an epoch, stateless in the step index.
 
@@ -55,7 +61,7 @@ class EpochSampler:
     def indices(self, step: int) -> Tensor:
         epoch, pos = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(step_seed(self.seed, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).to(self.device)
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
@@ -68,7 +74,7 @@ class IIDSampler:
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
 
     def indices(self, step: int) -> Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step))
         return torch.randperm(self.n, generator=gen)[:self.batch_size].to(self.device)
 
 

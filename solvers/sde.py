@@ -31,7 +31,7 @@ from torch.func import vjp, vmap
 
 from flowsim.problem import Problem
 from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field, velocity
-from flowsim.solvers.processes import Schedule
+from flowsim.solvers.processes import Schedule, step_seed
 from flowsim.solvers.rules import Rule
 
 
@@ -50,11 +50,6 @@ class SDEOptions(StepCount):
         if self.noise == "minibatch" and self.sigma:
             raise ValueError("sigma: only for noise: isotropic (minibatch noise comes from the data)")
         return self
-
-
-def brownian_entropy(seed: int, step: int) -> int:
-    """Entropy of the Brownian motion of unit ``step`` for a run with ``seed``."""
-    return seed * 1_000_003 + step
 
 
 class _MinibatchSDE(torch.nn.Module):
@@ -114,7 +109,7 @@ class SDE(Stable):
             field = flow_field(self.problem, self.rule, lr, layout, vectorized=True)
             sde, channels = _IsotropicSDE(field, diffusion), layout.size
         bm = torchsde.BrownianInterval(t0=0.0, t1=1.0, size=(ys.shape[0], channels), dtype=ys.dtype,
-                                       device=ys.device, entropy=brownian_entropy(seed, step),
+                                       device=ys.device, entropy=step_seed(seed, step),
                                        levy_area_approximation="space-time" if o.method == "srk" else "none")
         ts = torch.tensor([0.0, 1.0], dtype=ys.dtype, device=ys.device)
         return torchsde.sdeint(sde, ys, ts, bm=bm, method=o.method, dt=1.0 / substeps)[-1]

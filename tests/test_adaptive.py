@@ -111,11 +111,13 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
     assert losses[9] > 1e12 * losses[0]
 
 
-def test_checkpoint_and_restore_continue_exactly():
-    """Minibatch Adam, stopped after 6 steps and continued by a fresh process from the checkpoint state."""
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_checkpoint_and_restore_continue_exactly(noise):
+    """Minibatch Adam (with and without injected noise), stopped after 6 steps and continued by a fresh process
+    from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
     cls = PROCESSES["adaptive"]
-    options = cls.Options(c=1.0, every=4)
+    options = cls.Options(c=1.0, every=4, noise=noise)
 
     def make():
         return cls(problem, make_rule("adam"), Schedule(100.0), seed=2, batch_size=16, options=options)
@@ -141,6 +143,8 @@ def test_checkpoint_and_restore_continue_exactly():
     ("guard", 0.5, "runs.a.guard: Input should be greater than 1"),
     ("shrink", 1.0, "runs.a.shrink: Input should be less than 1"),
     ("every", 0, "runs.a.every: Input should be greater than 0"),
+    ("noise", -0.1, "runs.a.noise: Input should be greater than or equal to 0"),
+    ("noise_until", 0, "runs.a.noise_until: Input should be greater than 0"),
     ("schedule", {"drop_at": 2, "lr_after": 0.1}, "runs.a.schedule: the adaptive process sets η itself"),
 ])
 def test_bad_options_fail_in_one_line_naming_the_key(key, value, message, tmp_path):
@@ -150,3 +154,48 @@ def test_bad_options_fail_in_one_line_naming_the_key(key, value, message, tmp_pa
         flowsim.run(doc, tmp_path / "s.zarr", progress=False)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_injected_noise_has_the_stationary_variance_of_noisy_gd_on_a_quadratic():
+    """Adaptive GD at c = 0.5 on ½ Σ λ_i w_i² (30 coordinates for each λ of 4, 1, 0.25): η = 2c/λ_max = 0.25
+    exactly, so w_i ← (1 − ηλ) w_i + ησ ξ and its stationary variance is ησ²/(λ(2 − ηλ)) — checked over 4000
+    steps after a burn-in (relative standard error of each estimate ≈ 2 %; the guard is off)."""
+    lams = [4.0, 1.0, 0.25]
+    problem = QuadraticConfig(spectrum=[lam for lam in lams for _ in range(30)]).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    sigma = 0.3
+    process = cls(problem, make_rule("gd"), Schedule(100.0), seed=4,
+                  options=cls.Options(c=0.5, noise=sigma, guard=1e12))
+    traj = process.start(problem.w0)
+    samples = []
+    for k in range(4400):
+        assert process.step(traj, False)["step_size"] == pytest.approx(0.25, rel=1e-9)
+        if k >= 400:
+            samples.append(traj.w.clone())
+    W = torch.stack(samples).reshape(-1, 3, 30)
+    for j, lam in enumerate(lams):
+        expected = 0.25 * sigma ** 2 / (lam * (2 - 0.25 * lam))
+        assert abs(W[:, j].pow(2).mean().item() / expected - 1) < 0.08
+
+
+def test_injected_noise_reproduces_stops_at_noise_until_and_depends_on_the_seed():
+    problem = QuadraticConfig(spectrum=[2.0, 1.0]).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+
+    def run(seed, until):
+        process = cls(problem, make_rule("gd"), Schedule(100.0), seed=seed,
+                      options=cls.Options(c=0.5, noise=0.1, noise_until=until))
+        traj = process.start(problem.w0)
+        ws = []
+        for _ in range(10):
+            process.step(traj, False)
+            ws.append(traj.w.clone())
+        return ws
+    a, b, other = run(0, 5), run(0, 5), run(1, 5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], other[0])
+    # from step 5 on: noiseless GD at η = 2·0.5/2 = 0.5, w_i ← (1 − 0.5 λ_i) w_i
+    expected = a[4] * torch.tensor([0.0, 0.5], dtype=torch.float64) ** 5
+    torch.testing.assert_close(a[9], expected, rtol=1e-12, atol=1e-15)
+    noiseless = a[3] * torch.tensor([0.0, 0.5], dtype=torch.float64)
+    assert not torch.allclose(a[4], noiseless)
