@@ -21,11 +21,12 @@ The controller (units: η in the rule's lr units, S in 1/lr):
 - the divergence guard: when a step's loss exceeds ``guard`` × the smallest step loss since the last
   re-estimate, the step about to be taken is shrunk: s ← ``shrink``·s (ratchet: η ← shrink·min(η, c·θ/S_k)),
   with S re-estimated at once; each later regular re-estimate lets s recover by ``recover`` up to 1;
-- injected noise (optional): ``noise`` σ > 0 adds η_k·σ·ξ_k to every update (ξ_k ~ N(0, I), drawn on the CPU from
-  a generator seeded with (seed, k), so runs reproduce and resume exactly), at the steps k < ``noise_until``
-  (absent = all). σ is in gradient units, like SGD's minibatch noise η(g_B − g), so the noise follows η_k: it
-  shrinks when the controller lowers η for a sharpening S. On a quadratic the stationary variance along λ is
-  η σ²/(λ(2 − ηλ)). A noisy loss trips the guard more often: raise ``guard`` with the noise;
+- injected noise (optional): ``noise`` σ > 0 adds η_k·σ·ξ_k to every update at the steps k < ``noise_until``
+  (absent = all); ξ_k ~ N(0, I) is drawn on the CPU from its own stream of (seed, k), independent of the
+  minibatch draws, so runs reproduce and resume exactly. σ is in gradient units, like SGD's minibatch noise
+  η(g_B − g), so the noise follows η_k: it shrinks when the controller lowers η for a sharpening S. On a
+  quadratic the stationary variance along λ is η σ²/(λ(2 − ηλ)). A noisy loss trips the guard more often:
+  raise ``guard`` with the noise;
 - growth: after the first estimate η grows by at most ``growth`` per re-estimate, so a collapsing or non-positive
   S estimate (noisy curvature, e.g. a preconditioner from a few large gradients) cannot throw η to ``lr``.
 ``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard;
@@ -136,7 +137,7 @@ class Adaptive(Discrete):
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
         self.apply(traj, g, lr)
         if o.noise > 0 and (o.noise_until is None or k < o.noise_until):
-            gen = torch.Generator().manual_seed(step_seed(self.seed, k))
+            gen = torch.Generator().manual_seed(step_seed(self.seed, k, noise=True))
             xi = torch.randn(traj.w.shape, generator=gen, dtype=torch.float64)
             traj.w = traj.w + (lr * o.noise) * xi.to(dtype=traj.w.dtype, device=traj.w.device)
         reached = traj.step  # w_reached, after this step

@@ -21,8 +21,8 @@ substep (scenarios/central-gd-mlp.yaml: halving it moves the end point by 0.005 
 0.06 for 8 → 16 Euler substeps) but holds the edge only to ~1e-3. A flow with no valid Σ (the SDCP has no
 solution, e.g. a start far above the edge) is recorded as diverged at that step, with a warning.
 
-Eigenpairs come from the warm-started Lanczos solver ``flowsim.curvature.top_eigenpairs`` at every field evaluation, tracking every effective
-eigenvalue above ``track_threshold`` plus one. The gradient's graph is built once per field evaluation and
+Eigenpairs come from the warm-started Lanczos solver ``flowsim.curvature.top_eigenpairs`` at every field
+evaluation, tracking every effective eigenvalue above ``track_threshold`` plus one. The gradient's graph is built once per field evaluation and
 serves the Hessian-vector products and the third-derivative terms ∇_w(uᵢᵀH(w)uⱼ) for all pairs i ≤ j (reverse
 mode through H u_j: ~4x cheaper on CPU than nested jvp + grad with torch.func, same values to 1e-16).
 

@@ -40,10 +40,15 @@ class Schedule:
         return self.lr
 
 
-def step_seed(seed: int, index: int) -> int:
-    """The seed of the random stream of step (or epoch) ``index`` of a run with ``seed``: a function of the two
-    only, so every draw is stateless and a resumed run draws exactly what the uninterrupted one did."""
-    return seed * 1_000_003 + index
+def step_seed(seed: int, index: int, noise: bool = False) -> int:
+    """The seed of the random stream of step (or epoch) ``index`` of a run with ``seed``: a function of these
+    only, so every draw is stateless and a resumed run draws exactly what the uninterrupted one did.
+
+    ``noise`` selects the stream of injected noise, independent of the minibatch (and Brownian) stream of the
+    same step: its seeds have bit 31 flipped, so the two never meet while seed·1_000_003 + index < 2³¹ (seeds
+    below 2000 over a million steps; torch's CPU generator keeps only the low 32 bits of a seed)."""
+    base = seed * 1_000_003 + index
+    return base ^ 0x9E3779B9 if noise else base
 
 
 class EpochSampler:

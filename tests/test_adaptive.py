@@ -199,3 +199,13 @@ def test_injected_noise_reproduces_stops_at_noise_until_and_depends_on_the_seed(
     torch.testing.assert_close(a[9], expected, rtol=1e-12, atol=1e-15)
     noiseless = a[3] * torch.tensor([0.0, 0.5], dtype=torch.float64)
     assert not torch.allclose(a[4], noiseless)
+
+
+def test_the_noise_stream_never_meets_the_minibatch_stream():
+    """torch's CPU generator keeps the low 32 bits of a seed: the noise seeds must differ there from every
+    minibatch (or Brownian) seed, for seeds below 2000 over a million steps."""
+    from flowsim.solvers.processes import step_seed
+    mask, steps = 0xFFFFFFFF, range(0, 1_000_000, 997)
+    minibatch = {step_seed(s, k) & mask for s in range(2000) for k in steps}
+    noise = {step_seed(s, k, noise=True) & mask for s in range(0, 2000, 37) for k in steps}
+    assert not minibatch & noise
