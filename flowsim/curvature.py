@@ -69,17 +69,16 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     def random_vector() -> Tensor:
         return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
-    Q = torch.empty(m_max, n, dtype=dtype, device=device)
+    Q = torch.empty(m_max, n, dtype=dtype, device=device)  # the Lanczos vectors, one per row
     q = v0.to(dtype=dtype, device=device).sum(1) if v0 is not None else random_vector()
     if q.norm() == 0:
         q = random_vector()
-    q = q / q.norm()
+    torch.div(q, q.norm(), out=Q[0])
     T = np.zeros((m_max, m_max))  # the Lanczos tridiagonal, filled as it grows (float64, on the host)
-    beta = 0.0
     tiny = torch.finfo(dtype).tiny
+    previous: list = []
     for m in range(1, m_max + 1):
-        Q[m - 1] = q
-        z = matvec(q)
+        z = matvec(Q[m - 1])
         Qm = Q[:m]
         coefficients = torch.mv(Qm, z)  # the last is α = qᵀAq; the rest vanish in exact arithmetic, but β_{m−1}
         alpha = coefficients[m - 1].item()
@@ -88,33 +87,46 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
         beta = torch.linalg.vector_norm(z).item()
         T[m - 1, m - 1] = alpha
         theta, S, _ = dsyevd(T[:m, :m])  # LAPACK directly: np.linalg.eigh's checks cost as much as the solve
-        theta, S = theta[::-1], S[:, ::-1]
-        norm = max(abs(theta).max(), tiny)  # ‖T‖₂, an estimate of ‖A‖₂
+        # Python floats from here: for a handful of Ritz values they are several times faster than numpy calls
+        theta, last = theta.tolist()[::-1], S[m - 1].tolist()[::-1]
+        norm = max(abs(theta[0]), abs(theta[-1]), tiny)  # ‖T‖₂, an estimate of ‖A‖₂
         # tolerances scale with the wanted Ritz values (as ARPACK's): scaled by ‖T‖, a large negative eigenvalue
         # would pass a top Ritz value that has not yet seen the top eigenvector
-        scale = max(abs(theta[:k]).max(), math.sqrt(np.finfo(np.float64).eps) * norm, tiny)
-        residuals = beta * abs(S[m - 1, :k])
-        converged = residuals <= tol * scale
-        if values_only and m > k:
-            gaps = abs(theta[:k, None] - theta[None, :])
-            np.fill_diagonal(gaps, np.inf)
-            change = abs(theta[:k] - previous[:k])
-            converged |= ((np.maximum(change, residuals ** 2 / gaps.min(1)) <= tol * scale)
-                          & (residuals <= 0.3 * math.sqrt(tol) * scale))
+        scale = max(max(abs(t) for t in theta[:k]), SQRT_EPS64 * norm, tiny)
+        converged = m >= k and all(
+            _ritz_converged(theta, i, beta * abs(last[i]), previous, tol, scale, values_only and m > k)
+            for i in range(k))
         previous = theta
-        if (m >= k and converged.all()) or m == m_max:
+        if converged or m == m_max:
             break
         if beta <= 1e3 * torch.finfo(dtype).eps * norm:
             z = random_vector()
             for _ in range(2):
-                z = z - Q[:m].T @ (Q[:m] @ z)
+                z = z - Qm.T @ (Qm @ z)
             beta = 0.0
-            q = z / z.norm()
+            torch.div(z, z.norm(), out=Q[m])
         else:
-            q = z / beta
+            torch.div(z, beta, out=Q[m])
         T[m - 1, m] = T[m, m - 1] = beta
-    vecs = Q[:m].T @ torch.from_numpy(S[:, :k].copy()).to(dtype=dtype, device=device)
-    return Eigenpairs(torch.from_numpy(theta[:k].copy()).to(dtype=dtype, device=device), vecs, m)
+    vecs = Q[:m].T @ torch.from_numpy(S[:, ::-1][:, :k].copy()).to(dtype=dtype, device=device)
+    return Eigenpairs(torch.tensor(theta[:k], dtype=dtype, device=device), vecs, m)
+
+
+SQRT_EPS64 = math.sqrt(np.finfo(np.float64).eps)
+
+
+def _ritz_converged(theta: list, i: int, residual: float, previous: list, tol: float, scale: float,
+                    values_only: bool) -> bool:
+    """Whether the Ritz value ``theta[i]`` (of the descending list ``theta``; ``previous``: the list one Krylov
+    step earlier) with ``residual`` ‖A y − θ y‖ has converged to ``tol · scale``: by its residual or, with
+    ``values_only``, by its eigenvalue error estimate (the rules are in ``top_eigenpairs``)."""
+    if residual <= tol * scale:
+        return True
+    if not values_only or residual > 0.3 * math.sqrt(tol) * scale:
+        return False
+    gap = min(abs(theta[i] - t) for j, t in enumerate(theta) if j != i)
+    error = max(abs(theta[i] - previous[i]), residual ** 2 / gap if gap > 0 else math.inf)
+    return error <= tol * scale
 
 
 # ---- operators ----------------------------------------------------------------------------------------------
