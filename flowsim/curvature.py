@@ -145,15 +145,23 @@ def hessian_operator(problem, w: Tensor, idx: Optional[Tensor] = None,
         return lambda v: problem.hvp(w, v, idx)
     if method != "reverse":
         raise ValueError(f"method: must be one of {HVP_METHODS}, got {method!r}")
+    return loss_grad_and_hessian(problem, w, idx)[2]
+
+
+def loss_grad_and_hessian(problem, w: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Callable]:
+    """(L(w), ∇L(w), v ↦ H(w) v) on the examples ``idx`` (all when None), all from one forward pass and one
+    backward pass that keeps its graph: each product is then one more backward pass through it (double
+    backward). A step that needs its gradient and a curvature estimate at the same point pays for one graph."""
     with torch.enable_grad():
         leaf = w.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(problem.loss(leaf, idx), leaf, create_graph=True)
+        loss = problem.loss(leaf, idx)
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
 
     def matvec(v: Tensor) -> Tensor:
         with torch.enable_grad():
             (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
         return hv.detach()
-    return matvec
+    return loss.detach(), g.detach(), matvec
 
 
 def preconditioned(matvec: Callable[[Tensor], Tensor], precond: Tensor) -> Callable[[Tensor], Tensor]:

@@ -11,6 +11,11 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   ``flowsim.curvature.top_eigenpairs`` on the full batch (or the first ``curvature_examples``), and sets
   η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
   that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2));
+- ``curvature_batch``: H on the batch of the step that reaches w_k instead, at w_{k−1}, from the graph of the
+  gradient that step needs anyway (``flowsim.curvature.loss_grad_and_hessian``): no extra forward or
+  backward pass, only the products, for S of the minibatch Hessian one step back (in full batch, the full
+  Hessian). ``max_products`` caps the products per re-estimate after the first; the warm start carries the
+  convergence from one estimate to the next;
 - ``early``: also re-estimate after the steps that reach w_1, w_2, w_4, … below ``every``: an adaptive rule's
   preconditioner (Adam's ν from a handful of gradients) and the curvature change fastest in the first steps;
 - ``c_start`` (default c) replaces c at the first estimate, made in step 0: c_start > 1 starts above the edge, so that
@@ -37,12 +42,13 @@ the curvature estimates run inside ``step``, so their cost is in the recorded wa
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
 import torch
+from torch import Tensor
 
-from flowsim.curvature import hessian_operator, preconditioned, top_eigenpairs
+from flowsim.curvature import hessian_operator, loss_grad_and_hessian, preconditioned, top_eigenpairs
 from flowsim.solvers.processes import Discrete, DiscreteOptions, Trajectory, step_seed
 
 
@@ -65,6 +71,16 @@ class AdaptiveOptions(DiscreteOptions):
                                "(``top_eigenpairs`` values_only)")
     curvature_examples: Optional[PositiveInt] = Field(None, description="estimate S on the first this many "
                                                       "examples (absent = all)")
+    curvature_batch: bool = Field(False, description="estimate S on the step's own batch, from its gradient's "
+                                  "graph (no extra forward/backward pass)")
+    max_products: Optional[PositiveInt] = Field(None, description="at most this many Hessian-vector products "
+                                                "per re-estimate after the first (absent = until tol)")
+
+    @model_validator(mode="after")
+    def _one_curvature_sample(self):
+        if self.curvature_batch and self.curvature_examples is not None:
+            raise ValueError("curvature_examples: does not apply with curvature_batch (S is on the step's batch)")
+        return self
 
 
 class Adaptive(Discrete):
@@ -88,22 +104,25 @@ class Adaptive(Discrete):
         the first step, which makes the first estimate."""
         return self.ctl["eta"]
 
-    def sharpness(self, traj: Trajectory) -> float:
-        """S = λ_max(P̃⁻¹H) at traj.w, P̃ from the rule state (at the start: the state after a first step)."""
+    def sharpness(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], first: bool) -> float:
+        """S = λ_max(P̃⁻¹H): H = ``hessian`` (v ↦ Hv, ``curvature_batch``: the step's batch at the point the step
+        started from) or else at traj.w on the curvature examples; P̃ from the rule state (before the first step:
+        the state after a step with gradient g)."""
         w, state = traj.w, traj.state
         if state is None:
-            g = self.problem.grad(w)
             state = self.rule.advance_state(g, self.rule.init(w, g))
-        H = hessian_operator(self.problem, w, self.curvature_idx)
+        H = hessian or hessian_operator(self.problem, w, self.curvature_idx)
         P = self.rule.precond(state)
         res = top_eigenpairs(H if P is None else preconditioned(H, P), w.numel(), 1, v0=self.ctl["vecs"],
-                             tol=self.options.tol, dtype=w.dtype, device=w.device, values_only=True)
+                             tol=self.options.tol, max_iter=None if first else self.options.max_products,
+                             dtype=w.dtype, device=w.device, values_only=True)
         self.ctl["vecs"] = res.vecs
         return res.vals[0].item()
 
-    def _estimate(self, traj: Trajectory, c: float, first: bool = False, spike: bool = False) -> None:
+    def _estimate(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], c: float, first: bool = False,
+                  spike: bool = False) -> None:
         o, ctl = self.options, self.ctl
-        S = ctl["S"] = self.sharpness(traj)
+        S = ctl["S"] = self.sharpness(traj, g, hessian, first)
         target = c * self.rule.threshold_coefficient() / S if S > 0 else math.inf
         if spike:
             ctl["ref"] = math.inf
@@ -121,15 +140,28 @@ class Adaptive(Discrete):
         ctl["eta"] = min(self.lr_max, eta)
         ctl["ref"] = math.inf
 
+    def _loss_and_grad(self, w: Tensor, idx: Optional[Tensor], with_hessian: bool):
+        """(loss, g, v ↦ Hv or None) of the step's batch; the product only with ``curvature_batch``, and then
+        from the same graph as g."""
+        if with_hessian and self.options.curvature_batch:
+            return loss_grad_and_hessian(self.problem, w, idx)
+        loss, g = self.problem.loss_and_grad(w) if idx is None else self.problem.batch_loss_and_grad(w, idx)
+        return loss, g, None
+
     def step(self, traj, measure):
         k, o = traj.step, self.options
-        if math.isnan(self.ctl["eta"]):  # the first estimate, inside the step so that its cost is timed
-            self._estimate(traj, o.c_start or o.c, first=True)
+        first = math.isnan(self.ctl["eta"])
+        reached = k + 1  # w_reached, after this step
+        regular = reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0)
         idx = None if self.sampler is None else self.sampler.indices(k)
-        loss, g = self.problem.loss_and_grad(traj.w) if idx is None else self.problem.batch_loss_and_grad(traj.w, idx)
+        loss, g, hessian = self._loss_and_grad(traj.w, idx, first or regular)
+        if first:  # inside the step, so that its cost is timed
+            self._estimate(traj, g, hessian, o.c_start or o.c, first=True)
         step_loss = loss.item()
         if step_loss > o.guard * self.ctl["ref"]:
-            self._estimate(traj, o.c, spike=True)
+            if hessian is None and o.curvature_batch:
+                _, _, hessian = self._loss_and_grad(traj.w, idx, True)
+            self._estimate(traj, g, hessian, o.c, spike=True)
         self.ctl["ref"] = min(self.ctl["ref"], step_loss)
         lr = self.ctl["eta"]
         out = {"step_loss": step_loss, "step_size": lr}
@@ -140,9 +172,8 @@ class Adaptive(Discrete):
             gen = torch.Generator().manual_seed(step_seed(self.seed, k, noise=True))
             xi = torch.randn(traj.w.shape, generator=gen, dtype=torch.float64)
             traj.w = traj.w + (lr * o.noise) * xi.to(dtype=traj.w.dtype, device=traj.w.device)
-        reached = traj.step  # w_reached, after this step
-        if reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0):
-            self._estimate(traj, o.c)
+        if regular:
+            self._estimate(traj, g, hessian, o.c)
         return out
 
     def checkpoint_state(self) -> dict:

@@ -48,7 +48,7 @@ def test_eta_grows_by_at_most_growth_per_estimate_when_the_sharpness_collapses()
     cls = PROCESSES["adaptive"]
     process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(every=1))
     estimates = iter([4.0, 0.04, -1.0, 1.0, 1.0])
-    process.sharpness = lambda traj: next(estimates)
+    process.sharpness = lambda traj, *_: next(estimates)
     traj = process.start(problem.w0)
     assert [process.step(traj, False)["step_size"] for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
 
@@ -61,7 +61,7 @@ def test_estimates_are_made_every_every_steps_and_with_early_also_at_powers_of_t
     cls = PROCESSES["adaptive"]
     process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(every=10, early=early))
     seen = []
-    process.sharpness = lambda traj: (seen.append(traj.step), 1.0)[1]
+    process.sharpness = lambda traj, *_: (seen.append(traj.step), 1.0)[1]
     traj = process.start(problem.w0)
     for _ in range(25):
         process.step(traj, False)
@@ -209,3 +209,57 @@ def test_the_noise_stream_never_meets_the_minibatch_stream():
     minibatch = {step_seed(s, k) & mask for s in range(2000) for k in steps}
     noise = {step_seed(s, k, noise=True) & mask for s in range(0, 2000, 37) for k in steps}
     assert not minibatch & noise
+
+
+@pytest.mark.parametrize("rule", ["gd", "adam"])
+def test_curvature_batch_estimates_the_top_eigenvalue_of_the_previous_steps_batch_hessian(rule):
+    """With ``curvature_batch`` the estimate after the step that reaches w_3 is λ_max(P̃⁻¹H_B) of the minibatch
+    B of that step at w_2 (P̃ from the state after it): against dense float64 eigenvalues."""
+    problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64, "widths": [8]}).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    process = cls(problem, make_rule(rule), Schedule(100.0), seed=1, batch_size=16,
+                  options=cls.Options(c=0.5, every=3, curvature_batch=True, tol=1e-10))
+    traj = process.start(problem.w0)
+    for _ in range(2):
+        process.step(traj, False)
+    w2, batch = traj.w.clone(), process.sampler.indices(2)
+    process.step(traj, False)
+    H = torch.func.hessian(lambda w: problem.loss(w, batch))(w2)
+    P = process.rule.precond(traj.state)
+    if P is not None:
+        H = H / P.sqrt()[:, None] / P.sqrt()[None, :]
+    assert process.ctl["S"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-8)
+
+
+def test_max_products_caps_every_re_estimate_after_the_first(monkeypatch):
+    import flowsim.solvers.adaptive as adaptive
+    solve, used = adaptive.top_eigenpairs, []
+
+    def counted(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        used.append(result.matvecs)
+        return result
+    monkeypatch.setattr(adaptive, "top_eigenpairs", counted)
+    problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    process = cls(problem, make_rule("adam"), Schedule(100.0), seed=0, batch_size=32,
+                  options=cls.Options(every=2, curvature_batch=True, max_products=2, tol=1e-9))
+    traj = process.start(problem.w0)
+    for _ in range(12):
+        process.step(traj, False)
+    assert len(used) == 7 and used[0] > 2 and max(used[1:]) == 2
+
+
+@pytest.mark.parametrize("curvature_batch", [False, True])
+def test_curvature_batch_holds_eta_at_c_times_two_over_lambda_max_on_a_quadratic(curvature_batch):
+    etas, _, _ = quadratic_run(30, c=0.9, every=5, curvature_batch=curvature_batch, max_products=1)
+    np.testing.assert_allclose(etas * SPECTRUM[0], 1.8, rtol=1e-6)
+
+
+def test_curvature_batch_with_curvature_examples_fails_in_one_line(tmp_path):
+    doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
+           "runs": {"a": {"process": "adaptive", "lr": 1.0, "curvature_batch": True, "curvature_examples": 10}}}
+    with pytest.raises(ScenarioError) as err:
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert "curvature_examples: does not apply with curvature_batch" in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "s.zarr").exists()
