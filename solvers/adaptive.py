@@ -32,6 +32,9 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   η(g_B − g), so the noise follows η_k: it shrinks when the controller lowers η for a sharpening S. On a
   quadratic the stationary variance along λ is η σ²/(λ(2 − ηλ)). A noisy loss trips the guard more often:
   raise ``guard`` with the noise;
+- ``hold_on_rise``: at a re-estimate η may not grow when the mean step loss since the previous re-estimate is
+  above that of the interval before (a run whose loss creeps up, e.g. a ReLU network losing units to too large
+  steps, gets no larger steps; the guard only sees spikes within one interval);
 - growth: after the first estimate η grows by at most ``growth`` per re-estimate, so a collapsing or non-positive
   S estimate (noisy curvature, e.g. a preconditioner from a few large gradients) cannot throw η to ``lr``.
 ``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard;
@@ -63,6 +66,8 @@ class AdaptiveOptions(DiscreteOptions):
                          "shrinks the step")
     shrink: float = Field(0.5, gt=0, lt=1, description="factor applied to the step size by the guard")
     recover: float = Field(1.25, ge=1, description="factor by which a shrunk step recovers at each re-estimate (≤ 1×)")
+    hold_on_rise: bool = Field(False, description="η does not grow at a re-estimate when the mean step loss since "
+                               "the previous one is above that of the interval before")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate (an S estimate "
                           "that collapses, or is ≤ 0, cannot throw η to lr)")
     noise: float = Field(0.0, ge=0, description="σ of the injected noise η·σ·ξ per step (gradient units; 0 = none)")
@@ -83,6 +88,12 @@ class AdaptiveOptions(DiscreteOptions):
         return self
 
 
+INITIAL_CONTROL = {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None,
+                   "loss_sum": 0.0, "loss_n": 0, "last_mean": math.inf}
+"""The controller's state before the first step: η, the guard's scale s, S, the guard's reference loss, the warm
+start, and the step losses of the current and previous intervals between re-estimates (``hold_on_rise``)."""
+
+
 class Adaptive(Discrete):
     """Discrete iteration with η_k = min(lr, s·c·θ/S_k) from warm-started curvature tracking (module docstring)."""
     name: ClassVar[str] = "adaptive"
@@ -97,7 +108,7 @@ class Adaptive(Discrete):
         m = self.options.curvature_examples
         self.curvature_idx = None if m is None or m >= n else torch.arange(m, device=problem.device)
         self.schedule = self.step_size
-        self.ctl = {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
+        self.ctl = dict(INITIAL_CONTROL)
 
     def step_size(self, step: int) -> float:
         """η for the step about to be taken (the process's schedule: the curvature probe reads it); NaN before
@@ -137,6 +148,11 @@ class Adaptive(Discrete):
             eta = min(eta, o.growth * ctl["eta"])
             if o.ratchet:
                 eta = max(ctl["eta"], eta)
+        if not spike and ctl["loss_n"]:
+            mean = ctl["loss_sum"] / ctl["loss_n"]
+            if o.hold_on_rise and mean > ctl["last_mean"]:
+                eta = min(eta, ctl["eta"])
+            ctl["last_mean"], ctl["loss_sum"], ctl["loss_n"] = mean, 0.0, 0
         ctl["eta"] = min(self.lr_max, eta)
         ctl["ref"] = math.inf
 
@@ -163,6 +179,8 @@ class Adaptive(Discrete):
                 _, _, hessian = self._loss_and_grad(traj.w, idx, True)
             self._estimate(traj, g, hessian, o.c, spike=True)
         self.ctl["ref"] = min(self.ctl["ref"], step_loss)
+        self.ctl["loss_sum"] += step_loss
+        self.ctl["loss_n"] += 1
         lr = self.ctl["eta"]
         out = {"step_loss": step_loss, "step_size": lr}
         if measure:
@@ -180,4 +198,4 @@ class Adaptive(Discrete):
         return {k: v for k, v in self.ctl.items() if v is not None}
 
     def restore(self, state: dict) -> None:
-        self.ctl = {"vecs": None, **state}
+        self.ctl = {**INITIAL_CONTROL, **state}
