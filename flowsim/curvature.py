@@ -20,6 +20,9 @@ from torch import Tensor
 from flowsim.record import Probe
 
 
+SQRT_EPS64 = math.sqrt(np.finfo(np.float64).eps)
+
+
 class Eigenpairs(NamedTuple):
     """``vals`` (k,) descending, ``vecs`` (n, k) orthonormal columns, ``matvecs`` = operator applications used."""
     vals: Tensor
@@ -110,9 +113,6 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
         T[m - 1, m] = T[m, m - 1] = beta
     vecs = Q[:m].T @ torch.from_numpy(S[:, ::-1][:, :k].copy()).to(dtype=dtype, device=device)
     return Eigenpairs(torch.tensor(theta[:k], dtype=dtype, device=device), vecs, m)
-
-
-SQRT_EPS64 = math.sqrt(np.finfo(np.float64).eps)
 
 
 def _ritz_converged(theta: list, i: int, residual: float, previous: list, tol: float, scale: float,
