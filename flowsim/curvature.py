@@ -145,23 +145,44 @@ def hessian_operator(problem, w: Tensor, idx: Optional[Tensor] = None,
         return lambda v: problem.hvp(w, v, idx)
     if method != "reverse":
         raise ValueError(f"method: must be one of {HVP_METHODS}, got {method!r}")
-    return loss_grad_and_hessian(problem, w, idx)[2]
+    return LossGraph(problem, w, idx).hvp
 
 
-def loss_grad_and_hessian(problem, w: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Callable]:
-    """(L(w), ∇L(w), v ↦ H(w) v) on the examples ``idx`` (all when None), all from one forward pass and one
-    backward pass that keeps its graph: each product is then one more backward pass through it (double
-    backward). A step that needs its gradient and a curvature estimate at the same point pays for one graph."""
-    with torch.enable_grad():
-        leaf = w.detach().requires_grad_(True)
-        loss = problem.loss(leaf, idx)
-        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+class LossGraph:
+    """L(w), ∇L(w) on the examples ``idx`` (all when None) with the gradient's graph kept: one forward and one
+    backward pass, after which each Hessian-vector product (double backward) and third-derivative term at w is
+    one more backward pass through it. A step that needs its gradient and curvature at the same point pays for
+    one graph."""
 
-    def matvec(v: Tensor) -> Tensor:
+    def __init__(self, problem, w: Tensor, idx: Optional[Tensor] = None):
         with torch.enable_grad():
-            (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
-        return hv.detach()
-    return loss.detach(), g.detach(), matvec
+            self.leaf = w.detach().requires_grad_(True)
+            self.loss = problem.loss(self.leaf, idx)
+            (self.g,) = torch.autograd.grad(self.loss, self.leaf, create_graph=True)
+
+    def grad(self) -> Tensor:
+        return self.g.detach()
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """H(w) v (one backward pass through the gradient's graph)."""
+        with torch.enable_grad():
+            return torch.autograd.grad(self.g, self.leaf, v, retain_graph=True)[0].detach()
+
+    def third_derivatives(self, U: Tensor) -> Tensor:
+        """T (k, k, n) with T[i, j] = ∇_w(uᵢᵀ H(w) uⱼ) for the columns of U (n, k): reverse mode over the
+        gradient's graph (Hu_j kept with its graph, then one backward per pair i ≤ j; mirrored)."""
+        k = U.shape[1]
+        T = U.new_empty(k, k, U.shape[0])
+        with torch.enable_grad():
+            for j in range(k):
+                (hu,) = torch.autograd.grad(self.g, self.leaf, U[:, j], retain_graph=True, create_graph=True)
+                for i in range(j + 1):
+                    if hu.requires_grad:
+                        (T[i, j],) = torch.autograd.grad(hu, self.leaf, U[:, i], retain_graph=True)
+                    else:  # H does not depend on w (a quadratic): no third derivative
+                        T[i, j] = 0.0
+                    T[j, i] = T[i, j]
+        return T
 
 
 def preconditioned(matvec: Callable[[Tensor], Tensor], precond: Tensor) -> Callable[[Tensor], Tensor]:

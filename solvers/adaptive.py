@@ -12,10 +12,10 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
   that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2));
 - ``curvature_batch``: H on the batch of the step that reaches w_k instead, at w_{k−1}, from the graph of the
-  gradient that step needs anyway (``flowsim.curvature.loss_grad_and_hessian``): no extra forward or
-  backward pass, only the products, for S of the minibatch Hessian one step back (in full batch, the full
-  Hessian). ``max_products`` caps the products per re-estimate after the first; the warm start carries the
-  convergence from one estimate to the next;
+  gradient that step needs anyway (``flowsim.curvature.LossGraph``): no extra forward or backward pass, only
+  the products, for S of the minibatch Hessian one step back (in full batch, the full Hessian).
+  ``max_products`` caps the products per re-estimate after the first; the warm start carries the convergence
+  from one estimate to the next;
 - ``early``: also re-estimate after the steps that reach w_1, w_2, w_4, … below ``every``: an adaptive rule's
   preconditioner (Adam's ν from a handful of gradients) and the curvature change fastest in the first steps;
 - ``c_start`` (default c) replaces c at the first estimate, made in step 0: c_start > 1 starts above the edge, so that
@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validat
 import torch
 from torch import Tensor
 
-from flowsim.curvature import hessian_operator, loss_grad_and_hessian, preconditioned, top_eigenpairs
+from flowsim.curvature import LossGraph, hessian_operator, preconditioned, top_eigenpairs
 from flowsim.solvers.processes import Discrete, DiscreteOptions, Trajectory, step_seed
 
 
@@ -160,9 +160,9 @@ class Adaptive(Discrete):
         """(loss, g, v ↦ Hv or None) of the step's batch; the product only with ``curvature_batch``, and then
         from the same graph as g."""
         if with_hessian and self.options.curvature_batch:
-            return loss_grad_and_hessian(self.problem, w, idx)
-        loss, g = self.problem.loss_and_grad(w) if idx is None else self.problem.batch_loss_and_grad(w, idx)
-        return loss, g, None
+            graph = LossGraph(self.problem, w, idx)
+            return graph.loss.detach(), graph.grad(), graph.hvp
+        return (*self.problem.loss_and_grad(w, idx), None)
 
     def step(self, traj, measure):
         k, o = traj.step, self.options

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from flowsim.curvature import LossGraph
 from flowsim.problem import Problem
-from flowsim.solvers.central import Central, CentralOptions, LossGraph, sigma_eigenpairs
+from flowsim.solvers.central import Central, CentralOptions, sigma_eigenpairs
 from flowsim.solvers.flows import Stable
 from flowsim.solvers.processes import Discrete, Schedule
 from flowsim.solvers.rules import make_rule
