@@ -35,24 +35,44 @@ The controller (units: η in the rule's lr units, S in 1/lr):
 - ``hold_on_rise``: at a re-estimate η may not grow when the mean step loss since the previous re-estimate is
   above that of the interval before (a run whose loss creeps up, e.g. a ReLU network losing units to too large
   steps, gets no larger steps; the guard only sees spikes within one interval);
+- ``flow``: the central flow chooses c. At the first estimate (and at the re-estimates of every ``flow.every``
+  steps) the central flow of the rule (solvers/central.py; gd, scalar_rmsprop, rmsprop, full batch) is run
+  ``flow.horizon`` steps from w_k at η = min(lr, c·θ/S_k) for each of ``flow.candidates``, and the c whose
+  forecast time-averaged loss L + ½⟨H, Σ⟩ at the end is lowest — the largest predicted decrease per step — is
+  used until the next choice (recorded as ``target_c``). A candidate above the edge is forecast with its Σ (the
+  oscillation's loss cost and its sharpness reduction), or dropped where no Σ exists (a quadratic); a catapult,
+  which leaves the flow's domain, cannot be forecast, so ``c_start`` does not combine with ``flow``. The
+  forecasts run inside the step, so their cost is in the wall time;
 - growth: after the first estimate η grows by at most ``growth`` per re-estimate, so a collapsing or non-positive
   S estimate (noisy curvature, e.g. a preconditioner from a few large gradients) cannot throw η to ``lr``.
 ``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard;
 a curvature probe's ``threshold`` at that step still uses the η from before it);
 the curvature estimates run inside ``step``, so their cost is in the recorded wall time. The controller's state
-(η, s, S, the reference loss and the warm-start vectors) is the process's checkpoint state: resume is exact.
+(η, s, S, c, the reference loss and the warm-start vectors) is the process's checkpoint state: resume is exact.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar, Optional
+from typing import Annotated, Callable, ClassVar, Optional
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 import torch
 from torch import Tensor
 
 from flowsim.curvature import LossGraph, hessian_operator, preconditioned, top_eigenpairs
-from flowsim.solvers.processes import Discrete, DiscreteOptions, Trajectory, step_seed
+from flowsim.solvers.central import Central, CentralOptions
+from flowsim.solvers.processes import Discrete, DiscreteOptions, Schedule, Trajectory, step_seed
+
+
+class FlowChoice(BaseModel):
+    """``flow``: the central flow chooses c (module docstring)."""
+    model_config = ConfigDict(extra="forbid")
+    candidates: list[Annotated[float, Field(gt=0, lt=2)]] = Field(
+        [0.5, 0.75, 1.0, 1.25], min_length=1, description="the c values compared (each in (0, 2))")
+    horizon: PositiveInt = Field(10, description="steps of the flow over which their predicted losses are compared")
+    every: Optional[PositiveInt] = Field(None, description="choose again at the re-estimate of every this many "
+                                         "steps (absent = only at the first estimate)")
+    substeps: PositiveInt = Field(2, description="Euler substeps per step of the forecasting flow")
 
 
 class AdaptiveOptions(DiscreteOptions):
@@ -80,11 +100,16 @@ class AdaptiveOptions(DiscreteOptions):
                                   "graph (no extra forward/backward pass)")
     max_products: Optional[PositiveInt] = Field(None, description="at most this many Hessian-vector products "
                                                 "per re-estimate after the first (absent = until tol)")
+    flow: Optional[FlowChoice] = Field(None, description="choose c by the central flow's forecast (absent = c)")
 
     @model_validator(mode="after")
-    def _one_curvature_sample(self):
+    def _consistent(self):
         if self.curvature_batch and self.curvature_examples is not None:
             raise ValueError("curvature_examples: does not apply with curvature_batch (S is on the step's batch)")
+        if self.flow is not None and self.c_start is not None:
+            raise ValueError("c_start: does not apply with flow (the flow chooses c from the first estimate on)")
+        if self.flow is not None and self.flow.every is not None and self.flow.every % self.every:
+            raise ValueError(f"flow.every: must be a multiple of every ({self.every}): c is chosen at a re-estimate")
         return self
 
 
@@ -108,7 +133,14 @@ class Adaptive(Discrete):
         m = self.options.curvature_examples
         self.curvature_idx = None if m is None or m >= n else torch.arange(m, device=problem.device)
         self.schedule = self.step_size
-        self.ctl = dict(INITIAL_CONTROL)
+        self.ctl = {**INITIAL_CONTROL, "c": self.options.c}
+        self.forecaster = None
+        if self.options.flow is not None:
+            try:
+                self.forecaster = Central(problem, rule, Schedule(self.lr_max), seed, batch_size,
+                                          CentralOptions(substeps=self.options.flow.substeps, shadow=False))
+            except ValueError as e:
+                raise ValueError(f"flow: {e}") from None
 
     def step_size(self, step: int) -> float:
         """η for the step about to be taken (the process's schedule: the curvature probe reads it); NaN before
@@ -130,10 +162,22 @@ class Adaptive(Discrete):
         self.ctl["vecs"] = res.vecs
         return res.vals[0].item()
 
-    def _estimate(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], c: float, first: bool = False,
-                  spike: bool = False) -> None:
+    def choose_c(self, traj: Trajectory, S: float) -> float:
+        """The candidate c whose central flow, run ``flow.horizon`` steps from traj at η = min(lr, c·θ/S),
+        forecasts the lowest loss (the largest decrease per step); the current c when no forecast is finite."""
+        f, theta = self.options.flow, self.rule.threshold_coefficient()
+        forecast = {c: self.forecaster.forecast(traj.w, traj.state, min(self.lr_max, c * theta / S) if S > 0
+                                                else self.lr_max, f.horizon) for c in f.candidates}
+        finite = {c: v for c, v in forecast.items() if math.isfinite(v)}
+        return min(finite, key=finite.get) if finite else self.ctl["c"]
+
+    def _estimate(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], first: bool = False,
+                  spike: bool = False, choose: bool = False) -> None:
         o, ctl = self.options, self.ctl
         S = ctl["S"] = self.sharpness(traj, g, hessian, first)
+        if choose:
+            ctl["c"] = self.choose_c(traj, S)
+        c = o.c_start if first and o.c_start is not None else ctl["c"]
         target = c * self.rule.threshold_coefficient() / S if S > 0 else math.inf
         if spike:
             ctl["ref"] = math.inf
@@ -169,15 +213,16 @@ class Adaptive(Discrete):
         first = math.isnan(self.ctl["eta"])
         reached = k + 1  # w_reached, after this step
         regular = reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0)
+        choose = o.flow is not None and o.flow.every is not None and reached % o.flow.every == 0
         idx = None if self.sampler is None else self.sampler.indices(k)
         loss, g, hessian = self._loss_and_grad(traj.w, idx, first or regular)
         if first:  # inside the step, so that its cost is timed
-            self._estimate(traj, g, hessian, o.c_start or o.c, first=True)
+            self._estimate(traj, g, hessian, first=True, choose=o.flow is not None)
         step_loss = loss.item()
         if step_loss > o.guard * self.ctl["ref"]:
             if hessian is None and o.curvature_batch:
                 _, _, hessian = self._loss_and_grad(traj.w, idx, True)
-            self._estimate(traj, g, hessian, o.c, spike=True)
+            self._estimate(traj, g, hessian, spike=True)
         self.ctl["ref"] = min(self.ctl["ref"], step_loss)
         self.ctl["loss_sum"] += step_loss
         self.ctl["loss_n"] += 1
@@ -185,17 +230,18 @@ class Adaptive(Discrete):
         out = {"step_loss": step_loss, "step_size": lr}
         if measure:
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
+            out["target_c"] = self.ctl["c"]
         self.apply(traj, g, lr)
         if o.noise > 0 and (o.noise_until is None or k < o.noise_until):
             gen = torch.Generator().manual_seed(step_seed(self.seed, k, noise=True))
             xi = torch.randn(traj.w.shape, generator=gen, dtype=torch.float64)
             traj.w = traj.w + (lr * o.noise) * xi.to(dtype=traj.w.dtype, device=traj.w.device)
         if regular:
-            self._estimate(traj, g, hessian, o.c)
+            self._estimate(traj, g, hessian, choose=choose)
         return out
 
     def checkpoint_state(self) -> dict:
         return {k: v for k, v in self.ctl.items() if v is not None}
 
     def restore(self, state: dict) -> None:
-        self.ctl = {**INITIAL_CONTROL, **state}
+        self.ctl = {**INITIAL_CONTROL, "c": self.options.c, **state}

@@ -31,7 +31,9 @@ Predictions measured at the start of each step: ``predicted_loss`` = L + ½⟨H,
 ‖g‖² + tr(HΣH) (the time-averaged ‖g‖² of the discrete run), ``sigma_eigs`` (Σ's eigenvalues, weight²). With
 ``shadow`` (default) the discrete iteration of the same rule runs alongside from the same start, and
 ``sigma_displacement_sq`` records (e_l·(w_discrete − w))² along Σ's unit eigenvectors e_l: its average over a
-window of steps is the oscillation variance that ``sigma_eigs`` predicts. This module never touches storage.
+window of steps is the oscillation variance that ``sigma_eigs`` predicts. ``Central.forecast`` gives the predicted
+loss a number of steps ahead of any point (the adaptive process's ``flow`` choice of c). This module never
+touches storage.
 """
 from __future__ import annotations
 
@@ -215,14 +217,27 @@ class Central(Process):
                 state = _axpy(_axpy(state, 0.5 * dt, f["ds"]), 0.5 * dt, f2["ds"])
         return w, state, first
 
+    def forecast(self, w: Tensor, state: Optional[State], lr: float, steps: int) -> float:
+        """The time-averaged loss L + ½⟨H, Σ⟩ (loss units) that the flow predicts ``steps`` steps of step size
+        ``lr`` after (w, state) (state None: the first discrete step's); NaN where the flow leaves its domain on
+        the way (no valid Σ). The eigensolver starts cold, so a forecast depends on its arguments only."""
+        self._vecs, self._k = None, 2
+        if state is None:
+            state = self._initial_state(w, self.problem.grad(w))
+        try:
+            for _ in range(steps):
+                w, state, _ = self._advance(w, state, lr)
+            return _predicted_loss(self.field(w, state, lr, 1.0 / self.options.substeps)).item()
+        except SDCPError:
+            return math.nan
+
     def _predictions(self, f: dict, traj: Trajectory) -> dict:
         """Measurements at the start point from its field evaluation (see the module docstring)."""
         U, X, P, g = f["U"], f["X"], f["P"], f["g"]
         k = X.shape[0]
         lam = f["eigs"][:k]
         HU = P[:, None] * U * lam
-        out = {"loss": f["loss"].item(), "grad_norm": g.norm().item(),
-               "predicted_loss": (f["loss"] + 0.5 * (torch.diagonal(X) * lam).sum()).item(),
+        out = {"loss": f["loss"].item(), "grad_norm": g.norm().item(), "predicted_loss": _predicted_loss(f).item(),
                "predicted_grad_norm_sq": (g.pow(2).sum() + (X * (HU.T @ HU)).sum()).item()}
         s, E = sigma_eigenpairs(U, X)
         sig = np.full(CRIT_DIM, np.nan)
@@ -245,6 +260,12 @@ class Central(Process):
         self._k, self._vecs = state["k"], state["vecs"]
         if self._discrete is not None:
             self._shadow = Trajectory(w=state["shadow_w"], state=state["shadow_state"])
+
+
+def _predicted_loss(f: dict) -> Tensor:
+    """L + ½⟨H, Σ⟩ = L + ½ Σ_i λ_i X_ii from a field evaluation (UᵀPU = I, so ⟨H, UXUᵀ⟩ = Σ λ_i X_ii)."""
+    X = f["X"]
+    return f["loss"] + 0.5 * (torch.diagonal(X) * f["eigs"][:X.shape[0]]).sum()
 
 
 def sigma_eigenpairs(U: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:

@@ -175,6 +175,19 @@ def test_bench_prints_the_table_and_report_renders_it(bench_store, tmp_path):
     assert "<h2>Loss</h2>" not in html and html.count("data:image/png;base64,") == 2
 
 
+def test_a_method_that_does_not_apply_to_a_task_is_left_out_with_its_reason(monkeypatch, capsys):
+    """The flow-driven choice of c needs the full batch: on the minibatch task the bench says why and goes on."""
+    monkeypatch.setattr(bench_adaptive, "SEEDS", (0,))
+    monkeypatch.setattr(bench_adaptive, "ADAPTIVE", {"adaptive-gd-c1": ("gd", {"c": 1.0}),
+                                                     "adaptive-gd-flow": ("gd", {"flow": {"horizon": 2}})})
+    full, _ = bench_adaptive._methods(TASKS["tiny-full"])
+    mini, _ = bench_adaptive._methods(TASKS["tiny-mini"])
+    assert {"adaptive-gd-c1", "adaptive-gd-flow"} <= set(full) and "adaptive-gd-c1" in mini
+    assert "adaptive-gd-flow" not in mini
+    assert ("adaptive-gd-flow: does not apply to this task (flow: batch_size: the central flow is a full-batch "
+            "process)") in capsys.readouterr().out
+
+
 def test_a_diverged_curve_is_stored_as_a_diverged_run(monkeypatch):
     monkeypatch.setattr(bench_adaptive, "SEEDS", (0,))
     task = TASKS["tiny-full"]
