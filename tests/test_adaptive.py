@@ -111,16 +111,18 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
     assert losses[9] > 1e12 * losses[0]
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.05])
-def test_checkpoint_and_restore_continue_exactly(noise):
-    """Minibatch Adam (with and without injected noise), stopped after 6 steps and continued by a fresh process
-    from the checkpoint state."""
+@pytest.mark.parametrize("rule, batch_size, options", [
+    ("adam", 16, {"noise": 0.0}), ("adam", 16, {"noise": 0.05}),
+    ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
+def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
+    """Minibatch Adam (with and without injected noise) and full-batch GD with c chosen by the flow, stopped after
+    6 steps and continued by a fresh process from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
     cls = PROCESSES["adaptive"]
-    options = cls.Options(c=1.0, every=4, noise=noise)
+    options = cls.Options(c=1.0, every=4, **options)
 
     def make():
-        return cls(problem, make_rule("adam"), Schedule(100.0), seed=2, batch_size=16, options=options)
+        return cls(problem, make_rule(rule), Schedule(100.0), seed=2, batch_size=batch_size, options=options)
 
     whole = make()
     traj = whole.start(problem.w0)
@@ -135,7 +137,7 @@ def test_checkpoint_and_restore_continue_exactly(noise):
     part = flowsim.solvers.Trajectory(part.w.clone(), {k: v.clone() for k, v in part.state.items()}, part.step, part.time)
     for _ in range(8):
         second.step(part, False)
-    assert torch.equal(part.w, traj.w) and part.time == traj.time
+    assert torch.equal(part.w, traj.w) and part.time == traj.time and second.ctl["c"] == whole.ctl["c"]
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -1,6 +1,7 @@
 """The adaptive process's flow-driven choice of c (``flow``): the central flow's forecast against closed forms
 (a quadratic, and an MLP below the edge, where the flow is Euler's gradient flow), against the ``central``
-process above the edge, the choice itself (argmin of the forecasts, when it is made), exact resume and errors."""
+process above the edge, the choice itself (argmin of the forecasts, when it is made) and errors; exact resume
+is in test_adaptive.py."""
 import math
 
 import numpy as np
@@ -94,27 +95,6 @@ def test_the_choice_is_the_argmin_of_the_forecasts_at_the_first_estimate_and_eve
     assert len(made) == 3 * 4
     assert cs == [0.75] * 10 + [1.0] * 15
     np.testing.assert_allclose(np.array(etas) * SPECTRUM[0], 2 * np.array(cs), rtol=1e-6)
-
-
-def test_checkpoint_and_restore_continue_exactly_with_the_flow_choice():
-    problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
-
-    def make():
-        return adaptive(problem, seed=3, every=4, flow={"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4})
-    whole = make()
-    traj = whole.start(problem.w0)
-    for _ in range(10):
-        whole.step(traj, False)
-    first = make()
-    part = first.start(problem.w0)
-    for _ in range(5):
-        first.step(part, False)
-    second = make()
-    second.restore({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in first.checkpoint_state().items()})
-    part = flowsim.solvers.Trajectory(part.w.clone(), dict(part.state), part.step, part.time)
-    for _ in range(5):
-        second.step(part, False)
-    assert torch.equal(part.w, traj.w) and second.ctl["c"] == whole.ctl["c"]
 
 
 @pytest.mark.parametrize("run,message", [
