@@ -162,7 +162,7 @@ class Adaptive(Discrete):
         self.ctl["vecs"] = res.vecs
         return res.vals[0].item()
 
-    def choose_c(self, traj: Trajectory, S: float) -> float:
+    def _choose_c(self, traj: Trajectory, S: float) -> float:
         """The candidate c whose central flow, run ``flow.horizon`` steps from traj at η = min(lr, c·θ/S),
         forecasts the lowest loss (the largest decrease per step); the current c when no forecast is finite."""
         f, theta = self.options.flow, self.rule.threshold_coefficient()
@@ -176,7 +176,7 @@ class Adaptive(Discrete):
         o, ctl = self.options, self.ctl
         S = ctl["S"] = self.sharpness(traj, g, hessian, first)
         if choose:
-            ctl["c"] = self.choose_c(traj, S)
+            ctl["c"] = self._choose_c(traj, S)
         c = o.c_start if first and o.c_start is not None else ctl["c"]
         target = c * self.rule.threshold_coefficient() / S if S > 0 else math.inf
         if spike:
