@@ -64,16 +64,17 @@ ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
             "adaptive-adam-c1": ("adam", {"c": 1.0, **CHEAP}),
             "adaptive-adam-c0.5-early": ("adam", {"c": 0.5, "c_start": 3.9, "early": True, **CHEAP}),
             "adaptive-adam-c0.5-batch": ("adam", BATCH),
-            "adaptive-adam-c0.5-batch-hold": ("adam", {**BATCH, "hold_on_rise": True})}
+            "adaptive-adam-c0.5-batch-decay": ("adam", {**BATCH, "decay_on_rise": 0.5})}
 # adaptive-adam-c0.5-early: the fixed-η Adam that wins on the digits MLP (η = 0.024) runs at η·S_P/θ ≈ 52 at its
 # first step (P̃ from one gradient), 2.5 at the second and 0.3–0.4 through its fast phase; so c_start > 1 for
 # the first estimate, early re-estimates while ν settles, and c = 0.5 below the edge.
 # adaptive-adam-c0.5-batch: the same controller, with S from the Hessian of each estimating step's own batch
 # (its gradient's graph, so no extra forward/backward pass) and at most 4 warm products per re-estimate: an
 # estimate costs ≈ 4 HVPs of 100 examples instead of a graph and 3–5 HVPs of 200 (with 2 products the
-# estimates are too rough: 1/3 and 0/3 seeds reach the CNN's and the transformer's targets). -hold: η does
-# not grow after an interval whose mean step loss rose (without it, one CNN seed's η climbed to 1.4 while its
-# ReLUs died and its loss crept from 0.20 up to 0.55, never a 2× spike within one interval).
+# estimates are too rough: 1/3 and 0/3 seeds reach the CNN's and the transformer's targets). -decay: c halves
+# after each interval whose mean step loss rose (without it, one CNN seed's η climbed to 1.4 while its ReLUs
+# died and its loss crept from 0.20 up to 0.55, never a 2× spike within one interval; on the transformer the
+# loss stalls on its minibatch noise floor at c = 0.5).
 # adaptive-gd-flow: the central flow chooses c among FLOW's candidates at steps 0, 50, 100, …, forecasting 30
 # steps ahead (full batch only: on the minibatch tasks the bench says it does not apply); the fixed-c runs at
 # two of its candidates are beside it.

@@ -32,9 +32,10 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   η(g_B − g), so the noise follows η_k: it shrinks when the controller lowers η for a sharpening S. On a
   quadratic the stationary variance along λ is η σ²/(λ(2 − ηλ)). A noisy loss trips the guard more often:
   raise ``guard`` with the noise;
-- ``hold_on_rise``: at a re-estimate η may not grow when the mean step loss since the previous re-estimate is
-  above that of the interval before (a run whose loss creeps up, e.g. a ReLU network losing units to too large
-  steps, gets no larger steps; the guard only sees spikes within one interval);
+- ``decay_on_rise`` δ: at a re-estimate after step ``every``, when the mean step loss since the previous
+  re-estimate is above that of the interval before, c ← δ·c for the rest of the run (1 = off). A run whose loss
+  creeps up (a ReLU network losing units to too large steps) or stalls on its minibatch noise floor takes
+  smaller steps from then on; the guard only sees spikes within one interval;
 - ``flow``: the central flow chooses c. At the first estimate (and at the re-estimates of every ``flow.every``
   steps) the central flow of the rule (solvers/central.py; gd, scalar_rmsprop, rmsprop, full batch) is run
   ``flow.horizon`` steps from w_k at η = min(lr, c·θ/S_k) for each of ``flow.candidates``, and the c whose
@@ -86,8 +87,8 @@ class AdaptiveOptions(DiscreteOptions):
                          "shrinks the step")
     shrink: float = Field(0.5, gt=0, lt=1, description="factor applied to the step size by the guard")
     recover: float = Field(1.25, ge=1, description="factor by which a shrunk step recovers at each re-estimate (≤ 1×)")
-    hold_on_rise: bool = Field(False, description="η does not grow at a re-estimate when the mean step loss since "
-                               "the previous one is above that of the interval before")
+    decay_on_rise: float = Field(1.0, gt=0, le=1, description="c is multiplied by this at a re-estimate after "
+                                 "step ``every`` whose interval's mean step loss rose above the one before (1 = off)")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate (an S estimate "
                           "that collapses, or is ≤ 0, cannot throw η to lr)")
     noise: float = Field(0.0, ge=0, description="σ of the injected noise η·σ·ξ per step (gradient units; 0 = none)")
@@ -116,7 +117,7 @@ class AdaptiveOptions(DiscreteOptions):
 INITIAL_CONTROL = {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None,
                    "loss_sum": 0.0, "loss_n": 0, "last_mean": math.inf}
 """The controller's state before the first step: η, the guard's scale s, S, the guard's reference loss, the warm
-start, and the step losses of the current and previous intervals between re-estimates (``hold_on_rise``)."""
+start, and the step losses of the current and previous intervals between re-estimates (``decay_on_rise``)."""
 
 
 class Adaptive(Discrete):
@@ -175,6 +176,11 @@ class Adaptive(Discrete):
                   spike: bool = False, choose: bool = False) -> None:
         o, ctl = self.options, self.ctl
         S = ctl["S"] = self.sharpness(traj, g, hessian, first)
+        if not spike and ctl["loss_n"]:
+            mean = ctl["loss_sum"] / ctl["loss_n"]
+            if mean > ctl["last_mean"] and traj.step > o.every:
+                ctl["c"] *= o.decay_on_rise
+            ctl["last_mean"], ctl["loss_sum"], ctl["loss_n"] = mean, 0.0, 0
         if choose:
             ctl["c"] = self._choose_c(traj, S)
         c = o.c_start if first and o.c_start is not None else ctl["c"]
@@ -192,11 +198,6 @@ class Adaptive(Discrete):
             eta = min(eta, o.growth * ctl["eta"])
             if o.ratchet:
                 eta = max(ctl["eta"], eta)
-        if not spike and ctl["loss_n"]:
-            mean = ctl["loss_sum"] / ctl["loss_n"]
-            if o.hold_on_rise and mean > ctl["last_mean"]:
-                eta = min(eta, ctl["eta"])
-            ctl["last_mean"], ctl["loss_sum"], ctl["loss_n"] = mean, 0.0, 0
         ctl["eta"] = min(self.lr_max, eta)
         ctl["ref"] = math.inf
 

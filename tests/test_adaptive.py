@@ -267,16 +267,19 @@ def test_curvature_batch_with_curvature_examples_fails_in_one_line(tmp_path):
     assert "\n" not in str(err.value) and not (tmp_path / "s.zarr").exists()
 
 
-@pytest.mark.parametrize("hold, expected", [(False, [0.5, 1.0, 2.0, 4.0, 8.0]), (True, [0.5, 1.0, 2.0, 2.0, 4.0])])
-def test_hold_on_rise_stops_eta_growing_after_an_interval_whose_mean_loss_rose(hold, expected):
-    """Scripted estimates S = 4, 2, 1, … (each would double η) and step losses 1.0, 0.9, 0.95, 0.8, 0.7 with a
-    zero gradient, re-estimating after every step: with ``hold_on_rise`` η keeps its value after the step whose
-    loss rose (0.95 > 0.9) and grows again after the next."""
+@pytest.mark.parametrize("decay, expected", [(1.0, [1.0] * 6), (0.5, [1.0, 1.0, 1.0, 0.5, 0.5, 0.25])])
+def test_decay_on_rise_lowers_c_after_each_interval_whose_mean_loss_rose(decay, expected):
+    """A constant estimate S = 1 (η = 2c, c = 0.5) and step losses 1.0, 0.9, 0.95, 0.8, 0.85, 0.7 with a zero
+    gradient, re-estimating after every step (every = 1): with ``decay_on_rise`` 0.5, c halves after each step
+    whose loss rose (0.95 > 0.9, 0.85 > 0.8), so η halves from the next step on, and stays lowered."""
     problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
     cls = PROCESSES["adaptive"]
-    process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(every=1, hold_on_rise=hold))
-    estimates, losses = iter(4.0 / 2 ** np.arange(10)), iter([1.0, 0.9, 0.95, 0.8, 0.7])
-    process.sharpness = lambda traj, *_: next(estimates)
+    process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(c=0.5, every=1,
+                                                                                 decay_on_rise=decay))
+    losses = iter([1.0, 0.9, 0.95, 0.8, 0.85, 0.7])
+    process.sharpness = lambda traj, *_: 1.0
     process._loss_and_grad = lambda w, idx, hessian: (torch.tensor(next(losses)), torch.zeros_like(w), None)
     traj = process.start(problem.w0)
-    assert [process.step(traj, False)["step_size"] for _ in range(5)] == expected
+    outs = [process.step(traj, True) for _ in range(6)]
+    assert [out["step_size"] for out in outs] == expected
+    assert [out["target_c"] for out in outs] == [eta / 2 for eta in expected]
