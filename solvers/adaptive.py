@@ -40,10 +40,10 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   steps) the central flow of the rule (solvers/central.py; gd, scalar_rmsprop, rmsprop, full batch) is run
   ``flow.horizon`` steps from w_k at η = min(lr, c·θ/S_k) for each of ``flow.candidates``, and the c whose
   forecast time-averaged loss L + ½⟨H, Σ⟩ at the end is lowest — the largest predicted decrease per step — is
-  used until the next choice (recorded as ``target_c``). A candidate above the edge is forecast with its Σ (the
-  oscillation's loss cost and its sharpness reduction), or dropped where no Σ exists (a quadratic); a catapult,
-  which leaves the flow's domain, cannot be forecast, so ``c_start`` does not combine with ``flow``. The
-  forecasts run inside the step, so their cost is in the wall time;
+  used until the next choice (recorded as ``target_c``; a choice replaces a c lowered by ``decay_on_rise``). A
+  candidate above the edge is forecast with its Σ (the oscillation's loss cost and its sharpness reduction), or
+  dropped where no Σ exists (a quadratic); a catapult, which leaves the flow's domain, cannot be forecast, so
+  ``c_start`` does not combine with ``flow``. The forecasts run inside the step, so their cost is in the wall time;
 - growth: after the first estimate η grows by at most ``growth`` per re-estimate, so a collapsing or non-positive
   S estimate (noisy curvature, e.g. a preconditioner from a few large gradients) cannot throw η to ``lr``.
 ``lr`` is the largest step size the controller may choose. ``step_size`` records η_k as used (after the guard;
