@@ -63,6 +63,7 @@ from torch import Tensor
 from flowsim.curvature import LossGraph, hessian_operator, preconditioned, top_eigenpairs
 from flowsim.solvers.central import Central, CentralOptions
 from flowsim.solvers.processes import Discrete, DiscreteOptions, Schedule, Trajectory, step_seed
+from flowsim.solvers.rules import State
 
 
 class FlowChoice(BaseModel):
@@ -148,26 +149,28 @@ class Adaptive(Discrete):
         the first step, which makes the first estimate."""
         return self.ctl["eta"]
 
+    def _state(self, traj: Trajectory, g: Tensor) -> State:
+        """The rule state the next step's preconditioner is made of (before the first step: after one with g)."""
+        return traj.state if traj.state is not None else self.rule.advance_state(g, self.rule.init(traj.w, g))
+
     def sharpness(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], first: bool) -> float:
         """S = λ_max(P̃⁻¹H): H = ``hessian`` (v ↦ Hv, ``curvature_batch``: the step's batch at the point the step
         started from) or else at traj.w on the curvature examples; P̃ from the rule state (before the first step:
         the state after a step with gradient g)."""
-        w, state = traj.w, traj.state
-        if state is None:
-            state = self.rule.advance_state(g, self.rule.init(w, g))
+        w = traj.w
         H = hessian or hessian_operator(self.problem, w, self.curvature_idx)
-        P = self.rule.precond(state)
+        P = self.rule.precond(self._state(traj, g))
         res = top_eigenpairs(H if P is None else preconditioned(H, P), w.numel(), 1, v0=self.ctl["vecs"],
                              tol=self.options.tol, max_iter=None if first else self.options.max_products,
                              dtype=w.dtype, device=w.device, values_only=True)
         self.ctl["vecs"] = res.vecs
         return res.vals[0].item()
 
-    def _choose_c(self, traj: Trajectory, S: float) -> float:
+    def _choose_c(self, traj: Trajectory, g: Tensor, S: float) -> float:
         """The candidate c whose central flow, run ``flow.horizon`` steps from traj at η = min(lr, c·θ/S),
         forecasts the lowest loss (the largest decrease per step); the current c when no forecast is finite."""
-        f, theta = self.options.flow, self.rule.threshold_coefficient()
-        forecast = {c: self.forecaster.forecast(traj.w, traj.state, min(self.lr_max, c * theta / S) if S > 0
+        f, theta, state = self.options.flow, self.rule.threshold_coefficient(), self._state(traj, g)
+        forecast = {c: self.forecaster.forecast(traj.w, state, min(self.lr_max, c * theta / S) if S > 0
                                                 else self.lr_max, f.horizon) for c in f.candidates}
         finite = {c: v for c, v in forecast.items() if math.isfinite(v)}
         return min(finite, key=finite.get) if finite else self.ctl["c"]
@@ -182,7 +185,7 @@ class Adaptive(Discrete):
                 ctl["c"] *= o.decay_on_rise
             ctl["last_mean"], ctl["loss_sum"], ctl["loss_n"] = mean, 0.0, 0
         if choose:
-            ctl["c"] = self._choose_c(traj, S)
+            ctl["c"] = self._choose_c(traj, g, S)
         c = o.c_start if first and o.c_start is not None else ctl["c"]
         target = c * self.rule.threshold_coefficient() / S if S > 0 else math.inf
         if spike:
