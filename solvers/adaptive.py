@@ -7,15 +7,18 @@ an :class:`EdgeController` for η_k instead of a fixed schedule.
 
 The controller (units: η in the rule's lr units, S in 1/lr):
 - every ``every`` steps (right after the step that reaches w_k, k a multiple of ``every``) it re-estimates
-  S_k = λ_max(P̃⁻¹H) at w_k (λ_max(H) for GD) with the warm-started Lanczos of
+  S_k = λ_max(P̃_k⁻¹H) at w_k (λ_max(H) for GD) with the warm-started Lanczos of
   ``flowsim.curvature.top_eigenpairs`` on the full batch (or the first ``curvature_examples``), and sets
   η_k = min(lr, s·c·θ/S_k), θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so
-  that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2));
-- ``curvature_batch``: H on the batch of the step that reaches w_k instead, at w_{k−1}, from the graph of the
-  gradient that step needs anyway (``flowsim.curvature.LossGraph``): no extra forward or backward pass, only
-  the products, for S of the minibatch Hessian one step back (in full batch, the full Hessian).
-  ``max_products`` caps the products per re-estimate after the first; the warm start carries the convergence
-  from one estimate to the next;
+  that η·S = s·c·θ: c = 1 sits at the edge of stability, c < 1 below it, c > 1 above it (c in (0, 2)).
+  P̃_k is the preconditioner of the step from w_k itself: its rule state advanced by that step's gradient,
+  which the re-estimating step computes ahead and hands on (no extra gradient). The state before that gradient
+  lags one step, which matters where the state changes fastest: after one step Adam's ν is one squared
+  gradient (on the bench's transformer, S_P with it is 47× S_P with the ν of the second step);
+- ``curvature_batch``: H on the batch of the step from w_k instead, at w_k, from the graph of the gradient
+  that step needs anyway (``flowsim.curvature.LossGraph``): no extra forward or backward pass, only the
+  products (in full batch, the full Hessian). ``max_products`` caps the products per re-estimate after the
+  first; the warm start carries the convergence from one estimate to the next;
 - ``early``: also re-estimate after the steps that reach w_1, w_2, w_4, … below ``every``: an adaptive rule's
   preconditioner (Adam's ν from a handful of gradients) and the curvature change fastest in the first steps;
 - ``c_start`` (default c) replaces c at the first estimate, made in step 0: c_start > 1 starts above the edge, so that
@@ -137,6 +140,7 @@ class Adaptive(Discrete):
         self.schedule = self.step_size
         self.ctl = {**INITIAL_CONTROL, "c": self.options.c}
         self.forecaster = None
+        self._ahead = None  # (w, loss, g, v ↦ Hv) of the next step, computed by a step that re-estimated
         if self.options.flow is not None:
             try:
                 self.forecaster = Central(problem, rule, Schedule(self.lr_max), seed, batch_size,
@@ -150,13 +154,13 @@ class Adaptive(Discrete):
         return self.ctl["eta"]
 
     def _state(self, traj: Trajectory, g: Tensor) -> State:
-        """The rule state the next step's preconditioner is made of (before the first step: after one with g)."""
-        return traj.state if traj.state is not None else self.rule.advance_state(g, self.rule.init(traj.w, g))
+        """The rule state that the step from traj with gradient g makes its preconditioner of."""
+        state = traj.state if traj.state is not None else self.rule.init(traj.w, g)
+        return self.rule.advance_state(g, state)
 
     def sharpness(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], first: bool) -> float:
-        """S = λ_max(P̃⁻¹H): H = ``hessian`` (v ↦ Hv, ``curvature_batch``: the step's batch at the point the step
-        started from) or else at traj.w on the curvature examples; P̃ from the rule state (before the first step:
-        the state after a step with gradient g)."""
+        """S = λ_max(P̃⁻¹H) at traj.w: H = ``hessian`` (v ↦ Hv, ``curvature_batch``: on the batch of the step from
+        traj.w) or else on the curvature examples; P̃ of the step from traj.w with gradient g."""
         w = traj.w
         H = hessian or hessian_operator(self.problem, w, self.curvature_idx)
         P = self.rule.precond(self._state(traj, g))
@@ -212,20 +216,27 @@ class Adaptive(Discrete):
             return graph.loss.detach(), graph.grad(), graph.hvp
         return (*self.problem.loss_and_grad(w, idx), None)
 
+    def _batch(self, step: int) -> Optional[Tensor]:
+        return None if self.sampler is None else self.sampler.indices(step)
+
+    def _step_gradient(self, traj: Trajectory, with_hessian: bool):
+        """(loss, g, v ↦ Hv or None) of the step from traj on its batch: computed ahead by the step before (for
+        its re-estimate) when that step reached these weights, else now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is traj.w:
+            return ahead[1:]
+        return self._loss_and_grad(traj.w, self._batch(traj.step), with_hessian)
+
     def step(self, traj, measure):
         k, o = traj.step, self.options
         first = math.isnan(self.ctl["eta"])
-        reached = k + 1  # w_reached, after this step
-        regular = reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0)
-        choose = o.flow is not None and o.flow.every is not None and reached % o.flow.every == 0
-        idx = None if self.sampler is None else self.sampler.indices(k)
-        loss, g, hessian = self._loss_and_grad(traj.w, idx, first or regular)
+        loss, g, hessian = self._step_gradient(traj, first)
         if first:  # inside the step, so that its cost is timed
             self._estimate(traj, g, hessian, first=True, choose=o.flow is not None)
         step_loss = loss.item()
         if step_loss > o.guard * self.ctl["ref"]:
             if hessian is None and o.curvature_batch:
-                _, _, hessian = self._loss_and_grad(traj.w, idx, True)
+                _, _, hessian = self._loss_and_grad(traj.w, self._batch(k), True)
             self._estimate(traj, g, hessian, spike=True)
         self.ctl["ref"] = min(self.ctl["ref"], step_loss)
         self.ctl["loss_sum"] += step_loss
@@ -233,15 +244,20 @@ class Adaptive(Discrete):
         lr = self.ctl["eta"]
         out = {"step_loss": step_loss, "step_size": lr}
         if measure:
-            out.update({"loss": step_loss, "grad_norm": g.norm().item()} if idx is None else self.measure(traj))
+            out.update({"loss": step_loss, "grad_norm": g.norm().item()} if self.sampler is None
+                       else self.measure(traj))
             out["target_c"] = self.ctl["c"]
         self.apply(traj, g, lr)
         if o.noise > 0 and (o.noise_until is None or k < o.noise_until):
             gen = torch.Generator().manual_seed(step_seed(self.seed, k, noise=True))
             xi = torch.randn(traj.w.shape, generator=gen, dtype=torch.float64)
             traj.w = traj.w + (lr * o.noise) * xi.to(dtype=traj.w.dtype, device=traj.w.device)
-        if regular:
-            self._estimate(traj, g, hessian, choose=choose)
+        reached = k + 1
+        if reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0):
+            # the next step's gradient, now: its rule state is the preconditioner that step will use
+            self._ahead = (traj.w, *self._step_gradient(traj, True))
+            choose = o.flow is not None and o.flow.every is not None and reached % o.flow.every == 0
+            self._estimate(traj, *self._ahead[2:], choose=choose)
         return out
 
     def checkpoint_state(self) -> dict:
@@ -249,3 +265,4 @@ class Adaptive(Discrete):
 
     def restore(self, state: dict) -> None:
         self.ctl = {**INITIAL_CONTROL, "c": self.options.c, **state}
+        self._ahead = None

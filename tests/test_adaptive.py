@@ -214,23 +214,27 @@ def test_the_noise_stream_never_meets_the_minibatch_stream():
 
 
 @pytest.mark.parametrize("rule", ["gd", "adam"])
-def test_curvature_batch_estimates_the_top_eigenvalue_of_the_previous_steps_batch_hessian(rule):
-    """With ``curvature_batch`` the estimate after the step that reaches w_3 is λ_max(P̃⁻¹H_B) of the minibatch
-    B of that step at w_2 (P̃ from the state after it): against dense float64 eigenvalues."""
+def test_curvature_batch_estimates_the_top_eigenvalue_of_the_next_steps_batch_hessian(rule):
+    """With ``curvature_batch`` the re-estimate made by the step that reaches w_3 is λ_max(P̃⁻¹H_B) at w_3 of the
+    minibatch B of the step from w_3, with P̃ of that step (its rule state advanced by g_B(w_3)): against dense
+    float64 eigenvalues. That step then uses the same g_B."""
     problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64, "widths": [8]}).build(device="cpu")
     cls = PROCESSES["adaptive"]
     process = cls(problem, make_rule(rule), Schedule(100.0), seed=1, batch_size=16,
                   options=cls.Options(c=0.5, every=3, curvature_batch=True, tol=1e-10))
     traj = process.start(problem.w0)
-    for _ in range(2):
+    for _ in range(3):
         process.step(traj, False)
-    w2, batch = traj.w.clone(), process.sampler.indices(2)
-    process.step(traj, False)
-    H = torch.func.hessian(lambda w: problem.loss(w, batch))(w2)
-    P = process.rule.precond(traj.state)
+    w3, batch, state = traj.w.clone(), process.sampler.indices(3), traj.state
+    H = torch.func.hessian(lambda w: problem.loss(w, batch))(w3)
+    _, g = problem.loss_and_grad(w3, batch)
+    P = process.rule.precond(process.rule.advance_state(g, state))
     if P is not None:
         H = H / P.sqrt()[:, None] / P.sqrt()[None, :]
     assert process.ctl["S"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-8)
+    eta = process.ctl["eta"]
+    process.step(traj, False)
+    torch.testing.assert_close(traj.w, w3 + process.rule.update(g, state, eta)[0], rtol=1e-12, atol=1e-15)
 
 
 def test_max_products_caps_every_re_estimate_after_the_first(monkeypatch):
@@ -271,12 +275,13 @@ def test_curvature_batch_with_curvature_examples_fails_in_one_line(tmp_path):
 def test_decay_on_rise_lowers_c_after_each_interval_whose_mean_loss_rose(decay, expected):
     """A constant estimate S = 1 (η = 2c, c = 0.5) and step losses 1.0, 0.9, 0.95, 0.8, 0.85, 0.7 with a zero
     gradient, re-estimating after every step (every = 1): with ``decay_on_rise`` 0.5, c halves after each step
-    whose loss rose (0.95 > 0.9, 0.85 > 0.8), so η halves from the next step on, and stays lowered."""
+    whose loss rose (0.95 > 0.9, 0.85 > 0.8), so η halves from the next step on, and stays lowered (the
+    last loss is the seventh step's, whose gradient the sixth computes ahead for its re-estimate)."""
     problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
     cls = PROCESSES["adaptive"]
     process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(c=0.5, every=1,
                                                                                  decay_on_rise=decay))
-    losses = iter([1.0, 0.9, 0.95, 0.8, 0.85, 0.7])
+    losses = iter([1.0, 0.9, 0.95, 0.8, 0.85, 0.7, 0.6])
     process.sharpness = lambda traj, *_: 1.0
     process._loss_and_grad = lambda w, idx, hessian: (torch.tensor(next(losses)), torch.zeros_like(w), None)
     traj = process.start(problem.w0)
