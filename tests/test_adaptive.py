@@ -112,11 +112,12 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
 
 
 @pytest.mark.parametrize("rule, batch_size, options", [
-    ("adam", 16, {"noise": 0.0}), ("adam", 16, {"noise": 0.05}),
+    ("adam", 16, {"noise": 0.0}), ("adam", 16, {"noise": 0.05}), ("adam", 16, {"curvature_batch": True}),
     ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
 def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
-    """Minibatch Adam (with and without injected noise) and full-batch GD with c chosen by the flow, stopped after
-    6 steps and continued by a fresh process from the checkpoint state."""
+    """Minibatch Adam (with and without injected noise, S on the full batch or the step's own) and full-batch GD
+    with c chosen by the flow, stopped after 8 steps (right after a re-estimate, whose gradient for the next step
+    the fresh process computes again) and continued by a fresh process from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
     cls = PROCESSES["adaptive"]
     options = cls.Options(c=1.0, every=4, **options)
@@ -130,12 +131,12 @@ def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
         whole.step(traj, False)
     first = make()
     part = first.start(problem.w0)
-    for _ in range(6):
+    for _ in range(8):
         first.step(part, False)
     second = make()
     second.restore({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in first.checkpoint_state().items()})
     part = flowsim.solvers.Trajectory(part.w.clone(), {k: v.clone() for k, v in part.state.items()}, part.step, part.time)
-    for _ in range(8):
+    for _ in range(6):
         second.step(part, False)
     assert torch.equal(part.w, traj.w) and part.time == traj.time and second.ctl["c"] == whole.ctl["c"]
 
