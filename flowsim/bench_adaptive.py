@@ -71,10 +71,12 @@ ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
 # adaptive-adam-c0.5-batch: the same controller, with S from the Hessian of each estimating step's own batch
 # (its gradient's graph, so no extra forward/backward pass) and at most 4 warm products per re-estimate: an
 # estimate costs ≈ 4 HVPs of 100 examples instead of a graph and 3–5 HVPs of 200 (with 2 products the
-# estimates are too rough: 1/3 and 0/3 seeds reach the CNN's and the transformer's targets). -decay: c halves
-# after each interval whose mean step loss rose (without it, one CNN seed's η climbed to 1.4 while its ReLUs
-# died and its loss crept from 0.20 up to 0.55, never a 2× spike within one interval; on the transformer the
-# loss stalls on its minibatch noise floor at c = 0.5).
+# estimates are too rough: 0/3 and 1/3 seeds reach the CNN's and the transformer's targets). -decay: c halves
+# after each interval whose mean step loss rose. On the minibatch tasks η = c·θ/S has no stable level, because
+# S falls as η rises: on the transformer (seed 0) λ_max(H) fell from 3.6 to 1.5 while η rose from 0.02 to 0.12
+# over steps 10–40 with √ν unchanged, and on the CNN (seed 4) from 7 to 4 at η = 0.15 while its ReLUs died. Only
+# the loss rising stops it: without -decay the transformer needs 187 steps and the CNN reaches its target on 2/3
+# seeds.
 # adaptive-gd-flow: the central flow chooses c among FLOW's candidates at steps 0, 50, 100, …, forecasting 30
 # steps ahead (full batch only: on the minibatch tasks the bench says it does not apply); the fixed-c runs at
 # two of its candidates are beside it.
