@@ -2,8 +2,8 @@
 
 Why a process and not a rule: a rule is a pair of pure functions of the gradient and its state (rules.py), while
 setting η needs Hessian-vector products of the Problem at the current weights — something only a process sees.
-So ``process: adaptive, rule: R`` runs rule R exactly as ``discrete`` does (full batch or minibatch), but asks
-an :class:`EdgeController` for η_k instead of a fixed schedule.
+So ``process: adaptive, rule: R`` runs rule R exactly as ``discrete`` does (full batch or minibatch), but takes
+η_k from the controller below (its state is ``Adaptive.ctl``) instead of a fixed schedule.
 
 The controller (units: η in the rule's lr units, S in 1/lr):
 - every ``every`` steps (right after the step that reaches w_k, k a multiple of ``every``) it re-estimates
