@@ -55,7 +55,8 @@ TASKS = {
 # method name: (rule, options) of the adaptive process, the same on every task (lr = 100 is only a cap); S is
 # estimated on the first 200 examples to tol 1e-2 (≈ 1 % on λ_max), which costs 3–5 HVPs per estimate once warm
 CHEAP = {"tol": 1e-2, "curvature_examples": 200}
-BATCH = {"c": 0.5, "c_start": 3.9, "early": True, "tol": 1e-2, "curvature_batch": True, "max_products": 4}
+BATCH = {"c": 0.5, "c_start": 3.9, "early": True, "tol": 1e-2, "curvature_batch": True, "max_products": 4,
+         "hvp": "difference"}
 FLOW = {"candidates": [0.75, 1.0, 1.25, 1.5], "horizon": 30, "every": 50}
 ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
             "adaptive-gd-c1.25": ("gd", {"c": 1.25, **CHEAP}),
@@ -64,19 +65,23 @@ ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
             "adaptive-adam-c1": ("adam", {"c": 1.0, **CHEAP}),
             "adaptive-adam-c0.5-early": ("adam", {"c": 0.5, "c_start": 3.9, "early": True, **CHEAP}),
             "adaptive-adam-c0.5-batch": ("adam", BATCH),
-            "adaptive-adam-c0.5-batch-decay": ("adam", {**BATCH, "decay_on_rise": 0.5})}
+            "adaptive-adam-c0.5-batch-decay": ("adam", {**BATCH, "decay_on_rise": 0.5}),
+            "adaptive-adam-c0.5-batch-decay-exact": ("adam", {**BATCH, "decay_on_rise": 0.5, "hvp": "reverse"})}
 # adaptive-adam-c0.5-early: the fixed-η Adam that wins on the digits MLP (η = 0.024) runs at η·S_P/θ ≈ 52 at its
 # first step (P̃ from one gradient), 2.5 at the second and 0.3–0.4 through its fast phase; so c_start > 1 for
 # the first estimate, early re-estimates while ν settles, and c = 0.5 below the edge.
-# adaptive-adam-c0.5-batch: the same controller, with S from the Hessian of each estimating step's own batch
-# (its gradient's graph, so no extra forward/backward pass) and at most 4 warm products per re-estimate: an
-# estimate costs ≈ 4 HVPs of 100 examples instead of a graph and 3–5 HVPs of 200 (with 2 products the
-# estimates are too rough: 0/3 and 1/3 seeds reach the CNN's and the transformer's targets). -decay: c halves
-# after each interval whose mean step loss rose. On the minibatch tasks η = c·θ/S has no stable level, because
-# S falls as η rises: on the transformer (seed 0) λ_max(H) fell from 3.6 to 1.5 while η rose from 0.02 to 0.12
-# over steps 10–40 with √ν unchanged, and on the CNN (seed 4) from 7 to 4 at η = 0.15 while its ReLUs died. Only
-# the loss rising stops it: without -decay the transformer needs 187 steps and the CNN reaches its target on 2/3
-# seeds.
+# adaptive-adam-c0.5-batch: the same controller, with S from the Hessian of each estimating step's own batch and
+# at most 4 warm products per re-estimate, each the forward difference of two gradients of that batch (hvp:
+# difference: one plain gradient of 100 examples, no graph; with 2 products the estimates are too rough: 0/3
+# and 1/3 seeds reach the CNN's and the transformer's targets). -decay: c halves after each interval whose mean
+# step loss rose. On the minibatch tasks η = c·θ/S has no stable level, because S falls as η rises: on the
+# transformer (seed 0) λ_max(H) fell from 3.6 to 1.5 while η rose from 0.02 to 0.12 over steps 10–40 with √ν
+# unchanged, and on the CNN (seed 4) from 7 to 4 at η = 0.15 while its ReLUs died. Only the loss rising stops
+# it: without -decay the transformer needs 147 steps (one full run). -exact: the same with exact products
+# (double backward through the gradient's graph): 37, 123 and 90 steps, against 37, 90 and 93 with differences.
+# On the transformer (smooth) both give the same S; on the ReLU/max-pool CNN the difference quotient also counts
+# the kinks that a perturbation crosses, and its S_P is 1.2–2.4x the exact one (solvers/adaptive.py), so η is
+# lower there.
 # adaptive-gd-flow: the central flow chooses c among FLOW's candidates at steps 0, 50, 100, …, forecasting 30
 # steps ahead (full batch only: on the minibatch tasks the bench says it does not apply); the fixed-c runs at
 # two of its candidates are beside it.

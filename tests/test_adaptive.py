@@ -113,9 +113,10 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
 
 @pytest.mark.parametrize("rule, batch_size, options", [
     ("adam", 16, {"noise": 0.0}), ("adam", 16, {"noise": 0.05}), ("adam", 16, {"curvature_batch": True}),
-    ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
+    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}), ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
 def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
-    """Minibatch Adam (with and without injected noise, S on the full batch or the step's own) and full-batch GD
+    """Minibatch Adam (with and without injected noise, S on the full batch or the step's own, the latter with
+    exact or difference products) and full-batch GD
     with c chosen by the flow, stopped after 8 steps (right after a re-estimate, whose gradient for the next step
     the fresh process computes again) and continued by a fresh process from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
@@ -214,15 +215,17 @@ def test_the_noise_stream_never_meets_the_minibatch_stream():
     assert not minibatch & noise
 
 
+@pytest.mark.parametrize("hvp, rel", [("reverse", 1e-8), ("difference", 1e-6)])
 @pytest.mark.parametrize("rule", ["gd", "adam"])
-def test_curvature_batch_estimates_the_top_eigenvalue_of_the_next_steps_batch_hessian(rule):
+def test_curvature_batch_estimates_the_top_eigenvalue_of_the_next_steps_batch_hessian(rule, hvp, rel):
     """With ``curvature_batch`` the re-estimate made by the step that reaches w_3 is λ_max(P̃⁻¹H_B) at w_3 of the
     minibatch B of the step from w_3, with P̃ of that step (its rule state advanced by g_B(w_3)): against dense
-    float64 eigenvalues. That step then uses the same g_B."""
+    float64 eigenvalues (exact products, or differences of gradients to O(√ε_m) on this tanh network). That step
+    then uses the same g_B."""
     problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64, "widths": [8]}).build(device="cpu")
     cls = PROCESSES["adaptive"]
     process = cls(problem, make_rule(rule), Schedule(100.0), seed=1, batch_size=16,
-                  options=cls.Options(c=0.5, every=3, curvature_batch=True, tol=1e-10))
+                  options=cls.Options(c=0.5, every=3, curvature_batch=True, tol=1e-10, hvp=hvp))
     traj = process.start(problem.w0)
     for _ in range(3):
         process.step(traj, False)
@@ -232,7 +235,7 @@ def test_curvature_batch_estimates_the_top_eigenvalue_of_the_next_steps_batch_he
     P = process.rule.precond(process.rule.advance_state(g, state))
     if P is not None:
         H = H / P.sqrt()[:, None] / P.sqrt()[None, :]
-    assert process.ctl["S"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-8)
+    assert process.ctl["S"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=rel)
     eta = process.ctl["eta"]
     process.step(traj, False)
     torch.testing.assert_close(traj.w, w3 + process.rule.update(g, state, eta)[0], rtol=1e-12, atol=1e-15)
