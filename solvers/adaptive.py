@@ -223,13 +223,12 @@ class Adaptive(Discrete):
     def _loss_and_grad(self, w: Tensor, idx: Optional[Tensor], with_hessian: bool):
         """(loss, g, v ↦ Hv or None) of the step's batch; the product only with ``curvature_batch``, and then
         from the same graph as g (``hvp: reverse``) or from differences of g (``hvp: difference``)."""
-        o = self.options
-        if with_hessian and o.curvature_batch and o.hvp == "reverse":
+        hvp = self.options.hvp if with_hessian and self.options.curvature_batch else None
+        if hvp == "reverse":
             graph = LossGraph(self.problem, w, idx)
             return graph.loss.detach(), graph.grad(), graph.hvp
         loss, g = self.problem.loss_and_grad(w, idx)
-        with_hessian = with_hessian and o.curvature_batch
-        return loss, g, hessian_operator(self.problem, w, idx, o.hvp, grad=g) if with_hessian else None
+        return loss, g, None if hvp is None else hessian_operator(self.problem, w, idx, hvp, grad=g)
 
     def _batch(self, step: int) -> Optional[Tensor]:
         return None if self.sampler is None else self.sampler.indices(step)

@@ -113,12 +113,13 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
 
 @pytest.mark.parametrize("rule, batch_size, options", [
     ("adam", 16, {"noise": 0.0}), ("adam", 16, {"noise": 0.05}), ("adam", 16, {"curvature_batch": True}),
-    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}), ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
+    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}),
+    ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
 def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
     """Minibatch Adam (with and without injected noise, S on the full batch or the step's own, the latter with
-    exact or difference products) and full-batch GD
-    with c chosen by the flow, stopped after 8 steps (right after a re-estimate, whose gradient for the next step
-    the fresh process computes again) and continued by a fresh process from the checkpoint state."""
+    exact or difference products) and full-batch GD with c chosen by the flow, stopped after 8 steps (right
+    after a re-estimate, whose gradient for the next step the fresh process computes again) and continued by a
+    fresh process from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
     cls = PROCESSES["adaptive"]
     options = cls.Options(c=1.0, every=4, **options)
