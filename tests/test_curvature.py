@@ -7,11 +7,14 @@ from flowsim.curvature import top_eigenpairs
 from flowsim.models import build_problem
 
 
+SMOOTH_MLP = {"model": "mlp", "widths": [16, 16], "activation": "tanh", "dataset": "digits", "n_train": 200,
+              "loss": "mse"}
+
+
 @pytest.fixture(scope="module")
 def mlp_and_hessian():
     """A float64 MLP on 200 digits (1482 parameters) and its dense Hessian at w0."""
-    p = build_problem({"model": "mlp", "widths": [16, 16], "activation": "tanh", "dataset": "digits",
-                       "n_train": 200, "loss": "mse"}, dtype="float64", device="cpu")
+    p = build_problem(SMOOTH_MLP, dtype="float64", device="cpu")
     return p, torch.func.hessian(p.loss)(p.w0)
 
 
@@ -285,11 +288,11 @@ def test_difference_hessian_operator_is_the_hessian_to_the_root_of_machine_epsil
     a given ∇L(w) without changing the product."""
     from flowsim.curvature import hessian_operator
     p, H = mlp_and_hessian
-    q = build_problem({"model": "mlp", "widths": [16, 16], "activation": "tanh", "dataset": "digits",
-                       "n_train": 200, "loss": "mse"}, dtype=dtype, device="cpu")
-    w = q.w0
+    q = p
     if dtype != "float64":
-        H = torch.func.hessian(p.loss)(w.double())
+        q = build_problem(SMOOTH_MLP, dtype=dtype, device="cpu")
+        H = torch.func.hessian(p.loss)(q.w0.double())
+    w = q.w0
     v = torch.randn(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     exact = H @ v
     Hv = hessian_operator(q, w, method="difference")(v.to(w.dtype)).double()
