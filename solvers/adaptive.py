@@ -48,6 +48,15 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   re-estimate is above that of the interval before, c ← δ·c for the rest of the run (1 = off). A run whose loss
   creeps up (a ReLU network losing units to too large steps) or stalls on its minibatch noise floor takes
   smaller steps from then on; the guard only sees spikes within one interval;
+- ``coherence`` (minibatch): c is scaled by the gradient coherence ρ = ‖∇L‖²/E‖g_B‖² = 1/(1 + B_simple/B),
+  B_simple = tr Σ/‖∇L‖² the simple noise scale of McCandlish et al. (2018), whose best step at batch B is this
+  fraction of the noiseless one (on the bench's transformer ρ = 0.7–0.9 over the first 100 steps: 89 → 82 steps to
+  its target; it does not stop η from climbing while S falls there, ``decay_on_rise`` does). At each re-estimate
+  after the first, one extra gradient on the first half of the next step's batch gives the mean
+  gradients of both halves (the other by difference), from which ‖∇L‖² is estimated without bias
+  (``flowsim.curvature.gradient_signal``); ρ is the ratio of running sums (memory ``COHERENCE_MEMORY`` per
+  re-estimate) of that estimate and of ‖g_B‖², clipped to [``MIN_COHERENCE``, 1]. In full batch ρ = 1 and
+  nothing is computed;
 - ``flow``: the central flow chooses c. At the first estimate (and at the re-estimates of every ``flow.every``
   steps) the central flow of the rule (solvers/central.py; gd, scalar_rmsprop, rmsprop, full batch) is run
   ``flow.horizon`` steps from w_k at η = min(lr, c·θ/S_k) for each of ``flow.candidates``, and the c whose
@@ -72,7 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 import torch
 from torch import Tensor
 
-from flowsim.curvature import LossGraph, hessian_operator, preconditioned, top_eigenpairs
+from flowsim.curvature import LossGraph, gradient_signal, hessian_operator, preconditioned, top_eigenpairs
 from flowsim.solvers.central import Central, CentralOptions
 from flowsim.solvers.processes import Discrete, DiscreteOptions, Schedule, Trajectory, step_seed
 from flowsim.solvers.rules import State
@@ -115,6 +124,8 @@ class AdaptiveOptions(DiscreteOptions):
     max_products: Optional[PositiveInt] = Field(None, description="at most this many Hessian-vector products "
                                                 "per re-estimate after the first (absent = until tol)")
     flow: Optional[FlowChoice] = Field(None, description="choose c by the central flow's forecast (absent = c)")
+    coherence: bool = Field(False, description="scale c by the gradient coherence ‖∇L‖²/E‖g_B‖² (minibatch; "
+                            "one extra half-batch gradient per re-estimate)")
     hvp: Literal["reverse", "forward", "difference"] = Field(
         "reverse", description="Hessian-vector products: exact (reverse: double backward; forward: jvp of grad) "
         "or the forward difference of gradients (cheaper, relative error ≈ √machine epsilon)")
@@ -131,9 +142,16 @@ class AdaptiveOptions(DiscreteOptions):
 
 
 INITIAL_CONTROL = {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None,
-                   "loss_sum": 0.0, "loss_n": 0, "last_mean": math.inf}
+                   "loss_sum": 0.0, "loss_n": 0, "last_mean": math.inf,
+                   "signal_sq": 0.0, "batch_sq": 0.0}
 """The controller's state before the first step: η, the guard's scale s, S, the guard's reference loss, the warm
-start, and the step losses of the current and previous intervals between re-estimates (``decay_on_rise``)."""
+start, the step losses of the current and previous intervals between re-estimates (``decay_on_rise``), and the
+running sums of the ‖∇L‖² estimates and of ‖g_B‖² (``coherence``)."""
+COHERENCE_MEMORY = 0.8
+"""Weight of the past in the running sums of ``coherence``: its estimates average over ≈ 5 re-estimates (one
+half-batch pair alone is too noisy where ρ is small)."""
+MIN_COHERENCE = 0.05
+"""Floor of the coherence factor: the unbiased ‖∇L‖² estimate can come out ≤ 0 where ρ is small."""
 
 
 class Adaptive(Discrete):
@@ -202,7 +220,7 @@ class Adaptive(Discrete):
             ctl["last_mean"], ctl["loss_sum"], ctl["loss_n"] = mean, 0.0, 0
         if choose:
             ctl["c"] = self._choose_c(traj, g, S)
-        c = o.c_start if first and o.c_start is not None else ctl["c"]
+        c = o.c_start if first and o.c_start is not None else ctl["c"] * self.coherence()
         target = c * self.rule.threshold_coefficient() / S if S > 0 else math.inf
         if spike:
             ctl["ref"] = math.inf
@@ -219,6 +237,23 @@ class Adaptive(Discrete):
                 eta = max(ctl["eta"], eta)
         ctl["eta"] = min(self.lr_max, eta)
         ctl["ref"] = math.inf
+
+    def coherence(self) -> float:
+        """ρ, the factor of c (``coherence``; 1 without it, in full batch and before its first estimate)."""
+        if self.ctl["batch_sq"] <= 0:
+            return 1.0
+        return min(1.0, max(MIN_COHERENCE, self.ctl["signal_sq"] / self.ctl["batch_sq"]))
+
+    def _track_coherence(self, traj: Trajectory, g: Tensor) -> None:
+        """Add the step from traj's ‖∇L‖² estimate and ‖g_B‖² (g: its batch gradient) to the running sums."""
+        idx = self._batch(traj.step)
+        n1 = idx.numel() // 2
+        g1 = self.problem.loss_and_grad(traj.w, idx[:n1])[1]
+        g2 = (idx.numel() * g - n1 * g1) / (idx.numel() - n1)
+        population = self.problem.n_examples if self.options.sampling == "epoch" else math.inf
+        signal = gradient_signal(g1, g2, n1, idx.numel() - n1, population)
+        self.ctl["signal_sq"] = COHERENCE_MEMORY * self.ctl["signal_sq"] + signal
+        self.ctl["batch_sq"] = COHERENCE_MEMORY * self.ctl["batch_sq"] + g.pow(2).sum().item()
 
     def _loss_and_grad(self, w: Tensor, idx: Optional[Tensor], with_hessian: bool):
         """(loss, g, v ↦ Hv or None) of the step's batch; the product only with ``curvature_batch``, and then
@@ -260,7 +295,7 @@ class Adaptive(Discrete):
         if measure:
             out.update({"loss": step_loss, "grad_norm": g.norm().item()} if self.sampler is None
                        else self.measure(traj))
-            out["target_c"] = self.ctl["c"]
+            out["target_c"] = self.ctl["c"] * self.coherence()
         self.apply(traj, g, lr)
         if o.noise > 0 and (o.noise_until is None or k < o.noise_until):
             gen = torch.Generator().manual_seed(step_seed(self.seed, k, noise=True))
@@ -270,6 +305,8 @@ class Adaptive(Discrete):
         if reached % o.every == 0 or (o.early and reached < o.every and reached & (reached - 1) == 0):
             # the next step's gradient, now: its rule state is the preconditioner that step will use
             self._ahead = (traj.w, *self._step_gradient(traj, True))
+            if o.coherence and self.sampler is not None:
+                self._track_coherence(traj, self._ahead[2])
             choose = o.flow is not None and o.flow.every is not None and reached % o.flow.every == 0
             self._estimate(traj, *self._ahead[2:], choose=choose)
         return out

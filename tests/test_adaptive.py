@@ -1,5 +1,7 @@
 """The adaptive process: η·S held at c·θ (exact on a quadratic, measured by the curvature probe on an MLP, for GD
 and Adam), the divergence guard, exact resume and one-line errors for bad options."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -113,11 +115,11 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
 
 @pytest.mark.parametrize("rule, batch_size, options", [
     ("adam", 16, {"noise": 0.0}), ("adam", 16, {"noise": 0.05}), ("adam", 16, {"curvature_batch": True}),
-    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}),
+    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}), ("adam", 16, {"coherence": True}),
     ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
 def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
     """Minibatch Adam (with and without injected noise, S on the full batch or the step's own, the latter with
-    exact or difference products) and full-batch GD with c chosen by the flow, stopped after 8 steps (right
+    exact or difference products, c scaled by the gradient coherence) and full-batch GD with c chosen by the flow, stopped after 8 steps (right
     after a re-estimate, whose gradient for the next step the fresh process computes again) and continued by a
     fresh process from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
@@ -293,3 +295,37 @@ def test_decay_on_rise_lowers_c_after_each_interval_whose_mean_loss_rose(decay, 
     outs = [process.step(traj, True) for _ in range(6)]
     assert [out["step_size"] for out in outs] == expected
     assert [out["target_c"] for out in outs] == [eta / 2 for eta in expected]
+
+
+def coherence_process(batch_size, **options):
+    problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64}).build(device="cpu", dtype=torch.float64)
+    cls = PROCESSES["adaptive"]
+    return problem, cls(problem, make_rule("adam"), Schedule(100.0), seed=3, batch_size=batch_size,
+                        options=cls.Options(c=0.5, every=2, growth=1e9, **options))
+
+
+def test_coherence_changes_nothing_in_full_batch():
+    runs = []
+    for coherence in (False, True):
+        problem, process = coherence_process(None, coherence=coherence)
+        traj = process.start(problem.w0)
+        runs.append([process.step(traj, True) for _ in range(9)])
+    assert [o["step_size"] for o in runs[1]] == [o["step_size"] for o in runs[0]]
+    assert all(o["target_c"] == 0.5 for o in runs[1])
+
+
+@pytest.mark.parametrize("sampling, population", [("epoch", 64), ("iid", math.inf)])
+def test_coherence_scales_the_target_by_the_half_batch_estimate_of_the_next_steps_batch(sampling, population):
+    """B = 16 of D = 64: the re-estimate after step 1 sets η·S = c·ρ·θ with ρ = (g1·g2 + ‖g1 − g2‖²/(D·(1/8 +
+    1/8)))/‖g_B‖² from the two halves of the batch of the step from w_2 (D = inf, no correction, when batches
+    are drawn with replacement), computed here independently; the recorded target_c is c·ρ."""
+    problem, process = coherence_process(16, coherence=True, sampling=sampling)
+    traj = process.start(problem.w0)
+    for _ in range(2):
+        process.step(traj, False)
+    batch = process.sampler.indices(2)
+    g1, g2, g = (problem.loss_and_grad(traj.w, idx)[1] for idx in (batch[:8], batch[8:], batch))
+    rho = ((g1 @ g2).item() + (g1 - g2).pow(2).sum().item() / (population * (1 / 8 + 1 / 8))) / g.pow(2).sum().item()
+    assert 0.05 < rho < 0.9
+    assert process.ctl["eta"] * process.ctl["S"] == pytest.approx(0.5 * rho * 38.0, rel=1e-9)
+    assert process.step(traj, True)["target_c"] == pytest.approx(0.5 * rho, rel=1e-12)
