@@ -15,8 +15,8 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "loss": ((), "loss", "training loss on the full batch, averaged over examples"),
     "grad_norm": ((), "loss/weight", "‖∇L(w)‖₂ on the full batch"),
     "step_size": ((), "1", "step size η used from this step to the next"),
-    "target_c": ((), "1", "adaptive process: c, the target η·S as a fraction of the rule's threshold θ "
-                 "(chosen by the central flow with options.flow; times the gradient coherence with options.coherence)"),
+    "target_c": ((), "1", "adaptive process: c, the target η·S as a fraction of the rule's threshold θ (chosen "
+                 "by the central flow with options.flow; times the gradient coherence with options.coherence)"),
     "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
     "wall_time": ((), "s", "wall-clock seconds since the run started"),
     "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),

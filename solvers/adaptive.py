@@ -52,8 +52,8 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   B_simple = tr Σ/‖∇L‖² the simple noise scale of McCandlish et al. (2018), whose best step at batch B is this
   fraction of the noiseless one (on the bench's transformer ρ = 0.7–0.9 over the first 100 steps: 89 → 82 steps to
   its target; it does not stop η from climbing while S falls there, ``decay_on_rise`` does). At each re-estimate
-  after the first, one extra gradient on the first half of the next step's batch gives the mean
-  gradients of both halves (the other by difference), from which ‖∇L‖² is estimated without bias
+  after the first, one extra gradient on the first half of the next step's batch gives the mean gradients of
+  both halves (the other by difference), from which ‖∇L‖² is estimated without bias
   (``flowsim.curvature.gradient_signal``); ρ is the ratio of running sums (memory ``COHERENCE_MEMORY`` per
   re-estimate) of that estimate and of ‖g_B‖², clipped to [``MIN_COHERENCE``, 1]. In full batch ρ = 1 and
   nothing is computed;

@@ -119,9 +119,9 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
     ("gd", None, {"flow": {"candidates": [0.5, 1.0, 1.25], "horizon": 2, "every": 4}})])
 def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
     """Minibatch Adam (with and without injected noise, S on the full batch or the step's own, the latter with
-    exact or difference products, c scaled by the gradient coherence) and full-batch GD with c chosen by the flow, stopped after 8 steps (right
-    after a re-estimate, whose gradient for the next step the fresh process computes again) and continued by a
-    fresh process from the checkpoint state."""
+    exact or difference products, c scaled by the gradient coherence) and full-batch GD with c chosen by the
+    flow, stopped after 8 steps (right after a re-estimate, whose gradient for the next step the fresh process
+    computes again) and continued by a fresh process from the checkpoint state."""
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
     cls = PROCESSES["adaptive"]
     options = cls.Options(c=1.0, every=4, **options)
@@ -325,7 +325,8 @@ def test_coherence_scales_the_target_by_the_half_batch_estimate_of_the_next_step
         process.step(traj, False)
     batch = process.sampler.indices(2)
     g1, g2, g = (problem.loss_and_grad(traj.w, idx)[1] for idx in (batch[:8], batch[8:], batch))
-    rho = ((g1 @ g2).item() + (g1 - g2).pow(2).sum().item() / (population * (1 / 8 + 1 / 8))) / g.pow(2).sum().item()
+    signal = (g1 @ g2).item() + (g1 - g2).pow(2).sum().item() / (population * (1 / 8 + 1 / 8))
+    rho = signal / g.pow(2).sum().item()
     assert 0.05 < rho < 0.9
     assert process.ctl["eta"] * process.ctl["S"] == pytest.approx(0.5 * rho * 38.0, rel=1e-9)
     assert process.step(traj, True)["target_c"] == pytest.approx(0.5 * rho, rel=1e-12)
