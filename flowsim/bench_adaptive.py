@@ -280,7 +280,7 @@ def _write(root: zarr.Group, name: str, task: dict, methods: dict[str, Method], 
 
 def adaptive(tasks: Optional[list[str]] = None, output: Union[str, Path, None] = None,
              overwrite: bool = False) -> int:
-    """Print the comparison for each task (all three by default, a few minutes on 2 CPU cores); with ``output``,
+    """Print the comparison for each task (all three by default, ≈ 17 minutes on one CPU thread); with ``output``,
     also keep every curve in that store (an existing one only with ``overwrite``)."""
     from flowsim.report import target_summary
     if output is not None and store_mod.is_store(output) and not overwrite:
