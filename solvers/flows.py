@@ -215,12 +215,15 @@ class Stable(Process):
 
     def substeps(self, traj: Trajectory, lr: float) -> int:
         """Substeps of unit ``traj.step``: the fixed ``substeps`` option, else max(4, ⌈2 S_eff⌉) capped at
-        ``max_substeps``."""
+        ``max_substeps`` (also where S_eff is not finite: the state has diverged, and the step records it)."""
         if self.options.substeps is not None:
             return self.options.substeps
         if self.options.method == "dopri5":
             return 0
-        return min(self.options.max_substeps, max(4, math.ceil(2 * self.effective_sharpness(traj, lr))))
+        s_eff = self.effective_sharpness(traj, lr)
+        if not math.isfinite(s_eff):
+            return self.options.max_substeps
+        return min(self.options.max_substeps, max(4, math.ceil(2 * s_eff)))
 
 
 class Modified(Stable):
