@@ -55,7 +55,7 @@ TASKS = {
 # method name: (rule, options) of the adaptive process, the same on every task (lr = 100 is only a cap); S is
 # estimated on the first 200 examples to tol 1e-2 (≈ 1 % on λ_max), which costs 3–5 HVPs per estimate once warm
 CHEAP = {"tol": 1e-2, "curvature_examples": 200}
-BATCH = {"c": 0.5, "c_start": 3.9, "early": True, "tol": 1e-2, "curvature_batch": True, "max_products": 4,
+BATCH = {"c": 0.5, "first_step": "line", "early": True, "tol": 1e-2, "curvature_batch": True, "max_products": 4,
          "hvp": "difference"}
 FLOW = {"candidates": [0.75, 1.0, 1.25, 1.5], "horizon": 30, "every": 50}
 ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
@@ -71,23 +71,24 @@ ADAPTIVE = {"adaptive-gd-c1": ("gd", {"c": 1.0, **CHEAP}),
 # adaptive-adam-c0.5-early: the fixed-η Adam that wins on the digits MLP (η = 0.024) runs at η·S_P/θ ≈ 52 at its
 # first step (P̃ from one gradient), 2.5 at the second and 0.3–0.4 through its fast phase; so c_start > 1 for
 # the first estimate, early re-estimates while ν settles, and c = 0.5 below the edge.
-# adaptive-adam-c0.5-batch: the same controller, with S from the Hessian of each estimating step's own batch and
+# adaptive-adam-c0.5-batch: the same controller, but step 0 at the minimizer of the quadratic model along Adam's
+# first update (first_step: line; that update is sign descent, and η* at w_0 is 0.4–2.2x the best fixed η of
+# Adam, where c_start·θ/S_0 is 7–47x below it), and S from the Hessian of each estimating step's own batch with
 # at most 4 warm products per re-estimate, each the forward difference of two gradients of that batch (hvp:
-# difference: one plain gradient of 100 examples, no graph; with 2 products the estimates are too rough: 0/3
-# and 1/3 seeds reach the CNN's and the transformer's targets). -decay: c halves after each interval whose mean
-# step loss rose. On the minibatch tasks η = c·θ/S has no stable level, because S falls as η rises: on the
-# transformer (seed 0) λ_max(H) fell from 3.6 to 1.5 while η rose from 0.02 to 0.12 over steps 10–40 with √ν
-# unchanged, and on the CNN (seed 4) from 7 to 4 at η = 0.15 while its ReLUs died. Only the loss rising stops
-# it: without -decay the transformer needs 145 steps (one full run). -exact: the same with exact products
-# (double backward through the gradient's graph): 37.3, 113 and 86.7 steps, against 37.3, 89.3 and 89.3 with
-# differences.
-# On the transformer (smooth) both give the same S; on the ReLU/max-pool CNN the difference quotient also counts
-# the kinks that a perturbation crosses, and its S_P is 1.2–2.4x the exact one (solvers/adaptive.py), so η is
-# lower there.
-# -coherence: c times the gradient coherence ‖∇L‖²/E‖g_B‖² (solvers/adaptive.py; 1 in full batch, so the MLP is
-# unchanged; 0.7–0.9 on the transformer's first 100 steps). One full run: 37.3, 84.7 and 82 steps (without it
-# 37.3, 89.3, 89.3); seeds 3–5: transformer 76.7 (without 96.7; Adam's best grid step 78.7), CNN 2/3 seeds (seed
-# 4 stalls at 0.357 against its target 0.322; without: 3/3, 117.3).
+# difference: one plain gradient of 100 examples, no graph; with 2 products the estimates are too rough).
+# -decay: c halves after each interval whose mean step loss rose. On the minibatch tasks η = c·θ/S has no stable
+# level, because S falls as η rises: on the transformer (seed 0) λ_max(H) fell from 3.6 to 1.5 while η rose from
+# 0.02 to 0.12 over steps 10–40 with √ν unchanged, and on the CNN (seed 4) from 7 to 4 at η = 0.15 while its
+# ReLUs died. -exact: -decay with exact products (double backward through the gradient's graph); on the
+# transformer (smooth) both give the same S; on the ReLU/max-pool CNN the difference quotient also counts the
+# kinks that a perturbation crosses, and its S_P is 1.2–2.4x the exact one (solvers/adaptive.py), so η is lower
+# there. -coherence (the headline): -decay with c times the gradient coherence ‖∇L‖²/E‖g_B‖² (1 in full batch,
+# so the MLP is unchanged; 0.7–0.9 on the transformer's first 100 steps).
+# One full run, steps to target (MLP, CNN, transformer): -batch 35.7, 78, 128; -decay 35.7, 78, 111; -exact
+# 35.7, 109 (2/3 seeds), 101; -coherence 35.7, 94.7, 75.3 against Adam's best grid step 34.3, 117, 73.3.
+# Seeds 3–5 (the same settings, loss every 2 steps): -coherence 29.7, 83.3, 80.7 (Adam's best 30.7, 103, 78.7).
+# With c_start 3.9 instead of first_step line: -coherence 37.3, 84.7, 82; -decay 37.3, 89.3, 89.3, and on seeds
+# 3–5 the CNN reached its target on 2/3 seeds with -coherence.
 # adaptive-gd-flow: the central flow chooses c among FLOW's candidates at steps 0, 50, 100, …, forecasting 30
 # steps ahead (full batch only: on the minibatch tasks the bench says it does not apply); the fixed-c runs at
 # two of its candidates are beside it.

@@ -153,6 +153,7 @@ def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
     ("noise", -0.1, "runs.a.noise: Input should be greater than or equal to 0"),
     ("noise_until", 0, "runs.a.noise_until: Input should be greater than 0"),
     ("schedule", {"drop_at": 2, "lr_after": 0.1}, "runs.a.schedule: the adaptive process sets η itself"),
+    ("first_step", "jump", "runs.a.first_step: Input should be 'edge' or 'line'"),
 ])
 def test_bad_options_fail_in_one_line_naming_the_key(key, value, message, tmp_path):
     doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
@@ -330,3 +331,33 @@ def test_coherence_scales_the_target_by_the_half_batch_estimate_of_the_next_step
     assert 0.05 < rho < 0.9
     assert process.ctl["eta"] * process.ctl["S"] == pytest.approx(0.5 * rho * 38.0, rel=1e-9)
     assert process.step(traj, True)["target_c"] == pytest.approx(0.5 * rho, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("gd", sum(v ** 2 for v in SPECTRUM) / sum(v ** 3 for v in SPECTRUM)), ("adam", 1.0)])
+def test_line_first_step_is_the_minimizer_of_the_quadratic_along_the_rules_first_update(rule, expected):
+    """½ Σ λ_i w_i² from w0 = 1, so g = λ: GD's first update −g is minimized at Σλ²/Σλ³, Adam's (bias-corrected
+    sign descent, −g/(|g| + ε)) at Σ|λ|/Σλ = 1 (up to ε)."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    cls = PROCESSES["adaptive"]
+    process = cls(problem, make_rule(rule), Schedule(100.0), options=cls.Options(first_step="line"))
+    assert process.step(process.start(problem.w0), False)["step_size"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_line_first_step_falls_back_to_the_edge_where_the_model_is_concave_along_the_update():
+    """Spectrum (−1, 0.5), g = λ: gᵀHg = −1 + 0.125 < 0, so step 0 takes c·2/λ_max = 0.5·2/0.5."""
+    lam = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    problem = flowsim.Problem.from_function(lambda w: 0.5 * (lam * w * w).sum(), torch.ones(2), dtype="float64",
+                                            device="cpu")
+    cls = PROCESSES["adaptive"]
+    process = cls(problem, make_rule("gd"), Schedule(100.0), options=cls.Options(c=0.5, first_step="line"))
+    assert process.step(process.start(problem.w0), False)["step_size"] == pytest.approx(2.0, rel=1e-6)
+
+
+def test_line_first_step_with_c_start_fails_in_one_line(tmp_path):
+    doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
+           "runs": {"a": {"process": "adaptive", "lr": 1.0, "first_step": "line", "c_start": 2.0}}}
+    with pytest.raises(ScenarioError) as err:
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert str(err.value).startswith("runs.a.c_start: does not apply with first_step: line")
+    assert "\n" not in str(err.value) and not (tmp_path / "s.zarr").exists()
