@@ -34,10 +34,11 @@ The controller (units: η in the rule's lr units, S in 1/lr):
   GD catapults out of its sharp initial region (the fixed-η runs that win on small networks do exactly this);
 - ``first_step: line``: step 0 instead takes η* = −g·d/(dᵀHd), the minimizer of the quadratic model of the loss
   along the rule's first update d (at η = 1), H as for S; one more product (where dᵀHd ≤ 0 it falls back to the
-  edge rule). For Adam the first update is sign descent (m̂/√v̂ = g/|g|), whose step the sharpness of a one-gradient
-  preconditioner says little about: on the bench's tasks η* at w_0 is 0.4–2.2× the best fixed η of Adam, while
-  c_start·θ/S_0 (c_start 3.9) is 7–47× below it on the transformer and the CNN. With it the bench's headline needs 36, 95 and 75 steps (MLP,
-  CNN, transformer) on seeds 0–2 instead of 37, 85 and 82, and reaches every target on seeds 3–5 too;
+  edge rule). For Adam the first update is sign descent (m̂/√v̂ = g/|g|), whose step the sharpness of a
+  one-gradient preconditioner says little about: on the bench's tasks η* at w_0 is 0.4–2.2× the best fixed η of
+  Adam, while c_start·θ/S_0 (c_start 3.9) is 7–47× below it on the transformer and the CNN. With it the bench's
+  headline needs 36, 95 and 75 steps (MLP, CNN, transformer) on seeds 0–2 instead of 37, 85 and 82, and reaches
+  every target on seeds 3–5 too;
 - ``ratchet``: η never decreases at a regular re-estimate (η_k = max(η_{k−1}, c·θ/S_k)): GD's own
   self-stabilization keeps S ≈ θ/η instead of η following a sharpening S down; with c > 1, η grows by up
   to c per estimate while the run stays stable, until the guard fires (a search for the largest stable η);
