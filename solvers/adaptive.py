@@ -88,7 +88,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 import torch
 from torch import Tensor
 
-from flowsim.curvature import LossGraph, gradient_signal, hessian_operator, preconditioned, top_eigenpairs
+from flowsim.curvature import (HVP_METHODS, LossGraph, gradient_signal, hessian_operator, preconditioned,
+                               top_eigenpairs)
 from flowsim.solvers.central import Central, CentralOptions
 from flowsim.solvers.processes import Discrete, DiscreteOptions, Schedule, Trajectory, step_seed
 from flowsim.solvers.rules import State
@@ -135,7 +136,7 @@ class AdaptiveOptions(DiscreteOptions):
     flow: Optional[FlowChoice] = Field(None, description="choose c by the central flow's forecast (absent = c)")
     coherence: bool = Field(False, description="scale c by the gradient coherence ‖∇L‖²/E‖g_B‖² (minibatch; "
                             "one extra half-batch gradient per re-estimate)")
-    hvp: Literal["reverse", "forward", "difference"] = Field(
+    hvp: Literal[HVP_METHODS] = Field(
         "reverse", description="Hessian-vector products: exact (reverse: double backward; forward: jvp of grad) "
         "or the forward difference of gradients (cheaper, relative error ≈ √machine epsilon)")
 
@@ -194,10 +195,13 @@ class Adaptive(Discrete):
         the first step, which makes the first estimate."""
         return self.ctl["eta"]
 
+    def _prior_state(self, traj: Trajectory, g: Tensor) -> State:
+        """The rule state the step from traj starts from (before the first step: the rule's initial state)."""
+        return traj.state if traj.state is not None else self.rule.init(traj.w, g)
+
     def _state(self, traj: Trajectory, g: Tensor) -> State:
         """The rule state that the step from traj with gradient g makes its preconditioner of."""
-        state = traj.state if traj.state is not None else self.rule.init(traj.w, g)
-        return self.rule.advance_state(g, state)
+        return self.rule.advance_state(g, self._prior_state(traj, g))
 
     def sharpness(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable], first: bool) -> float:
         """S = λ_max(P̃⁻¹H) at traj.w: H = ``hessian`` (v ↦ Hv, ``curvature_batch``: on the batch of the step from
@@ -218,8 +222,7 @@ class Adaptive(Discrete):
     def line_step(self, traj: Trajectory, g: Tensor, hessian: Optional[Callable]) -> float:
         """η* = −g·d/(dᵀHd), d the update of the rule's step from traj at η = 1: the minimizer of the quadratic
         model of the loss along that update (inf where the model is not convex along d)."""
-        state = traj.state if traj.state is not None else self.rule.init(traj.w, g)
-        d = self.rule.update(g, state, 1.0)[0]
+        d = self.rule.update(g, self._prior_state(traj, g), 1.0)[0]
         curvature = (d * self._hessian(traj, hessian)(d)).sum().item()
         return -(g * d).sum().item() / curvature if curvature > 0 else math.inf
 
