@@ -1,16 +1,18 @@
 """flowsim: discrete optimizers and their continuous approximations at the edge of stability, side by side.
 
-Public surface: :func:`run` (a scenario → a Dataset), :func:`open` (a store → a Dataset), :func:`compare`
-(runs against a reference run), :class:`Problem`,
-:func:`load_scenario`. Models live in ``flowsim.models``, update rules and processes in ``flowsim.solvers``.
+Public surface: :func:`run` (a scenario → a Dataset), :func:`simulate` (one process of one rule under one
+step-size policy on a Problem, no YAML), :func:`open` (a store → a Dataset), :func:`compare` (runs against a
+reference run), :class:`Problem`, :func:`load_scenario`. Models live in ``flowsim.models``; update rules,
+processes, step-size policies and the simulation loop in ``flowsim.solvers``.
 """
 __version__ = "0.1.0"
 
 from flowsim.compare import compare  # noqa: E402
 from flowsim.problem import Problem  # noqa: E402
-from flowsim.runner import run  # noqa: E402
+from flowsim.runner import run, simulate  # noqa: E402
 from flowsim.scenario import Scenario, ScenarioError  # noqa: E402
 from flowsim.scenario import load as load_scenario  # noqa: E402
 from flowsim.store import open  # noqa: E402,A001
 
-__all__ = ["Problem", "compare", "Scenario", "ScenarioError", "load_scenario", "open", "run", "__version__"]
+__all__ = ["Problem", "compare", "Scenario", "ScenarioError", "load_scenario", "open", "run", "simulate",
+           "__version__"]

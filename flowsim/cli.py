@@ -1,4 +1,4 @@
-"""The ``flowsim`` command line: run | report | compare | list | info | bench.
+"""The ``flowsim`` command line: run | report | compare | list | info.
 
 Errors are one line on stderr (``flowsim: error: …``) with exit code 2; never a bare traceback.
 """
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from flowsim.bench import BENCHMARKS, run_benchmark
 
 
 def bundled_scenarios() -> dict[str, Path]:
@@ -100,13 +99,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    options = {"output": args.output} if args.output else {}
-    if args.overwrite:
-        options["overwrite"] = True
-    return run_benchmark(args.which, **options)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsim", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,11 +126,6 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     sub.add_parser("list", help="list the bundled scenarios").set_defaults(func=cmd_list)
     sub.add_parser("info", help="versions, device and dtype").set_defaults(func=cmd_info)
-    b = sub.add_parser("bench", help="benchmarks that print ratios against a baseline")
-    b.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark (each prints ratios vs its baseline)")
-    b.add_argument("-o", "--output", help="store (.zarr) to keep the curves in, for `flowsim report` (adaptive only)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -5,7 +5,7 @@ Conventions: H = ∇²L(w) of the loss averaged over examples (``Problem`` conve
 λ_max(H); the *preconditioned sharpness* is λ_max(P̃⁻¹H), computed on the symmetric P̃^{-1/2} H P̃^{-1/2}, where
 P̃ is the rule's diagonal preconditioner without η (``Rule.precond``); its stability threshold is c/η with
 c = ``Rule.threshold_coefficient()``. Every eigenvalue here is in loss/weight² units (no η inside).
-This module measures; it never steps an optimizer and never touches storage.
+This module measures; it never steps an optimizer, never records and never touches storage.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import numpy as np
 import torch
 from scipy.linalg.lapack import dsyevd
 from torch import Tensor
-
-from flowsim.record import Probe
 
 
 SQRT_EPS64 = math.sqrt(np.finfo(np.float64).eps)
@@ -48,7 +46,7 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], n: int, k: int = 1, *, v0
     tol · s: θ moved by at most that since the previous Krylov step, r²/gap is below it (gap: the distance to
     the nearest other Ritz value), and r ≤ 0.3 √tol · s (so that r²/gap ≤ tol for any relative gap ≥ 0.09
     even though the Ritz gap overestimates the true one). This heuristic roughly halves the products at tol
-    1e-3; ``flowsim bench curvature`` measures its errors against dense eigenvalues. ``max_iter`` bounds the
+    1e-3; ``python -m benchmarks curvature`` measures its errors against dense eigenvalues. ``max_iter`` bounds the
     Krylov dimension (default min(n, 300)); when it is reached the best Ritz pairs are returned. If the Krylov
     space becomes invariant before k pairs converge, it is extended by a random vector orthogonal to it. Like
     every Krylov method it cannot see directions absent from its start vector: a warm start that is an exact
@@ -141,11 +139,10 @@ def hessian_operator(problem, w: Tensor, idx: Optional[Tensor] = None, method: s
     is one backward pass through it. ``forward`` (exact): forward-over-reverse (``Problem.hvp``, jvp of grad),
     which rebuilds everything per product. ``difference`` (approximate): the forward difference of gradients
     (∇L(w + εv) − ∇L(w))/ε, ε = √ε_m·max(1, ‖w‖)/‖v‖ with ε_m the dtype's machine epsilon: one plain gradient per
-    product and no graph, with a relative error of order √ε_m (≈ 1e-8 in float64, 3e-4 in float32) where the loss
-    is smooth — enough for an eigenvalue to 1e-2, not for third derivatives. Whether it is cheaper depends on
-    the model: on 100 examples, a product costs 2.2 ms against 3.3 ms by double backward for the adaptive bench's
-    CNN and 9.0 against 16.7 ms for its transformer, but 0.6 against 0.5 ms for ``flowsim bench curvature``'s
-    small MLP. On a piecewise-linear (ReLU, max-pool) network it is not the Hessian: see solvers/adaptive.py.
+    product and no graph, with a relative error of order √ε_m where the loss is smooth — enough for an eigenvalue
+    to 1e-2, not for third derivatives. Which is cheaper depends on the model (docs/step-size.md gives figures).
+    On a piecewise-linear (ReLU, max-pool) network it is not the Hessian: it also counts the kinks that a
+    perturbation of size ε crosses.
     ``grad``: ∇L(w) on idx where already computed (difference).
     """
     if method == "forward":
@@ -208,6 +205,18 @@ def preconditioned(matvec: Callable[[Tensor], Tensor], precond: Tensor) -> Calla
     """
     d = precond.rsqrt()
     return lambda v: d * matvec(d * v)
+
+
+def precond_eigenpairs(hvp: Callable[[Tensor], Tensor], precond: Optional[Tensor], w: Tensor, k: int = 1, *,
+                       v0: Optional[Tensor] = None, tol: float = 1e-3, max_iter: Optional[int] = None, seed: int = 0,
+                       values_only: bool = True) -> Eigenpairs:
+    """The top k eigenpairs of P̃^{-1/2} H P̃^{-1/2} at w — the eigenvalues of P̃⁻¹H, the preconditioned sharpness
+    first — by warm-started Lanczos (:func:`top_eigenpairs`; ``v0`` the previous ``vecs``). ``hvp`` is v ↦ Hv,
+    ``precond`` the diagonal P̃ (a vector or a 1-element tensor; None for the identity: then it is λ_max(H)).
+    The one helper behind every sharpness in flowsim: probes, flows, the central flow and the edge controller."""
+    op = hvp if precond is None else preconditioned(hvp, precond)
+    return top_eigenpairs(op, w.numel(), k, v0=v0, tol=tol, max_iter=max_iter, dtype=w.dtype, device=w.device,
+                          seed=seed, values_only=values_only)
 
 
 def hutchinson_trace(matvec: Callable[[Tensor], Tensor], n: int, samples: int = 100, *, seed: int = 0,
@@ -278,63 +287,3 @@ def gradient_signal(g1: Tensor, g2: Tensor, n1: int, n2: int, n_examples: float)
     """
     variance = (g1 - g2).pow(2).sum().item() / (1 / n1 + 1 / n2)
     return (g1 * g2).sum().item() + variance / n_examples
-
-
-# ---- recording ----------------------------------------------------------------------------------------------
-class CurvatureProbe(Probe):
-    """Records ``sharpness``, ``eigs``, ``threshold`` and, when asked, ``precond_sharpness`` and
-    ``noise_kernel_norm``/``grad_noise_trace`` at the point w_k, before step k.
-
-    ``threshold`` is c/η_k (``Rule.threshold_coefficient``, the scheduled η_k): the value the sharpness (GD) or
-    the preconditioned sharpness (adaptive rules) equilibrates at. The preconditioned sharpness uses the rule
-    state at step k; before the first step there is no state (it is NaN at step 0), and for rules without a
-    preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
-    full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
-    when None), K and tr Σ on the first ``noise_examples``. Eigenvectors are kept between calls as warm starts
-    and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
-    continues with the same warm starts.
-    """
-
-    def __init__(self, every: int, top_k: int, tol: float, precond: bool, noise_kernel: bool,
-                 examples: Optional[int], noise_examples: int, n_examples: int):
-        self.every, self.top_k, self.tol = every, top_k, tol
-        self.precond, self.noise_kernel = precond, noise_kernel
-        self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
-        self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
-        self._process = None
-        self._warm: dict[str, Tensor] = {}
-
-    def checkpoint_state(self) -> dict:
-        return dict(self._warm)
-
-    def restore(self, state: dict) -> None:
-        self._process, self._warm = None, dict(state)
-
-    def _top(self, name: str, matvec, w: Tensor) -> Tensor:
-        res = top_eigenpairs(matvec, w.numel(), self.top_k, v0=self._warm.get(name), tol=self.tol,
-                             dtype=w.dtype, device=w.device, values_only=True)
-        self._warm[name] = res.vecs
-        return res.vals
-
-    def __call__(self, traj, process) -> dict:
-        if self._process is None:
-            self._process = process
-        elif process is not self._process:
-            self._process, self._warm = process, {}
-        problem, w = process.problem, traj.w
-        idx = None if self.idx is None else self.idx.to(w.device)
-        lr = process.schedule(traj.step)
-        H = hessian_operator(problem, w, idx)
-        vals = self._top("H", H, w)
-        out = {"sharpness": vals[0].item(), "eigs": vals.cpu().numpy(),
-               "threshold": process.rule.threshold_coefficient() / lr}
-        if self.precond and traj.state is not None:
-            P = process.rule.precond(traj.state)
-            out["precond_sharpness"] = (out["sharpness"] if P is None else
-                                        self._top("PH", preconditioned(H, P), w)[0].item())
-        if self.noise_kernel and process.batch_size is not None and process.batch_size < problem.n_examples:
-            nidx = None if self.noise_idx is None else self.noise_idx.to(w.device)
-            out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
-                                                         problem.n_examples, problem.Y[0].numel())
-            out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
-        return out

@@ -1,6 +1,6 @@
 """Runs the tasks of a scenario (one per sweep point and run, or one per batched group) on dask.distributed.
 
-Each task is :func:`flowsim.batching.execute_group` on a worker: it builds its Problem, simulates, and writes its own
+Each task is ``run_job`` (the runner's :func:`flowsim.runner.execute_job`) on a worker: it builds its Problem, simulates, and writes its own
 run group (and checkpoints) to the shared store, so the store must be a path every worker can reach. The
 process that submits the tasks holds the store's lock. ``scheduler="local"`` starts a LocalCluster with one
 single-threaded worker process per core; any other value is the address of a running scheduler.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
@@ -33,17 +33,13 @@ def client_for(scheduler: str):
         raise ValueError(f"scheduler: cannot reach the Dask scheduler at {scheduler!r} ({e})") from None
 
 
-def _run_job(store: str, group: Optional[str], job: list[Task], resume: bool) -> list[str]:
-    from flowsim.batching import execute_group
-    return execute_group(store, group, job, resume)
-
-
-def execute_all(store, jobs: list[tuple[Optional[str], list[Task]]], scheduler, resume: bool = False, progress: bool = False,
-                client=None) -> dict[str, str]:
+def execute_all(store, jobs: list[tuple[Optional[str], list[Task]]], scheduler, run_job: Callable,
+                resume: bool = False, progress: bool = False, client=None) -> dict[str, str]:
     """Run ``jobs`` (:func:`flowsim.batching.jobs`: a batched group, or one task) on the cluster and wait for
     all of them; returns run name → status.
 
-    ``scheduler``: ``"local"`` or an address (ignored when a ``client`` is given). A task that fails raises
+    ``scheduler``: ``"local"`` or an address (ignored when a ``client`` is given). ``run_job(store, group, job,
+    resume)`` runs one job on a worker and returns its statuses. A task that fails raises
     its error here, after the other tasks finish.
     """
     from distributed import as_completed
@@ -53,7 +49,7 @@ def execute_all(store, jobs: list[tuple[Optional[str], list[Task]]], scheduler, 
     client = client_for(scheduler) if own else client
     try:
         path = str(Path(store).resolve())
-        futures = {client.submit(_run_job, path, group, job, resume, key=f"flowsim-{job[0].name}-{os.getpid()}",
+        futures = {client.submit(run_job, path, group, job, resume, key=f"flowsim-{job[0].name}-{os.getpid()}",
                                  pure=False): job for group, job in jobs}
         statuses, error = {}, None
         for future in tqdm(as_completed(futures), total=len(futures), disable=not progress, unit="run"):

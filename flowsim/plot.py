@@ -320,31 +320,6 @@ def step_size(ds: xr.Dataset, x: str = "step") -> Figure:
     return fig
 
 
-def per_task(ds: xr.Dataset, name: str = "loss", x: str = "step") -> Figure:
-    """One panel per ``task`` coordinate value (benchmark datasets, e.g. ``flowsim bench adaptive``): ``name``
-    of each run of the task, one colour per ``method`` with all its seeds, log scale where positive (a step size
-    drawn as steps); with a ``target`` coordinate, the task's mean target loss (dashed) on the loss panels."""
-    _require(ds, name)
-    tasks = [str(t) for t in dict.fromkeys(ds["task"].values) if has(ds.isel(run=(ds["task"] == t).values), name)]
-    col = {str(m): f"C{i % 10}" for i, m in enumerate(dict.fromkeys(ds["method"].values))}
-    fig, axes = _figure(len(tasks), height=2.8)
-    for ax, task in zip(axes, tasks):
-        sub = ds.isel(run=(ds["task"] == task).values)
-        labelled = set()
-        for run in _runs_with(sub, name):
-            method = str(sub["method"].sel(run=run).values)
-            ax.plot(*series(sub, name, run, x), color=col[method], linewidth=0.9, alpha=0.8,
-                    label=None if method in labelled else method,
-                    drawstyle="steps-post" if name == "step_size" else "default")
-            labelled.add(method)
-            _mark_divergence(ax, sub, run, col[method], x)
-        if name == "loss" and "target" in sub.coords:
-            ax.axhline(float(sub["target"].mean()), color="k", linestyle="--", linewidth=1, label="target (mean)")
-        ax.set_title(f"{name} — {task}", fontsize=10)
-        _finish(ax, x, name, log=_positive(sub, name))
-    return fig
-
-
 def _positive(ds: xr.Dataset, name: str) -> bool:
     v = ds[name].values.astype(float)
     return bool((v[np.isfinite(v)] > 0).all())

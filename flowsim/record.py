@@ -2,21 +2,27 @@
 
 ``VARIABLES`` is the one table of recorded variables: extra dims beyond ``step``, units and a description —
 the store writes them as attrs, so every stored array says what it is. Probes compute measurements at a
-recorded step from the problem and the trajectory (the random projection lives here; curvature elsewhere).
+recorded step from the problem and the trajectory (projection, weights, curvature through flowsim.curvature).
 This module never opens files: the writer it is given does.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
+from torch import Tensor
+
+from flowsim.curvature import (gradient_noise_trace, hessian_operator, noise_kernel_norm, ntk_eigenvalues,
+                               precond_eigenpairs)
 
 # name: (extra dims, units, long_name)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "loss": ((), "loss", "training loss on the full batch, averaged over examples"),
     "grad_norm": ((), "loss/weight", "‖∇L(w)‖₂ on the full batch"),
     "step_size": ((), "1", "step size η used from this step to the next"),
-    "target_c": ((), "1", "adaptive process: c, the target η·S as a fraction of the rule's threshold θ (chosen "
-                 "by the central flow with options.flow; times the gradient coherence with options.coherence)"),
+    "target_c": ((), "1", "edge step-size controller: c, its target η·S as a fraction of the rule's threshold θ "
+                 "(times the gradient coherence on minibatches)"),
     "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
     "wall_time": ((), "s", "wall-clock seconds since the run started"),
     "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),
@@ -50,11 +56,12 @@ class Projection:
 class Probe:
     """A measurement taken at step k (before the step) every ``every`` steps and at the last step.
 
-    ``__call__(traj, process)`` returns a dict of VARIABLES entries measured at ``traj.w`` (and rule state).
+    ``__call__(traj, process, lr)`` returns a dict of VARIABLES entries measured at ``traj.w`` (and rule state);
+    ``lr`` is η_k, the step size of the step about to be taken from there.
     """
     every: int = 1
 
-    def __call__(self, traj, process) -> dict:
+    def __call__(self, traj, process, lr: float) -> dict:
         raise NotImplementedError
 
     def checkpoint_state(self) -> dict:
@@ -71,7 +78,7 @@ class ProjectionProbe(Probe):
     def __init__(self, projection: Projection, every: int):
         self.projection, self.every = projection, every
 
-    def __call__(self, traj, process) -> dict:
+    def __call__(self, traj, process, lr) -> dict:
         return {"w_proj": self.projection(traj.w)}
 
 
@@ -81,8 +88,65 @@ class WeightsProbe(Probe):
     def __init__(self, every: int):
         self.every = every
 
-    def __call__(self, traj, process) -> dict:
+    def __call__(self, traj, process, lr) -> dict:
         return {"w": traj.w.detach().cpu().numpy()}
+
+
+class CurvatureProbe(Probe):
+    """Records ``sharpness``, ``eigs``, ``threshold`` and, when asked, ``precond_sharpness`` and
+    ``noise_kernel_norm``/``grad_noise_trace`` at the point w_k, before step k.
+
+    ``threshold`` is c/η_k (``Rule.threshold_coefficient``, η_k the step size of step k): the value the sharpness (GD) or
+    the preconditioned sharpness (preconditioned rules) equilibrates at. The preconditioned sharpness uses the rule
+    state at step k; before the first step there is no state (it is NaN at step 0), and for rules without a
+    preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
+    full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
+    when None), K and tr Σ on the first ``noise_examples``. Eigenvectors are kept between calls as warm starts
+    and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
+    continues with the same warm starts.
+    """
+
+    def __init__(self, every: int, top_k: int, tol: float, precond: bool, noise_kernel: bool,
+                 examples: Optional[int], noise_examples: int, n_examples: int):
+        self.every, self.top_k, self.tol = every, top_k, tol
+        self.precond, self.noise_kernel = precond, noise_kernel
+        self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
+        self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
+        self._process = None
+        self._warm: dict[str, Tensor] = {}
+
+    def checkpoint_state(self) -> dict:
+        return dict(self._warm)
+
+    def restore(self, state: dict) -> None:
+        self._process, self._warm = None, dict(state)
+
+    def _top(self, name: str, hvp, P, w: Tensor) -> Tensor:
+        res = precond_eigenpairs(hvp, P, w, self.top_k, v0=self._warm.get(name), tol=self.tol)
+        self._warm[name] = res.vecs
+        return res.vals
+
+    def __call__(self, traj, process, lr: float) -> dict:
+        if self._process is None:
+            self._process = process
+        elif process is not self._process:
+            self._process, self._warm = process, {}
+        problem, w = process.problem, traj.w
+        idx = None if self.idx is None else self.idx.to(w.device)
+        H = hessian_operator(problem, w, idx)
+        vals = self._top("H", H, None, w)
+        out = {"sharpness": vals[0].item(), "eigs": vals.cpu().numpy(),
+               "threshold": process.rule.threshold_coefficient() / lr}
+        if self.precond and traj.state is not None:
+            P = process.rule.precond(traj.state)
+            out["precond_sharpness"] = (out["sharpness"] if P is None else
+                                        self._top("PH", H, P, w)[0].item())
+        if self.noise_kernel and process.batch_size is not None and process.batch_size < problem.n_examples:
+            nidx = None if self.noise_idx is None else self.noise_idx.to(w.device)
+            out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
+                                                         problem.n_examples, problem.Y[0].numel())
+            out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
+        return out
 
 
 class Recorder:
@@ -95,13 +159,16 @@ class Recorder:
         self.writer, self.dims, self.chunk = writer, dims, chunk
         self.rows: list[dict] = []
 
-    def add(self, step: int, values: dict) -> None:
+    def add(self, step: int, values: dict) -> bool:
+        """Buffer one row; returns whether a chunk was handed to the writer."""
         unknown = set(values) - set(VARIABLES)
         if unknown:
             raise KeyError(f"not a recorded variable: {sorted(unknown)}")
         self.rows.append({"step": step, **values})
         if len(self.rows) >= self.chunk:
             self.flush()
+            return True
+        return False
 
     def flush(self) -> None:
         if not self.rows:

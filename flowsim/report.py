@@ -1,12 +1,11 @@
 """The comparison report: one self-contained HTML file per store (figures embedded as base64 PNG, no network).
 
-``flowsim report STORE [-o report.html]`` and ``flowsim run … --report`` call :func:`write`. The page holds the
-scenario, a summary table (:func:`summary`) and one section per entry of ``SECTIONS`` whose variables the
-dataset holds (a section without data is left out). A benchmark's dataset (runs of several tasks: a ``task``
-coordinate, as ``flowsim bench adaptive -o STORE`` writes) gets :func:`target_summary` and ``TASK_SECTIONS``
-instead, one panel per task, and its settings in place of the scenario. Figures come from :mod:`flowsim.plot`;
-distances and gaps to the reference run from :mod:`flowsim.compare` when the store names a reference. This
-module runs nothing.
+``flowsim report STORE [-o report.html]`` and ``flowsim run … --report`` call :func:`write`. The page holds a
+summary table (:func:`summary`), one section per entry of ``SECTIONS`` whose variables the dataset holds (a
+section without data is left out) and the scenario. A caller with datasets of its own kind passes its own
+``sections``, ``summary`` and ``appendix`` to :func:`write`. Figures come from :mod:`flowsim.plot`; distances
+and gaps to the reference run from :mod:`flowsim.compare` when the store names a reference. This module runs
+nothing.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import html
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -64,16 +63,6 @@ SECTIONS: tuple[Section, ...] = (
 )
 
 
-TASK_SECTIONS: tuple[Section, ...] = (
-    Section("Loss per task", ("loss",), lambda ds, ref: plot.per_task(ds, "loss"),
-            "Full-batch training loss against optimizer steps, one colour per method (all seeds drawn); dashed: "
-            "the mean over seeds of the target. Dotted lines: divergence."),
-    Section("Step size per task", ("step_size",), lambda ds, ref: plot.per_task(ds, "step_size"),
-            "The step size η used at each recorded step, for the methods that have one (in the rule's own "
-            "units: Adam's η is not GD's)."),
-)
-
-
 def reference(ds: xr.Dataset) -> Optional[str]:
     """The reference run: the dataset's ``reference`` attr, else the scenario's ``compare.reference``."""
     ref = ds.attrs.get("reference")
@@ -114,26 +103,6 @@ def summary(ds: xr.Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("run")
 
 
-def target_summary(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (task, method) of a benchmark dataset (run coords ``task``, ``method``, ``lr``, ``target``,
-    ``steps_to_target``, ``wall_to_target``): lr, runs (seeds), hit (runs that reach their target), the mean
-    steps and wall seconds to the target over those runs (NaN: none does), the mean final loss (last finite),
-    the diverged runs, and the ratios of the ``baseline`` method's (``ds.attrs``) steps and wall seconds on the
-    same task to the method's (> 1: the method is faster)."""
-    runs = pd.DataFrame({
-        "task": ds["task"].values, "method": ds["method"].values, "lr": ds["lr"].values,
-        "steps": ds["steps_to_target"].values, "wall s": ds["wall_to_target"].values,
-        "final loss": _final(ds, "loss").to_numpy(), "diverged": ds["diverged"].values})
-    table = runs.groupby(["task", "method"], sort=False).agg(
-        lr=("lr", "first"), runs=("lr", "size"), hit=("steps", "count"), steps=("steps", "mean"),
-        **{"wall s": ("wall s", "mean"), "final loss": ("final loss", "mean"), "diverged": ("diverged", "sum")})
-    tasks = table.index.get_level_values("task")
-    base = table.xs(ds.attrs["baseline"], level="method")
-    for column, ratio in (("steps", "steps x"), ("wall s", "wall x")):
-        table[ratio] = base[column].reindex(tasks).to_numpy() / table[column].to_numpy()
-    return table
-
-
 def _final(ds: xr.Dataset, name: str) -> pd.Series:
     """Per run, the last finite value of ``name`` (NaN where none, and everywhere when ``ds`` has no ``name``)."""
     if name not in ds:
@@ -148,11 +117,23 @@ def figure_uri(fig: Figure, dpi: int = 100) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def sections(ds: xr.Dataset) -> list[Section]:
-    """The sections whose variables ``ds`` holds (with at least one finite value): of ``TASK_SECTIONS`` for a
-    dataset with a ``task`` coordinate, else of ``SECTIONS``."""
-    pool = TASK_SECTIONS if "task" in ds.coords else SECTIONS
+def sections(ds: xr.Dataset, pool: Sequence[Section] = SECTIONS) -> list[Section]:
+    """The sections of ``pool`` whose variables ``ds`` holds (with at least one finite value)."""
     return [s for s in pool if any(plot.has(ds, v) for v in s.variables)]
+
+
+_present = sections  # render's own ``sections`` argument shadows the function there
+
+
+Summary = Callable[[xr.Dataset], tuple[pd.DataFrame, str]]
+"""A summary: ``ds ↦ (table, note)``, the table shown under "Summary" and a note (plain text) below it."""
+
+
+def run_summary(ds: xr.Dataset) -> tuple[pd.DataFrame, str]:
+    """The default summary: :func:`summary` with a note on the EoS onset and the reference run."""
+    ref = reference(ds)
+    return summary(ds), (f"EoS onset: first time the controlling sharpness reaches {plot.EOS_FRACTION}·threshold."
+                         + (f" Distances are to the reference run {ref}." if ref else ""))
 
 
 _CSS = """
@@ -165,8 +146,12 @@ figcaption, .meta { color: #555; font-size: 0.85rem; } pre { background: #f6f6f6
 """
 
 
-def render(ds: xr.Dataset) -> str:
-    """The report of ``ds`` as one HTML document (str); ``ds`` is compared to its reference run first."""
+def render(ds: xr.Dataset, sections: Sequence[Section] = SECTIONS, summary: Summary = run_summary,
+           appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),)) -> str:
+    """The report of ``ds`` as one HTML document (str); ``ds`` is compared to its reference run first.
+
+    ``sections``: the figures to draw (those whose variables ``ds`` holds); ``summary``: the table and its note;
+    ``appendix``: (attr, title) pairs, each attr of ``ds`` shown verbatim under its title."""
     ds = compared(ds)
     ref = reference(ds)
     e = html.escape
@@ -174,39 +159,34 @@ def render(ds: xr.Dataset) -> str:
     meta = " · ".join(f"{k} {e(str(ds.attrs[a]))}" for k, a in (
         ("flowsim", "flowsim_version"), ("torch", "torch_version"), ("device", "device"), ("dtype", "dtype"),
         ("created", "created")) if a in ds.attrs)
-    if "task" in ds.coords:
-        table, base = target_summary(ds), e(ds.attrs["baseline"])
-        note = (f"Per task and method over its seeds: steps and wall s to the target (the loss that <b>{base}</b> "
-                f"reaches at the budget, per seed), mean over the runs that reach it; final loss: mean of the last "
-                f"finite loss; steps x, wall x: {base} / method (> 1: faster than {base}).")
-    else:
-        table = summary(ds)
-        note = (f"EoS onset: first time the controlling sharpness reaches {plot.EOS_FRACTION}·threshold."
-                + (f" Distances are to the reference run <b>{e(ref)}</b>." if ref else ""))
+    table, note = summary(ds)
     parts = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>flowsim report: {e(name)}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>flowsim report: {e(name)}</h1>",
              f"<p class='meta'>{meta or e('flowsim ' + flowsim.__version__)}</p>",
              "<h2>Summary</h2>",
              table.to_html(na_rep="–", float_format=lambda v: f"{v:.4g}", border=0, escape=True),
-             f"<p class='meta'>{note}</p>"]
-    for s in sections(ds):
+             f"<p class='meta'>{e(note)}</p>"]
+    for s in _present(ds, sections):
         parts.append(f"<h2>{e(s.title)}</h2><figure><img alt='{e(s.title)}' src='{figure_uri(s.figure(ds, ref))}'>"
                      f"<figcaption>{e(s.caption)}</figcaption></figure>")
-    for key, title in (("scenario", "Scenario"), ("bench", "Benchmark settings")):
+    for key, title in appendix:
         if key in ds.attrs:
-            parts.append(f"<h2>{title}</h2><pre>{e(ds.attrs[key])}</pre>")
+            parts.append(f"<h2>{e(title)}</h2><pre>{e(str(ds.attrs[key]))}</pre>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def write(source: Union[xr.Dataset, str, Path], path: Union[str, Path, None] = None) -> Path:
-    """Write the report of a Dataset or a store to ``path`` (default: the store's path with ``.html``)."""
+def write(source: Union[xr.Dataset, str, Path], path: Union[str, Path, None] = None, *,
+          sections: Sequence[Section] = SECTIONS, summary: Summary = run_summary,
+          appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),)) -> Path:
+    """Write the report of a Dataset or a store to ``path`` (default: the store's path with ``.html``);
+    ``sections``, ``summary`` and ``appendix`` as in :func:`render` (a dataset of another kind brings its own)."""
     if path is None:
         if isinstance(source, xr.Dataset):
             raise ValueError("path: required when reporting a Dataset (no store path to derive it from)")
         path = Path(source).with_suffix(".html")
     ds = source if isinstance(source, xr.Dataset) else flowsim.open(source)
     path = Path(path)
-    path.write_text(render(ds), encoding="utf-8")
+    path.write_text(render(ds, sections, summary, appendix), encoding="utf-8")
     return path

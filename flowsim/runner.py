@@ -1,33 +1,35 @@
-"""Executes the runs of a scenario in this process and writes them to a store.
+"""Executes the runs of a scenario and writes them to a store; :func:`simulate` runs one process without YAML.
 
 Everything that can fail on bad input (the scenario, the data, files, batch sizes) is checked before the
 store is created, so a bad scenario writes nothing. A diverging run is recorded (``diverged``,
-``diverged_at``) and the other runs still complete.
+``diverged_at``) and the other runs still complete. Every run — alone, in a vmapped batch, on a Dask worker —
+is advanced by the one loop, ``flowsim.solvers.loop.advance``; this module sets up its writers, recorders,
+probes and checkpoints.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
-import torch
 import xarray as xr
+from pydantic import ValidationError
+import zarr
 import zarr.storage
-from tqdm.auto import tqdm
 
+from flowsim import batching
 from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
 from flowsim import sweep as sweep_mod
-from flowsim.curvature import CurvatureProbe
 from flowsim.problem import Problem, resolve_device
-from flowsim.record import Probe, Projection, ProjectionProbe, Recorder, WeightsProbe
-from flowsim.scenario import RunSpec, Scenario, ScenarioError
-from flowsim.solvers import PROCESSES, Schedule, Trajectory
+from flowsim.record import CurvatureProbe, Probe, Projection, ProjectionProbe, Recorder, WeightsProbe
+from flowsim.scenario import RecordSpec, RunSpec, Scenario, ScenarioError
+from flowsim.solvers import PROCESSES
+from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.central import CRIT_DIM
-from flowsim.sweep import Task
+from flowsim.solvers.loop import Member, Single, advance, restore
+from flowsim.sweep import Task, problem_key
 
 
 def build(sc: Scenario) -> Problem:
@@ -45,9 +47,7 @@ def build(sc: Scenario) -> Problem:
                 raise ScenarioError(f"runs.{name}.batch_size: {run.batch_size} is larger than the data "
                                     f"({problem.n_examples} examples)")
         try:  # a process refuses what it cannot run (a rule, a batch size) when it is made
-            schedule = Schedule(run.lr, *(run.schedule.drop_at, run.schedule.lr_after) if run.schedule else ())
-            PROCESSES[run.process](problem, run.make_rule(), schedule, seed=sc.seed,
-                                   batch_size=run.batch_size, options=run.options)
+            make_process(run, problem, sc.seed)
         except ValueError as e:
             raise ScenarioError(f"runs.{name}.{e}") from None
     if sc.record.curvature_every and sc.record.top_k > problem.n_params:
@@ -55,12 +55,21 @@ def build(sc: Scenario) -> Problem:
     return problem
 
 
+def make_process(run: RunSpec, problem: Problem, seed: int):
+    """The run's process over its rule (it raises ValueError for what it cannot run)."""
+    return PROCESSES[run.process](problem, run.make_rule(), seed=seed, batch_size=run.batch_size,
+                                  options=run.options)
+
+
 def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
-    """Run-group attrs: its place among the runs, its coordinates (batch_size 0 = full batch), rule settings."""
-    coords = {"process": run.process, "rule": run.rule, "lr": run.lr,
+    """Run-group attrs: its place among the runs, its coordinates — what ran: process, rule, the step-size
+    ``policy`` with its ``lr`` (NaN where a controller sets η) and ``max_lr`` (a controller's cap, else NaN),
+    batch_size (0 = full batch), seed — and the rule's and the policy's settings."""
+    coords = {"process": run.process, "rule": run.rule, **run.policy.coords(),
               "batch_size": run.batch_size if run.batch_size is not None else 0,
               "seed": run.seed if run.seed is not None else sc.seed}
-    return {"order": order, "coords": coords, "hyperparameters": run.make_rule().hyperparameters()}
+    return {"order": order, "coords": coords, "hyperparameters": run.make_rule().hyperparameters(),
+            "step_size": run.policy.model_dump(mode="json")}
 
 
 def record_dims(sc: Scenario, problem: Optional[Problem] = None) -> dict[str, int]:
@@ -80,136 +89,88 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
         probes.append(WeightsProbe(sc.record.keep_weights))
     if sc.record.curvature_every:
         rec = sc.record
-        probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.curvature_tol, rec.precond, rec.noise_kernel,
+        probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.eig_tol, rec.precond, rec.noise_kernel,
                                      rec.curvature_examples, rec.noise_kernel_examples, problem.n_examples))
     return probes
 
 
-def record_step(recorder: Recorder, k: int, row: dict, values: dict, measure: bool, limit: Optional[float],
-                factor: float, t0: float) -> tuple[float, bool]:
-    """Record step k (probe ``row`` plus the process's ``values``) and check it for divergence.
+def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = False,
+                problem: Optional[Problem] = None, progress: bool = False) -> list[str]:
+    """Simulate one job of :func:`flowsim.batching.jobs` — one task, or a group run as one vmapped pass — into
+    groups ``runs/<task.name>`` of an existing store; returns their statuses. Used in process and, unchanged, as
+    the task a Dask worker runs.
 
-    The divergence limit is ``factor`` × max(|first step loss|, 1), set at the first step seen; returns
-    (limit, diverged). A step is stored when it is measured, carries probe values, or diverged.
+    The job checkpoints after each chunk its runs store (``checkpoints/<name>.pt``, named after its first run,
+    ``<name>.group`` for a group); with ``resume`` it continues from there (rows stored after it are cut off
+    first), or starts over when it has none.
     """
-    step_loss = values.pop("step_loss", values.get("loss"))
-    if limit is None:
-        limit = factor * max(abs(step_loss), 1.0) if math.isfinite(step_loss) else 0.0
-    bad = not math.isfinite(step_loss) or abs(step_loss) > limit
-    if measure or bad or len(row) > 1:
-        row.update(values if measure else {"step_size": values["step_size"]})
-        row["wall_time"] = time.perf_counter() - t0
-        recorder.add(k, row)
-    return limit, bad
-
-
-def simulate(problem: Problem, run: RunSpec, sc: Scenario, writer, probes: list[Probe], dims: dict[str, int],
-             progress: bool = False, label: str = "", checkpoint: Optional[dict] = None,
-             save: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run one process to ``sc.steps`` and record it. Returns {diverged, diverged_at, wall_time}.
-
-    ``save(checkpoint)`` is called right after each chunk the writer stores; ``checkpoint`` (such a dict)
-    continues a run exactly where it was saved (the writer must already be truncated to its ``length``).
-    """
-    rec = sc.record
-    seed = run.seed if run.seed is not None else sc.seed
-    schedule = Schedule(run.lr, *(run.schedule.drop_at, run.schedule.lr_after) if run.schedule else ())
-    process = PROCESSES[run.process](problem, run.make_rule(), schedule, seed=seed, batch_size=run.batch_size,
-                                     options=run.options)
-    traj = process.start(problem.w0)
-    recorder = Recorder(writer, dims, chunk=rec.chunk)
-    limit = None
-    diverged_at = None
+    sc = tasks[0].scenario
+    problem = build(sc) if problem is None else problem
+    root = zarr.open_group(store, mode="r+")
+    name = tasks[0].name if group is None else f"{group}.group"
+    saved = store_mod.load_checkpoint(store, name) if resume else None
+    if saved is not None and not all(t.name in saved for t in tasks):
+        saved = None
+    dims = record_dims(sc, problem)
+    members, writers, recorders = [], [], []
     t0 = time.perf_counter()
-    start, saved = 0, writer.length
-    if checkpoint is not None:
-        start, limit = checkpoint["k"], checkpoint["limit"]
-        t0 -= checkpoint["wall_time"]
-        traj = Trajectory(**_to(checkpoint["trajectory"], problem.device))
-        process.restore(_to(checkpoint["process"], problem.device))
-        for probe, state in zip(probes, checkpoint["probes"]):
-            probe.restore(_to(state, problem.device))
-    bar = tqdm(total=sc.steps, initial=start, desc=label, disable=not progress, leave=False, unit="step")
-    for k in range(start, sc.steps + 1):
-        last = k == sc.steps
-        measure = k % rec.every == 0 or last
-        row = {"time": traj.time}
-        for probe in probes:
-            if k % probe.every == 0 or last:
-                row.update(probe(traj, process))
-        values = process.measure(traj) if last else process.step(traj, measure)
-        limit, bad = record_step(recorder, k, row, values, measure, limit, rec.divergence_factor, t0)
-        if bad:
-            diverged_at = k
-            break
-        bar.update(1)
-        if save is not None and writer.length != saved:
-            saved = writer.length
-            save({"k": k + 1, "limit": limit, "length": saved, "wall_time": time.perf_counter() - t0,
-                  "trajectory": _to({f.name: getattr(traj, f.name) for f in dataclasses.fields(traj)}, "cpu"),
-                  "process": _to(process.checkpoint_state(), "cpu"),
-                  "probes": [_to(probe.checkpoint_state(), "cpu") for probe in probes]})
-    bar.close()
-    recorder.flush()
-    return {"diverged": diverged_at is not None, "diverged_at": diverged_at,
-            "wall_time": time.perf_counter() - t0}
+    for task in tasks:
+        spec = task.scenario.runs[task.key]
+        if saved is None and task.name in root["runs"]:
+            del root[f"runs/{task.name}"]
+        attrs = run_attrs(task.key, spec, task.scenario, task.order)
+        attrs["coords"] = {**task.coords, **attrs["coords"]}
+        writer = store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk)
+        if saved is not None:
+            writer.truncate(saved[task.name]["length"])
+        recorder = Recorder(writer, dims, chunk=sc.record.chunk)
+        members.append(Member(spec.policy, recorder.add, make_probes(problem, task.scenario), t0=t0))
+        writers.append(writer)
+        recorders.append(recorder)
+    engine = _engine(tasks, problem, group is not None)
+    traj, start = engine.start(problem.w0), 0
+    if saved is not None:
+        traj, start = restore(engine, members, [saved[t.name] for t in tasks], problem.device)
+
+    def save(checkpoints: list[Optional[dict]]) -> None:
+        store_mod.save_checkpoint(store, name, {t.name: {**c, "length": w.length} for t, c, w
+                                                in zip(tasks, checkpoints, writers) if c is not None})
+    advance(engine, traj, members, sc.steps, start=start, every=sc.record.every,
+            divergence_factor=sc.record.divergence_factor, on_checkpoint=save,
+            progress=progress and group is None, label=tasks[0].name)
+    statuses = []
+    for m, writer, recorder in zip(members, writers, recorders):
+        recorder.flush()
+        status = "complete" if m.diverged_at is None else "diverged"
+        writer.finish(status=status, diverged=m.diverged_at is not None, diverged_at=m.diverged_at,
+                      wall_time=time.perf_counter() - m.t0)
+        statuses.append(status)
+    store_mod.drop_checkpoint(store, name)
+    return statuses
 
 
-def _to(value, device):
-    """``value`` (tensors, possibly in dicts/lists) with every tensor on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
+def _engine(tasks: list[Task], problem: Problem, batched: bool):
+    """The loop's engine for a job: the run's process, or the vmapped discrete process of a group."""
+    sc, spec = tasks[0].scenario, tasks[0].scenario.runs[tasks[0].key]
+    seeds = [t.scenario.runs[t.key].seed if t.scenario.runs[t.key].seed is not None else t.scenario.seed
+             for t in tasks]
+    if batched:
+        return BatchedDiscrete(problem, spec.make_rule(), seeds, spec.batch_size, spec.options)
+    return Single(make_process(spec, problem, seeds[0]))
 
 
 def prepare(scenario, steps: Optional[int] = None, device: Optional[str] = None) -> Scenario:
-    """Validate a scenario and apply command-line overrides (re-validated, so they are checked too)."""
+    """Validate a scenario and apply command-line overrides (re-validated, so they are checked too; a ``steps``
+    override shorter than a step-size drop warns that the drop is not reached)."""
     sc = scenario_mod.load(scenario)
     overrides = {k: v for k, v in {"steps": steps, "device": device}.items() if v is not None}
     if overrides:
-        sc = scenario_mod.load({**sc.model_dump(exclude_none=True), **overrides})
+        sc = scenario_mod.load({**sc.model_dump(exclude_none=True), **overrides}, preview=steps is not None)
     try:
         resolve_device(sc.device)
     except ValueError as e:
         raise ScenarioError(f"device: {e}") from None
     return sc
-
-
-def problem_key(sc: Scenario) -> str:
-    """What a scenario's Problem depends on; points of a sweep with the same key share one Problem."""
-    return json.dumps([sc.problem.model_dump(mode="json"), sc.dtype, sc.device, sc.seed], sort_keys=True)
-
-
-def execute(store, task: Task, resume: bool = False, problem: Optional[Problem] = None,
-            progress: bool = False) -> str:
-    """Simulate one (sweep point, run) into group ``runs/<task.name>`` of an existing store; returns its status.
-
-    With ``resume``, a run continues from its last checkpoint (rows stored after it are cut off first) or
-    starts over when it has none. Used in process and, unchanged, as the task a Dask worker runs.
-    """
-    sc, spec = task.scenario, task.scenario.runs[task.key]
-    problem = build(sc) if problem is None else problem
-    root = zarr.open_group(store, mode="r+")
-    checkpoint = store_mod.load_checkpoint(store, task.name) if resume else None
-    if checkpoint is None and task.name in root["runs"]:
-        del root[f"runs/{task.name}"]
-    attrs = run_attrs(task.key, spec, sc, task.order)
-    attrs["coords"] = {**task.coords, **attrs["coords"]}
-    dims = record_dims(sc, problem)
-    writer = store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk)
-    if checkpoint is not None:
-        writer.truncate(checkpoint["length"])
-    result = simulate(problem, spec, sc, writer, make_probes(problem, sc), dims, progress=progress,
-                      label=task.name, checkpoint=checkpoint,
-                      save=lambda c: store_mod.save_checkpoint(store, task.name, c))
-    status = "diverged" if result["diverged"] else "complete"
-    writer.finish(status=status, **result)
-    store_mod.drop_checkpoint(store, task.name)
-    return status
 
 
 def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] = None,
@@ -249,17 +210,57 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
                 "scenario": sc.to_yaml(), "name": sc.name, "device": str(first.device), "dtype": sc.dtype,
                 "n_params": first.n_params, "n_examples": first.n_examples}, overwrite=overwrite)
         done = {n for n in root["runs"].group_keys() if root[f"runs/{n}"].attrs.get("status") in ("complete", "diverged")}
-        from flowsim.batching import execute_group, jobs
         if resume:  # a run killed between finishing and dropping its checkpoint leaves an obsolete one
             for name in done:
                 store_mod.drop_checkpoint(target, name)
-        todo = jobs(tasks, sc.batch, done if resume else set())
+        todo = batching.jobs(tasks, sc.batch, done if resume else set())
         if scheduler is None:
             for group, job in todo:
-                execute_group(target, group, job, resume, problems[problem_key(job[0].scenario)], progress)
+                execute_job(target, group, job, resume, problems[problem_key(job[0].scenario)], progress)
         else:
             from flowsim.distributed import execute_all
-            execute_all(target, todo, scheduler, resume=resume, progress=progress)
+            execute_all(target, todo, scheduler, execute_job, resume=resume, progress=progress)
+    return store_mod.open(target)
+
+
+def simulate(problem: Problem, rule="gd", process="discrete", step_size=0.1, steps: int = 100, *,
+             batch_size: Optional[int] = None, seed: int = 0, options: Optional[dict] = None,
+             record: Optional[dict] = None, progress: bool = False, **hyperparameters) -> xr.Dataset:
+    """Run one process of one update rule under one step-size policy on ``problem``, and return what was
+    recorded as the Dataset :func:`flowsim.open` gives (one run, named after the process).
+
+    ``rule``: a rule name (its hyperparameters as keywords: ``beta1=0.9``); ``process``: a process name, its
+    options in ``options``; ``step_size``: a number (constant η), ``"edge"``, or a policy as in a scenario
+    (``{"edge": {"c": 0.5}}``, ``{"drop": {"at": 100, "lr_after": 0.01}}`` with ``lr`` among the keywords);
+    ``record``: the scenario's ``record:`` keys. Nothing is written to disk; the same checks as a scenario's
+    apply (one-line :class:`ScenarioError`).
+    """
+    run = {"process": process, "rule": rule, **hyperparameters, **(options or {})}
+    if batch_size is not None:
+        run["batch_size"] = batch_size
+    if isinstance(step_size, (int, float)):
+        run["lr"] = step_size
+    else:
+        run["step_size"] = step_size
+    try:
+        spec, rec = RunSpec.model_validate(run), RecordSpec.model_validate(record or {})
+    except ValidationError as e:
+        raise ScenarioError(scenario_mod._format_error(e)) from None
+    if not isinstance(steps, int) or steps < 1:
+        raise ScenarioError(f"steps: must be a positive integer, got {steps!r}")
+    # the problem is the caller's own, not a scenario's: the scenario is built around it, unvalidated
+    sc = Scenario.model_construct(name="simulate", seed=seed, device=problem.device.type, dtype=str(problem.dtype).removeprefix("torch."),
+                                  problem=None, steps=steps, runs={process: spec}, record=rec, compare=None, sweep=None,
+                                  batch=False)
+    task = Task(process, process, sc)
+    target = zarr.storage.MemoryStore()
+    store_mod.create(target, {"scenario": sc.to_yaml(), "name": sc.name, "device": str(problem.device),
+                              "dtype": sc.dtype, "n_params": problem.n_params, "n_examples": problem.n_examples})
+    try:
+        make_process(sc.runs[process], problem, seed)
+    except ValueError as e:
+        raise ScenarioError(f"{e}") from None
+    execute_job(target, None, [task], problem=problem, progress=progress)
     return store_mod.open(target)
 
 

@@ -8,15 +8,16 @@ is written. This module runs nothing.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from flowsim.models import CONFIGS, MODELS
-from flowsim.solvers import PROCESSES, make_rule
+from flowsim.solvers import POLICIES, PROCESSES, StepSize, make_rule
 
 
 class ScenarioError(ValueError):
@@ -27,25 +28,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ScheduleSpec(Strict):
-    """Step-size drop: η = ``lr`` before step ``drop_at``, ``lr_after`` from it on."""
-    drop_at: PositiveInt
-    lr_after: PositiveFloat
+StepSizeSpec = Union[str, dict]
 
 
 class RunSpec(BaseModel):
-    """One run: a process over an update rule at step size ``lr``.
+    """One run: a process over an update rule under a step-size policy.
 
-    Keys beside the common ones are the rule's hyperparameters (``beta1``, ``beta2``, ``eps``, …) or the
-    process's options (its ``Options`` model); any other key is an error.
+    ``lr`` alone is the constant step size; ``step_size`` names a policy beside it (``{drop: {at, lr_after}}``)
+    or instead of it (``edge``, or ``{edge: {...}}``: the controller sets η). Keys beside the common ones are the
+    rule's hyperparameters (``beta1``, ``beta2``, ``eps``, …) or the process's options (its ``Options`` model);
+    any other key is an error.
     """
     model_config = ConfigDict(extra="allow")
     process: str = "discrete"
     rule: str = "gd"
-    lr: PositiveFloat
+    lr: Optional[PositiveFloat] = Field(None, description="the step size (constant, or before a drop)")
+    step_size: Optional[StepSizeSpec] = Field(None, description="a policy: edge, {edge: {...}} or {drop: {at, "
+                                              "lr_after}} (absent = constant lr)")
     batch_size: Optional[PositiveInt] = Field(None, description="absent = full batch")
     seed: Optional[int] = Field(None, description="minibatch/noise seed; defaults to the scenario seed")
-    schedule: Optional[ScheduleSpec] = None
 
     @field_validator("process")
     @classmethod
@@ -59,12 +60,18 @@ class RunSpec(BaseModel):
         extras = dict(self.model_extra or {})
         options_model = PROCESSES[self.process].Options
         opts = {k: extras.pop(k) for k in list(extras) if k in options_model.model_fields}
+        for key in extras:
+            elsewhere = [name for name, cls in PROCESSES.items() if key in cls.Options.model_fields]
+            if elsewhere:
+                raise ValueError(f"{key}: does not apply to process {self.process!r} (an option of "
+                                 f"{', '.join(elsewhere)})")
         self._hyper = extras
         self.make_rule()
         try:
             self._options = options_model.model_validate(opts)
         except ValidationError as e:
             raise ValueError(_format_error(e)) from None
+        self._policy = _make_policy(self.step_size, self.lr)
         return self
 
     def rule_hyperparameters(self) -> dict:
@@ -77,6 +84,39 @@ class RunSpec(BaseModel):
     def options(self) -> BaseModel:
         """The process's validated options."""
         return self._options
+
+    @property
+    def policy(self) -> StepSize:
+        """The run's step-size policy."""
+        return self._policy
+
+
+def _make_policy(spec: Optional[StepSizeSpec], lr: Optional[float]) -> StepSize:
+    """The step-size policy of a run's ``step_size`` and ``lr`` keys (errors name the key)."""
+    if spec is None:
+        spec = "constant"
+    if isinstance(spec, str):
+        kind, options = spec, {}
+    elif len(spec) == 1 and isinstance(next(iter(spec.values())), (dict, type(None))):
+        kind, options = next(iter(spec.items()))
+        options = options or {}
+    else:
+        raise ValueError(f"step_size: give one policy, as a name or {{name: {{options}}}}; choose from {sorted(POLICIES)}")
+    if kind not in POLICIES:
+        raise ValueError(f"step_size: unknown policy {kind!r}; choose from {sorted(POLICIES)}")
+    cls = POLICIES[kind]
+    if "lr" in cls.model_fields:
+        if "lr" in options:
+            raise ValueError(f"step_size.{kind}.lr: give it as the run's lr")
+        if lr is None:
+            raise ValueError(f"lr: required key is missing (the step size of the {kind} policy)")
+        options = {**options, "lr": lr}
+    elif lr is not None:
+        raise ValueError(f"lr: does not apply with step_size {kind} (it sets η itself; its cap is step_size.{kind}.max_lr)")
+    try:
+        return cls.model_validate(options)
+    except ValidationError as e:
+        raise ValueError(f"step_size.{kind}.{_format_error(e)}") from None
 
 
 class RecordSpec(Strict):
@@ -91,7 +131,7 @@ class RecordSpec(Strict):
     curvature_every: Optional[PositiveInt] = Field(
         None, description="measure sharpness, eigs and threshold every this many steps (absent = never)")
     top_k: PositiveInt = Field(1, description="number of top Hessian eigenvalues recorded in eigs")
-    curvature_tol: PositiveFloat = Field(
+    eig_tol: PositiveFloat = Field(
         1e-3, description="eigensolver tolerance: estimated eigenvalue error ≤ this × the largest |top-k eigenvalue| "
         "(top_eigenpairs values_only)")
     precond: bool = Field(False, description="also record precond_sharpness λ_max(P̃⁻¹H) of the rule's preconditioner")
@@ -133,7 +173,7 @@ class Scenario(Strict):
         return runs
 
     @model_validator(mode="after")
-    def _checks(self):
+    def _checks(self, info: ValidationInfo):
         if self.compare is not None and self.compare.reference not in self.runs:
             raise ValueError(f"compare.reference: {self.compare.reference!r} is not one of the runs {list(self.runs)}")
         for key, values in (self.sweep or {}).items():
@@ -142,8 +182,12 @@ class Scenario(Strict):
             if not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
                 raise ValueError(f"sweep.{key}: values must be scalars (numbers, strings, booleans or null)")
         for name, run in self.runs.items():
-            if run.schedule is not None and run.schedule.drop_at > self.steps:
-                raise ValueError(f"runs.{name}.schedule.drop_at: {run.schedule.drop_at} is after the last step {self.steps}")
+            drop = getattr(run.policy, "at", None)
+            if drop is not None and drop > self.steps:
+                message = f"runs.{name}.step_size.drop.at: {drop} is after the last step {self.steps}"
+                if not (info.context or {}).get("preview"):
+                    raise ValueError(message)
+                warnings.warn(f"{message}: the drop is not reached", stacklevel=2)
         if self.record.noise_kernel and getattr(self.problem, "loss", None) != "mse":
             raise ValueError("record.noise_kernel: the noise kernel norm K is defined for networks with the mse loss")
         return self
@@ -174,8 +218,9 @@ def _format_error(err: ValidationError) -> str:
     return f"{where}: {msg}"
 
 
-def load(source: Union[str, Path, dict, Scenario]) -> Scenario:
-    """Validate a scenario given as a YAML file path, YAML text, a dict or a Scenario."""
+def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Scenario:
+    """Validate a scenario given as a YAML file path, YAML text, a dict or a Scenario. ``preview``: a run
+    shortened by ``--steps``, where a step-size drop after the last step warns instead of failing."""
     if isinstance(source, Scenario):
         return source
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
@@ -193,6 +238,6 @@ def load(source: Union[str, Path, dict, Scenario]) -> Scenario:
     if not isinstance(source, dict):
         raise ScenarioError("scenario: expected a mapping of keys (name, problem, steps, runs, …)")
     try:
-        return Scenario.model_validate(source)
+        return Scenario.model_validate(source, context={"preview": preview})
     except ValidationError as e:
         raise ScenarioError(_format_error(e)) from None

@@ -8,8 +8,8 @@
 Every point is validated like a scenario of its own. Its runs are stored as ``<run>[key=value,...]`` (e.g.
 ``gd[lr=0.05,seed=1]``), and the point's values become coordinates along ``run`` in :func:`flowsim.open`, named
 by the key with ``.`` → ``_`` (``lr``, ``seed``, ``problem_n_train``, ``runs_gd_lr``), next to ``run_name``
-(the key of the run in ``runs:``). The built-in run coordinates (``process``, ``rule``, ``lr``, ``batch_size``,
-``seed``) always hold the value the run actually used. Select a point with
+(the key of the run in ``runs:``). The built-in run coordinates (``process``, ``rule``, ``policy``, ``lr``,
+``max_lr``, ``batch_size``, ``seed``) always hold the value the run actually used. Select a point with
 ``ds.isel(run=(ds.lr == 0.05) & (ds.seed == 1))``, or with :func:`select`, which also renames the runs back to
 their ``runs:`` keys so the result looks like the store of an unswept scenario.
 This module runs nothing.
@@ -25,7 +25,7 @@ import xarray as xr
 
 from flowsim.scenario import Scenario, ScenarioError, load
 
-BUILTIN_COORDS = ("process", "rule", "lr", "batch_size", "seed")
+BUILTIN_COORDS = ("process", "rule", "policy", "lr", "max_lr", "batch_size", "seed")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,11 @@ def expand(sc: Scenario) -> list[Task]:
     if len({t.name for t in tasks}) != len(tasks):
         raise ScenarioError("sweep: two points give the same run name; use values that differ as text")
     return tasks
+
+
+def problem_key(sc: Scenario) -> str:
+    """What a scenario's Problem depends on; points of a sweep with the same key share one Problem."""
+    return json.dumps([sc.problem.model_dump(mode="json"), sc.dtype, sc.device, sc.seed], sort_keys=True)
 
 
 def select(ds: xr.Dataset, **coords) -> xr.Dataset:

@@ -1,16 +1,16 @@
-"""Update rules (what an optimizer does) and processes (how it is run: discrete, flows, SDE).
+"""The three axes of a run — update rules (what an optimizer does), processes (how it is run: discrete, flows,
+SDE, central flow) and step-size policies (how η is chosen) — and the one loop that advances them.
 
-``PROCESSES`` and ``RULES`` are the registries that scenario names resolve through.
+``RULES``, ``PROCESSES`` and ``POLICIES`` are the registries that scenario names resolve through.
 """
-from flowsim.solvers.processes import Discrete, EpochSampler, Process, Schedule, Trajectory
 from flowsim.solvers.rules import RULES, Rule, make_rule
-from flowsim.solvers.flows import Modified, Stable  # noqa: E402
-from flowsim.solvers.sde import SDE  # noqa: E402
+from flowsim.solvers.step_size import POLICIES, Constant, Drop, Edge, StepContext, StepSize
+from flowsim.solvers.processes import Discrete, EpochSampler, Process, Trajectory
+from flowsim.solvers.flows import Modified, Stable
+from flowsim.solvers.sde import SDE
+from flowsim.solvers.central import Central
 
-from flowsim.solvers.central import Central  # noqa: E402
-from flowsim.solvers.adaptive import Adaptive  # noqa: E402
+PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central)}
 
-PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central, Adaptive)}
-
-__all__ = ["PROCESSES", "RULES", "Discrete", "EpochSampler", "Process", "Rule", "Schedule", "Trajectory",
-           "make_rule"]
+__all__ = ["POLICIES", "PROCESSES", "RULES", "Central", "Constant", "Discrete", "Drop", "Edge", "EpochSampler",
+           "Modified", "Process", "Rule", "SDE", "Stable", "StepContext", "StepSize", "Trajectory", "make_rule"]

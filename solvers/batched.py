@@ -1,7 +1,7 @@
-"""Several discrete runs of one problem and one rule, differing only in step size (schedule) and seed,
-advanced together as one vmapped pass.
+"""Several discrete runs of one problem and one rule, differing only in step size and seed, advanced together
+as one vmapped pass: an engine of the simulation loop (``solvers/loop.py``), whose policies set each run's η.
 
-Run b has weights ``W[b]``, rule state ``state[k][b]``, step size ``schedules[b](step)`` and, for minibatch
+Run b has weights ``W[b]``, rule state ``state[k][b]``, step size ``lrs[b]`` at each step and, for minibatch
 runs, the minibatch sampler :class:`Discrete` would use with ``seeds[b]`` and ``options`` (its sampling). Gradients are ``vmap(grad)`` of the problem's
 loss over the runs, and the rule's ``init``/``update`` are vmapped too, so each run follows exactly the
 arithmetic of :class:`Discrete` (up to the summation order of batched matrix products: ~1e-16 relative per
@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from flowsim.problem import Problem
-from flowsim.solvers.processes import Discrete, Schedule
+from flowsim.solvers.processes import Discrete, Trajectory
 from flowsim.solvers.rules import Rule, State
 
 
@@ -30,26 +30,58 @@ class BatchedTrajectory:
     step: int = 0
     time: list[float] = field(default_factory=list)
 
+    def tick(self, lrs: list[float]) -> None:
+        """The bookkeeping of one step of every run (:meth:`Trajectory.tick` run by run)."""
+        self.step += 1
+        self.time = [t + lr for t, lr in zip(self.time, lrs)]
+
 
 class BatchedDiscrete:
-    """The discrete iteration for ``len(schedules)`` runs at once (full batch, or minibatches of ``batch_size``
+    """The discrete iteration for ``len(seeds)`` runs at once (full batch, or minibatches of ``batch_size``
     drawn as :class:`Discrete` with ``options`` draws them)."""
 
-    def __init__(self, problem: Problem, rule: Rule, schedules: list[Schedule], seeds: list[int],
-                 batch_size: Optional[int] = None, options: Optional[BaseModel] = None):
-        if len(schedules) != len(seeds) or not schedules:
-            raise ValueError("schedules and seeds: give one of each per run (at least one run)")
-        self.problem, self.rule, self.schedules = problem, rule, schedules
-        full = batch_size is None or batch_size >= problem.n_examples
-        self.samplers = None if full else [Discrete(problem, rule, sched, seed, batch_size, options).sampler
-                                           for sched, seed in zip(schedules, seeds)]
+    def __init__(self, problem: Problem, rule: Rule, seeds: list[int], batch_size: Optional[int] = None,
+                 options: Optional[BaseModel] = None):
+        if not seeds:
+            raise ValueError("seeds: give one per run (at least one run)")
+        self.problem, self.rule = problem, rule
+        self.processes = [Discrete(problem, rule, seed, batch_size, options) for seed in seeds]
+        full = self.processes[0].sampler is None
+        self.samplers = None if full else [p.sampler for p in self.processes]
         self._value_grad = vmap(grad_and_value(problem.loss), in_dims=(0, None if full else 0))
         self._init = vmap(rule.init)
         self._update = vmap(rule.update)
 
     @property
     def n_runs(self) -> int:
-        return len(self.schedules)
+        return len(self.processes)
+
+    def member(self, traj: BatchedTrajectory, b: int) -> Trajectory:
+        """Run b's point as a :class:`Trajectory` (views of the batch's tensors)."""
+        state = None if traj.state is None else {k: v[b] for k, v in traj.state.items()}
+        return Trajectory(w=traj.w[b], state=state, step=traj.step, time=traj.time[b])
+
+    def member_process(self, b: int) -> Discrete:
+        return self.processes[b]
+
+    def context(self, traj: BatchedTrajectory, b: int):
+        raise ValueError("step_size: a policy that measures curvature cannot run in a vmapped batch")
+
+    def time(self, traj: BatchedTrajectory, b: int) -> float:
+        return traj.time[b]
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
+    def trajectory_state(self, traj: BatchedTrajectory, b: int) -> dict:
+        return vars(self.member(traj, b))
+
+    def join(self, parts: list[dict]) -> BatchedTrajectory:
+        """The batched trajectory of the runs' checkpointed trajectories (all at the same step)."""
+        state = None if parts[0]["state"] is None else {k: torch.stack([p["state"][k] for p in parts])
+                                                        for k in parts[0]["state"]}
+        return BatchedTrajectory(w=torch.stack([p["w"] for p in parts]), state=state, step=parts[0]["step"],
+                                 time=[p["time"] for p in parts])
 
     def start(self, w0: Tensor) -> BatchedTrajectory:
         return BatchedTrajectory(w=w0.expand(self.n_runs, -1).clone(), time=[0.0] * self.n_runs)
@@ -58,10 +90,9 @@ class BatchedDiscrete:
         g, loss = vmap(grad_and_value(self.problem.loss))(w)
         return loss, g
 
-    def step(self, traj: BatchedTrajectory, measure: bool) -> list[dict]:
-        """Advance every run by one step; per run: ``step_loss``, ``step_size`` and, when ``measure``, the
-        full-batch ``loss`` and ``grad_norm`` at the start point (as :meth:`Discrete.step`)."""
-        lrs = [s(traj.step) for s in self.schedules]
+    def step(self, traj: BatchedTrajectory, lrs: list[float], measure: bool, ctxs=None) -> list[dict]:
+        """Advance run b by one step of size ``lrs[b]``; per run: ``step_loss``, ``step_size`` and, when
+        ``measure``, the full-batch ``loss`` and ``grad_norm`` at the start point (as :meth:`Discrete.step`)."""
         if self.samplers is None:
             loss, g = self._full(traj.w)
             full_loss, full_g = loss, g
@@ -78,8 +109,7 @@ class BatchedDiscrete:
         lr = torch.tensor(lrs, dtype=traj.w.dtype, device=traj.w.device)
         delta, traj.state = self._update(g, traj.state, lr)
         traj.w = traj.w + delta
-        traj.step += 1
-        traj.time = [t + s for t, s in zip(traj.time, lrs)]
+        traj.tick(lrs)
         return out
 
     def measure(self, traj: BatchedTrajectory) -> list[dict]:

@@ -6,34 +6,38 @@ For a rule written as preconditioned GD with P = P̃(s)/η (``Rule.precond``; GD
     dw/dt = −P⁻¹ [∇L(w) + ½ ∇_w⟨H(w), Σ⟩],      Σ = U X Uᵀ,      HU = PUΛ,  UᵀPU = I,
 
 where U holds the *critical* generalized eigenvectors (effective eigenvalue λ of P^{-1/2} H P^{-1/2} above
-``crit_threshold``; 2 is the edge) and X ⪰ 0 (k×k) solves, at every substep of length dt, the semidefinite
-complementarity problem that keeps the linearized next-substep stability matrix Uᵀ(2P − H)U positive
-semidefinite (``solvers/sdcp.py``). RMSProp's ν flows too, dν/dt = ((1 − β2)/β2)[g² + diag(HΣH) − ν]
-(scalar RMSProp: ‖g‖² + tr(HΣH)); the 1/β2 factor is the reference code's. The state held in the trajectory is
-the one the preconditioner is made of at time t (for the discrete rule: the state after its advance at step t).
-Derived here for gd, scalar_rmsprop and rmsprop; other rules raise. With no critical direction the flow is the
-stable flow (gradient flow for GD).
+``crit_threshold``) and X ⪰ 0 (k×k) solves, at every substep of length dt, the semidefinite complementarity
+problem that keeps the linearized next-substep stability matrix Uᵀ(cP − H)U positive semidefinite
+(``solvers/sdcp.py``), c = ``Rule.threshold_coefficient()``. Effective eigenvalues and both thresholds are in
+units where c is the edge; c = 2 for every rule the flow covers.
+
+The flow is generic over update rules: it reads a rule only through ``advance_state`` and ``precond``,
+differentiated in forward mode. The state held in the trajectory is the one the preconditioner is made of at
+time t (for the discrete rule: the state after its advance at step t); for an advance s' = A(g, s) = β ⊙ s +
+A(g, 0) it flows at the backward-difference rate ds/dt = (A(g, s) − s)/β, plus the oscillation's time average
+½ D²_g A[HΣH]/β (:func:`state_rate`, :func:`state_rate_sigma`; RMSProp: ((1 − β2)/β2)[g² + diag(HΣH) − ν],
+scalar RMSProp: ‖g‖² + tr(HΣH), the 1/β2 factor being the reference code's), and the preconditioner's drift
+dP = ∂P/∂s · ds enters the SDCP (:func:`precond_drift`). It applies to the rules that declare it
+(``Rule.central_flow`` None: updates −η P̃⁻¹ g); the others raise with their reason. With no critical direction
+the flow is the stable flow (gradient flow for GD).
 
 Integration: ``substeps`` forward-Euler substeps per unit of time (default 4, the reference setting), or Heun's
 second-order method (``method: heun``, two field evaluations per substep). Each Euler substep keeps the linearized
 stability exactly at the edge (η·λ_max = 2 to ~1e-7); Heun's average of two fields converges much faster in the
-substep (scenarios/central-gd-mlp.yaml: halving it moves the end point by 0.005 of the distance to GD, against
-0.06 for 8 → 16 Euler substeps) but holds the edge only to ~1e-3. A flow with no valid Σ (the SDCP has no
+substep but holds the edge only to ~1e-3. A flow with no valid Σ (the SDCP has no
 solution, e.g. a start far above the edge) is recorded as diverged at that step, with a warning.
 
-Eigenpairs come from the warm-started Lanczos solver ``flowsim.curvature.top_eigenpairs`` at every field
+Eigenpairs come from the warm-started Lanczos solver ``flowsim.curvature.precond_eigenpairs`` at every field
 evaluation, tracking every effective eigenvalue above ``track_threshold`` plus one. The gradient's graph
 (``flowsim.curvature.LossGraph``) is built once per field evaluation and serves the Hessian-vector products
-and the third-derivative terms ∇_w(uᵢᵀH(w)uⱼ) for all pairs i ≤ j (reverse mode through H u_j: ~4x cheaper on
-CPU than nested jvp + grad with torch.func, same values to 1e-16).
+and the third-derivative terms ∇_w(uᵢᵀH(w)uⱼ) for all pairs i ≤ j (reverse mode through H u_j, cheaper on CPU
+than nested jvp + grad with torch.func).
 
 Predictions measured at the start of each step: ``predicted_loss`` = L + ½⟨H, Σ⟩, ``predicted_grad_norm_sq`` =
 ‖g‖² + tr(HΣH) (the time-averaged ‖g‖² of the discrete run), ``sigma_eigs`` (Σ's eigenvalues, weight²). With
 ``shadow`` (default) the discrete iteration of the same rule runs alongside from the same start, and
 ``sigma_displacement_sq`` records (e_l·(w_discrete − w))² along Σ's unit eigenvectors e_l: its average over a
-window of steps is the oscillation variance that ``sigma_eigs`` predicts. ``Central.forecast`` gives the predicted
-loss a number of steps ahead of any point (the adaptive process's ``flow`` choice of c). This module never
-touches storage.
+window of steps is the oscillation variance that ``sigma_eigs`` predicts. This module never touches storage.
 """
 from __future__ import annotations
 
@@ -45,13 +49,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import Tensor
+from torch.autograd import forward_ad as fwAD
+from torch.func import jvp, vmap
 
-from flowsim.curvature import LossGraph, preconditioned, top_eigenpairs
+from flowsim.curvature import LossGraph, precond_eigenpairs
 from flowsim.solvers.processes import Discrete, Process, Trajectory
-from flowsim.solvers.rules import State
+from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.sdcp import SDCPError, solve_sdcp
 
-SUPPORTED_RULES = ("gd", "scalar_rmsprop", "rmsprop")
 CRIT_DIM = 4  # Σ eigenvalues recorded per step (the ``crit`` dimension), largest first, NaN-padded
 
 
@@ -70,20 +75,19 @@ class CentralOptions(BaseModel):
 
 
 class Central(Process):
-    """The central flow of a gd, scalar_rmsprop or rmsprop rule (full batch). See the module docstring."""
+    """The central flow of a rule that declares one (``Rule.central_flow`` None; full batch). See the module
+    docstring."""
     name: ClassVar[str] = "central"
     Options: ClassVar[type[BaseModel]] = CentralOptions
 
-    def __init__(self, problem, rule, schedule, seed=0, batch_size=None, options=None):
-        super().__init__(problem, rule, schedule, seed, batch_size, options)
-        if rule.name not in SUPPORTED_RULES:
-            raise ValueError(f"rule: the central flow is derived for {', '.join(SUPPORTED_RULES)}, not {rule.name!r}")
-        if batch_size is not None and batch_size < problem.n_examples:
-            raise ValueError("batch_size: the central flow is a full-batch process")
+    def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
+        if rule.central_flow is not None:
+            raise ValueError(f"rule: {rule.central_flow}")
+        super().__init__(problem, rule, seed, batch_size, options)
         self._vecs: Optional[Tensor] = None  # warm start of the eigensolver
         self._k = 2  # eigenpairs requested
         self._shadow: Optional[Trajectory] = None
-        self._discrete = Discrete(problem, rule, schedule, seed) if self.options.shadow else None
+        self._discrete = Discrete(problem, rule, seed) if self.options.shadow else None
         self.last: dict = {}  # the field evaluation at the start of the last step (for inspection)
 
     def start(self, w0: Tensor) -> Trajectory:
@@ -102,11 +106,9 @@ class Central(Process):
         """Top effective eigenvalues (desc) and orthonormal eigenvectors of P^{-1/2} H P^{-1/2}; warm-started."""
         n = self.problem.n_params
         k = min(self._k, n)
-        op = preconditioned(graph.hvp, P)
         v0 = self._vecs if self._vecs is not None and self._vecs.shape[0] == n else None
         tol = max(self.options.eig_tol, 100 * torch.finfo(w.dtype).eps)
-        vals, vecs, _ = top_eigenpairs(op, n, k, v0=v0, tol=tol, dtype=w.dtype,
-                                       device=w.device, seed=self.seed)
+        vals, vecs, _ = precond_eigenpairs(graph.hvp, P, w, k, v0=v0, tol=tol, seed=self.seed, values_only=False)
         self._vecs = vecs
         self._k = int((vals > self.options.track_threshold).sum()) + 1
         return vals, vecs
@@ -125,30 +127,32 @@ class Central(Process):
         U = vecs[:, :k] / P.sqrt()[:, None]
         lam = eigs[:k]
         dw0 = -g / P
-        ds0 = self._state_rate(g, state)
+        ds0, beta = state_rate(self.rule, g, state)
         out = {"loss": loss, "g": g, "eigs": eigs, "U": U, "P": P, "X": g.new_zeros(k, k), "dw": dw0, "ds": ds0}
         if k == 0:
             return out
+        c = self.rule.threshold_coefficient()  # the stability matrix is Uᵀ(cP − H)U
         T = graph.third_derivatives(U).reshape(k * k, -1)  # rows: ∇(u_aᵀ H u_b), a-major
         dw_X = -0.5 * (T / P).T  # dw/dt = dw0 + dw_X @ vec(X)
-        A0 = torch.diag(2 - lam).reshape(-1) - dt * (T @ dw0)
+        A0 = torch.diag(c - lam).reshape(-1) - dt * (T @ dw0)
         B = -dt * (T @ dw_X)
-        ds_X = None
-        if state:  # ν-rules: the state's rate and the preconditioner's drift enter A too
+        ds_X: State = {}
+        if state:  # the state's rate has a Σ part, and the preconditioner's drift enters A too
             HU = P[:, None] * U * lam
-            ds_X = self._state_rate_X(HU)
-            nu = state["nu"].reshape(-1)  # dP/dν = 1/(2η√ν); 0 where ν = 0 (a weight with no gradient ever)
-            dP_dnu = torch.where(nu > 0, 0.5 / (lr * nu.sqrt()), torch.zeros_like(nu))
-            Q = (U[:, :, None] * U[:, None, :]).reshape(-1, k * k).T  # rows: u_a ⊙ u_b
-            if P.numel() == 1:
-                Q = Q.sum(1, keepdim=True)
-            A0 = A0 + 2 * dt * Q @ (dP_dnu * ds0["nu"].reshape(-1))
-            B = B + 2 * dt * Q @ (dP_dnu[:, None] * ds_X)
+            ds_X = state_rate_sigma(self.rule, state, beta, HU)  # ds/dt = ds0 + Σ_ab X_ab ds_X[ab]
+            if self.rule.precond(state) is not None:
+                Q = (U[:, :, None] * U[:, None, :]).reshape(-1, k * k).T  # rows: u_a ⊙ u_b
+                if P.numel() == 1:
+                    Q = Q.sum(1, keepdim=True)
+                tangents = {key: torch.cat([ds0[key][None], ds_X[key]]) for key in state}  # ds0, then the pairs
+                dP = precond_drift(self.rule, state, tangents) / lr  # rows: dP along ds0, then per pair
+                A0 = A0 + c * dt * Q @ dP[0]
+                B = B + c * dt * Q @ dP[1:].T
         X = self._solve(A0, B, k)
         x = X.reshape(-1)
         out.update(X=X, dw=dw0 + dw_X @ x)
-        if ds_X is not None:
-            out["ds"] = {"nu": ds0["nu"] + (ds_X @ x).reshape(ds0["nu"].shape)}
+        if ds_X:
+            out["ds"] = {key: ds0[key] + (x @ ds_X[key].reshape(k * k, -1)).reshape(ds0[key].shape) for key in ds0}
         return out
 
     @staticmethod
@@ -161,29 +165,16 @@ class Central(Process):
         X = solve_sdcp(A0.detach().cpu().double().numpy().reshape(k, k), Bn)
         return torch.as_tensor(X, dtype=A0.dtype, device=A0.device)
 
-    def _state_rate(self, g: Tensor, state: State) -> State:
-        """ds/dt without Σ: ((1 − β2)/β2)(g² − ν) for the ν-rules (the discrete increment over β2)."""
-        if not state:
-            return {}
-        return {"nu": (self.rule.advance_state(g, state)["nu"] - state["nu"]) / self.rule.beta2}
-
-    def _state_rate_X(self, HU: Tensor) -> Tensor:
-        """The Σ part of dν/dt as a matrix on vec(X): column (a, b) = ((1 − β2)/β2) · (HU)_a ⊙ (HU)_b (summed
-        for scalar RMSProp), so that its product with vec(X) is ((1 − β2)/β2) diag(HΣH) (or tr)."""
-        k = HU.shape[1]
-        c = (1 - self.rule.beta2) / self.rule.beta2
-        cols = (HU[:, :, None] * HU[:, None, :]).reshape(-1, k * k)
-        if self.rule.name == "scalar_rmsprop":
-            cols = cols.sum(0, keepdim=True)
-        return c * cols
-
     # ---- stepping ---------------------------------------------------------------------------------------
     def _initial_state(self, w: Tensor, g: Tensor) -> State:
         """The state the first discrete step's preconditioner is made of: init, then one advance at g0."""
         return self.rule.advance_state(g, self.rule.init(w, g))
 
-    def step(self, traj: Trajectory, measure: bool) -> dict:
-        lr = self.schedule(traj.step)
+    def precond_state(self, traj: Trajectory):
+        """The flow's preconditioner is made of its current state (at the start: the first discrete step's)."""
+        return lambda g: traj.state if traj.state is not None else self._initial_state(traj.w, g)
+
+    def step(self, traj: Trajectory, lr: float, measure: bool, ctx=None) -> dict:
         if traj.state is None:
             traj.state = self._initial_state(traj.w, self.problem.grad(traj.w))
         try:
@@ -196,10 +187,9 @@ class Central(Process):
             out.update(self._predictions(first, traj))
         self.last = first
         if self._discrete is not None:
-            self._discrete.step(self._shadow, measure=False)
+            self._discrete.step(self._shadow, lr, measure=False)
         traj.w, traj.state = w, state
-        traj.step += 1
-        traj.time += lr
+        traj.tick(lr)
         return out
 
     def _advance(self, w: Tensor, state: State, lr: float) -> tuple[Tensor, State, dict]:
@@ -216,20 +206,6 @@ class Central(Process):
                 w = w + 0.5 * dt * (f["dw"] + f2["dw"])
                 state = _axpy(_axpy(state, 0.5 * dt, f["ds"]), 0.5 * dt, f2["ds"])
         return w, state, first
-
-    def forecast(self, w: Tensor, state: Optional[State], lr: float, steps: int) -> float:
-        """The time-averaged loss L + ½⟨H, Σ⟩ (loss units) that the flow predicts ``steps`` steps of step size
-        ``lr`` after (w, state) (state None: the first discrete step's); NaN where the flow leaves its domain on
-        the way (no valid Σ). The eigensolver starts cold, so a forecast depends on its arguments only."""
-        self._vecs, self._k = None, 2
-        if state is None:
-            state = self._initial_state(w, self.problem.grad(w))
-        try:
-            for _ in range(steps):
-                w, state, _ = self._advance(w, state, lr)
-            return _predicted_loss(self.field(w, state, lr, 1.0 / self.options.substeps)).item()
-        except SDCPError:
-            return math.nan
 
     def _predictions(self, f: dict, traj: Trajectory) -> dict:
         """Measurements at the start point from its field evaluation (see the module docstring)."""
@@ -278,6 +254,57 @@ def sigma_eigenpairs(U: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     s, V = s.flip(0).clamp(min=0), V.flip(1)
     E = U @ Xh @ V
     return s, E / E.norm(dim=0).clamp(min=torch.finfo(U.dtype).tiny)
+
+
+# ---- the rule's state, by autodiff over the rule's own functions -----------------------------------------------
+def state_rate(rule: Rule, g: Tensor, state: State) -> tuple[State, State]:
+    """(ds/dt without Σ, β): the central flow's state rate at gradient g and its coefficient β = ∂A/∂s.
+
+    The flow holds the post-advance state s of a discrete update s' = A(g, s) = β ⊙ s + A(g, 0). Read as a
+    backward difference, ds/dt = s − (s − A(g, 0))/β = (A(g, s) − s)/β (the second form is evaluated). β is the
+    forward-mode derivative of A in s along ones (exact for a diagonal affine A). RMSProp: ((1 − β2)/β2)(g² − ν);
+    GD: {}.
+    """
+    if not state:
+        return {}, {}
+    with fwAD.dual_level():
+        out = rule.advance_state(g, {key: fwAD.make_dual(value, torch.ones_like(value))
+                                     for key, value in state.items()})
+        advanced, beta = {}, {}
+        for key, value in out.items():
+            advanced[key], beta[key] = fwAD.unpack_dual(value)
+    for key in state:
+        if beta[key] is None or bool((beta[key] == 0).any()):
+            raise ValueError(f"rule: {rule.name!r} forgets its state {key!r} in one step (∂A/∂s = 0), so its "
+                             f"state has no central-flow rate")
+    return {key: (advanced[key] - state[key]) / beta[key] for key in state}, beta
+
+
+def state_rate_sigma(rule: Rule, state: State, beta: State, HU: Tensor) -> State:
+    """The Σ part of ds/dt as a map on vec(X): key ↦ (k², *shape), entry a·k + b = ½ D²_g A[(HU)_a, (HU)_b] / β,
+    so that Σ_ab X_ab entry_ab is the oscillation's time average ½ D²_g A[H Σ H] over β. A is quadratic in g
+    (``Rule.central_flow``), so D²_g A is constant and D²_g A[u, v] = D_g A(v)[u] − D_g A(0)[u]: one level of
+    forward mode, vmapped over the pairs a ≤ b (cheaper than a nested jvp). RMSProp:
+    ((1 − β2)/β2)(HU)_a ⊙ (HU)_b (scalar RMSProp: its sum)."""
+    k = HU.shape[1]
+    a, b = torch.triu_indices(k, k, device=HU.device)
+    m = a.numel()
+    Y = HU.T
+    points = torch.cat([Y[b], torch.zeros_like(Y)])  # (HU)_b for each pair, then 0 for each a
+    tangents = torch.cat([Y[a], Y])
+    D1 = vmap(lambda x, u: jvp(lambda h: rule.advance_state(h, state), (x,), (u,))[1])(points, tangents)
+    pair = torch.empty(k, k, dtype=torch.long, device=HU.device)  # (a, b) ↦ its row among the pairs, both orders
+    pair[a, b] = pair[b, a] = torch.arange(m, device=HU.device)
+    rows = pair.reshape(-1)
+    return {key: (0.5 * (D1[key][:m] - D1[key][m + a]) / beta[key])[rows] for key in state}
+
+
+def precond_drift(rule: Rule, state: State, tangents: State) -> Tensor:
+    """dP̃ = ∂P̃/∂s · t for a batch of state tangents t (key ↦ (m, *shape)), as (m, size of P̃), with non-finite
+    entries set to 0: where ∂P̃/∂s does not exist (√ν at ν = 0, a weight that never had a gradient) the
+    preconditioner is taken not to move."""
+    d = vmap(lambda t: jvp(rule.precond, (state,), (t,))[1].reshape(-1))(tangents)
+    return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _axpy(state: State, a: float, rate: State) -> State:

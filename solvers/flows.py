@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torchdiffeq import odeint
 
-from flowsim.curvature import hessian_operator, preconditioned, top_eigenpairs
+from flowsim.curvature import hessian_operator, precond_eigenpairs
 from flowsim.problem import Problem
 from flowsim.solvers.processes import Process, Trajectory
 from flowsim.solvers.rules import Rule, State
@@ -129,10 +129,7 @@ def preconditioned_sharpness(problem: Problem, rule: Rule, w: Tensor, state: Sta
 
     ``v0``: the previous eigenvector (warm start). ``tol``: relative eigenvalue error (only an estimate is needed).
     """
-    P = rule.precond(state)
-    matvec = hessian_operator(problem, w)
-    pairs = top_eigenpairs(matvec if P is None else preconditioned(matvec, P), problem.n_params, 1, v0=v0,
-                           tol=tol, max_iter=30, dtype=w.dtype, device=w.device, values_only=True)
+    pairs = precond_eigenpairs(hessian_operator(problem, w), rule.precond(state), w, v0=v0, tol=tol, max_iter=30)
     return pairs.vals[0].item(), pairs.vecs
 
 
@@ -172,13 +169,17 @@ class Stable(Process):
     Options: ClassVar[type[BaseModel]] = FlowOptions
     modified: ClassVar[bool] = False
 
-    def __init__(self, problem, rule, schedule, seed=0, batch_size=None, options=None):
-        super().__init__(problem, rule, schedule, seed, batch_size, options)
+    def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
+        super().__init__(problem, rule, seed, batch_size, options)
         self._sharpness, self._eigvec = None, None
 
-    def step(self, traj: Trajectory, measure: bool) -> dict:
-        lr = self.schedule(traj.step)
-        loss, g = self.problem.loss_and_grad(traj.w)
+    def precond_state(self, traj: Trajectory):
+        """The flow's preconditioner is made of its current state (the rule's initial state at the start)."""
+        return lambda g: traj.state if traj.state is not None else self.rule.init(traj.w, g)
+
+    def step(self, traj: Trajectory, lr: float, measure: bool, ctx=None) -> dict:
+        ctx = self.context(traj) if ctx is None else ctx
+        loss, g = ctx.loss_and_grad()
         out = {"step_loss": loss.item(), "step_size": lr}
         if measure:
             out.update(loss=out["step_loss"], grad_norm=g.norm().item())
@@ -187,8 +188,7 @@ class Stable(Process):
         layout = Layout(self.problem.n_params, traj.state)
         y = self.advance(layout, layout.pack(traj.w, traj.state), lr, self.substeps(traj, lr), traj.step)
         traj.w, traj.state = layout.unpack(y)
-        traj.step += 1
-        traj.time += lr
+        traj.tick(lr)
         return out
 
     def checkpoint_state(self) -> dict:

@@ -1,13 +1,17 @@
 """Processes: ways of running an update rule on a Problem, advanced one unit of time (one step) at a time.
 
-A process holds a :class:`Trajectory` (w, rule state, step, time) and offers ``step(traj, measure)`` — advance
-from step k to k + 1, returning what it measured at step k — and ``measure(traj)`` for the current point.
+A process holds a :class:`Trajectory` (w, rule state, step, time) and offers ``step(traj, lr, measure, ctx)`` —
+advance from step k to k + 1 at step size ``lr`` (chosen by the run's step-size policy, ``solvers/step_size.py``),
+returning what it measured at step k — and ``measure(traj)`` for the current point. ``context(traj)`` is the
+:class:`~flowsim.solvers.step_size.StepContext` of the point, shared with the policy so that the step's gradient
+is computed once.
 Measurements are ``loss`` (full batch) and ``grad_norm`` (‖∇L‖₂, full batch); ``step_loss`` is whatever loss
 the step itself evaluated (full or minibatch), used to detect divergence. Processes never know which network
 they run on, and never touch storage.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
@@ -17,6 +21,7 @@ from torch import Tensor
 
 from flowsim.problem import Problem
 from flowsim.solvers.rules import Rule, State
+from flowsim.solvers.step_size import StepContext
 
 
 @dataclass
@@ -27,28 +32,16 @@ class Trajectory:
     step: int = 0
     time: float = 0.0
 
-
-class Schedule:
-    """Step size η_k: ``lr`` until ``drop_at`` (a step index), ``lr_after`` from then on."""
-
-    def __init__(self, lr: float, drop_at: Optional[int] = None, lr_after: Optional[float] = None):
-        self.lr, self.drop_at, self.lr_after = lr, drop_at, lr_after
-
-    def __call__(self, step: int) -> float:
-        if self.drop_at is not None and step >= self.drop_at:
-            return self.lr_after
-        return self.lr
+    def tick(self, lr: float) -> None:
+        """The bookkeeping of one step taken at step size lr: k += 1, t += η."""
+        self.step += 1
+        self.time += lr
 
 
-def step_seed(seed: int, index: int, noise: bool = False) -> int:
+def step_seed(seed: int, index: int) -> int:
     """The seed of the random stream of step (or epoch) ``index`` of a run with ``seed``: a function of these
-    only, so every draw is stateless and a resumed run draws exactly what the uninterrupted one did.
-
-    ``noise`` selects the stream of injected noise, independent of the minibatch (and Brownian) stream of the
-    same step: its seeds have bit 31 flipped, so the two never meet while seed·1_000_003 + index < 2³¹ (seeds
-    below 2000 over a million steps; torch's CPU generator keeps only the low 32 bits of a seed)."""
-    base = seed * 1_000_003 + index
-    return base ^ 0x9E3779B9 if noise else base
+    only, so every draw is stateless and a resumed run draws exactly what the uninterrupted one did."""
+    return seed * 1_000_003 + index
 
 
 class EpochSampler:
@@ -97,16 +90,30 @@ class Process:
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
 
-    def __init__(self, problem: Problem, rule: Rule, schedule: Schedule, seed: int = 0,
-                 batch_size: Optional[int] = None, options: Optional[BaseModel] = None):
-        self.problem, self.rule, self.schedule, self.seed = problem, rule, schedule, seed
+    full_batch: ClassVar[bool] = True  # False where the process runs on minibatches (``batch_size`` applies)
+
+    def __init__(self, problem: Problem, rule: Rule, seed: int = 0, batch_size: Optional[int] = None,
+                 options: Optional[BaseModel] = None):
+        if batch_size is not None and self.full_batch:
+            raise ValueError(f"batch_size: does not apply to the {self.name} process (it runs on the full batch)")
+        self.problem, self.rule, self.seed = problem, rule, seed
         self.batch_size = batch_size
         self.options = options if options is not None else self.Options()
 
     def start(self, w0: Tensor) -> Trajectory:
         return Trajectory(w=w0.clone())
 
-    def step(self, traj: Trajectory, measure: bool) -> dict:
+    def context(self, traj: Trajectory) -> StepContext:
+        """The step context at traj (full batch; the preconditioner of the rule state at traj)."""
+        return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state,
+                           precond_state=self.precond_state(traj))
+
+    def precond_state(self, traj: Trajectory):
+        """None (the discrete convention: the state advanced by the step's gradient), or a function g ↦ the state
+        that the process's preconditioner at traj is made of."""
+        return None
+
+    def step(self, traj: Trajectory, lr: float, measure: bool, ctx: Optional[StepContext] = None) -> dict:
         raise NotImplementedError
 
     def measure(self, traj: Trajectory) -> dict:
@@ -126,25 +133,30 @@ class Discrete(Process):
     """The real iteration: full batch (``batch_size`` None) or minibatch SGD-style sampling."""
     name: ClassVar[str] = "discrete"
     Options: ClassVar[type[BaseModel]] = DiscreteOptions
+    full_batch: ClassVar[bool] = False
 
-    def __init__(self, problem, rule, schedule, seed=0, batch_size=None, options=None):
-        super().__init__(problem, rule, schedule, seed, batch_size, options)
+    def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
+        super().__init__(problem, rule, seed, batch_size, options)
         full = batch_size is None or batch_size >= problem.n_examples
+        if batch_size is None and "sampling" in self.options.model_fields_set:
+            raise ValueError("sampling: applies only to minibatch runs (give a batch_size)")
         sampler = IIDSampler if self.options.sampling == "iid" else EpochSampler
         self.sampler = None if full else sampler(problem.n_examples, batch_size, seed, problem.device)
 
-    def step(self, traj: Trajectory, measure: bool) -> dict:
-        lr = self.schedule(traj.step)
+    def context(self, traj: Trajectory) -> StepContext:
         if self.sampler is None:
-            loss, g = self.problem.loss_and_grad(traj.w)
-            out = {"step_loss": loss.item(), "step_size": lr}
-            if measure:
-                out.update(loss=out["step_loss"], grad_norm=g.norm().item())
-        else:
-            loss, g = self.problem.batch_loss_and_grad(traj.w, self.sampler.indices(traj.step))
-            out = {"step_loss": loss.item(), "step_size": lr}
-            if measure:
-                out.update(self.measure(traj))
+            return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state)
+        population = self.problem.n_examples if isinstance(self.sampler, EpochSampler) else math.inf
+        return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state,
+                           idx=self.sampler.indices(traj.step), population=population)
+
+    def step(self, traj: Trajectory, lr: float, measure: bool, ctx: Optional[StepContext] = None) -> dict:
+        ctx = self.context(traj) if ctx is None else ctx
+        loss, g = ctx.loss_and_grad()
+        out = {"step_loss": loss.item(), "step_size": lr}
+        if measure:
+            out.update({"loss": out["step_loss"], "grad_norm": g.norm().item()} if self.sampler is None
+                       else self.measure(traj))
         self.apply(traj, g, lr)
         return out
 
@@ -154,6 +166,5 @@ class Discrete(Process):
             traj.state = self.rule.init(traj.w, g)
         delta, traj.state = self.rule.update(g, traj.state, lr)
         traj.w = traj.w + delta
-        traj.step += 1
-        traj.time += lr
+        traj.tick(lr)
 

@@ -6,6 +6,11 @@ Every rule is w ← w − η P̃⁻¹ m, with ``direction(state) = m`` (g for GD
 (None for the identity). P̃ excludes η: the central-flow preconditioner is P = P̃/η. The *preconditioned
 sharpness* is λ_max(P̃⁻¹H), measured on P̃^{-1/2} H P̃^{-1/2}, and ``threshold_coefficient`` c gives its stability
 threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam).
+
+The continuous processes read a rule through these same functions only: the stable flow's state ODE is
+``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) differentiates
+``advance_state`` and ``precond`` in forward mode. ``central_flow`` is each rule's declaration of whether the
+central flow applies to it: None when it does, else the reason why not.
 Rules know nothing about processes, problems or storage.
 """
 from __future__ import annotations
@@ -23,6 +28,17 @@ State = dict[str, Tensor]
 @dataclass(frozen=True)
 class Rule:
     name: ClassVar[str]
+    # None: the central flow applies. That declares the update is w ← w − η P̃(s)⁻¹ g (``direction`` is not
+    # overridden), ``precond`` is diagonal and differentiable in s (where it is not, e.g. √ν at ν = 0, the flow
+    # holds it still), and ``advance_state`` is affine in s with a nonzero diagonal coefficient
+    # (s' = β ⊙ s + A(g, 0)) and quadratic in g. Otherwise: the reason why not, one line.
+    central_flow: ClassVar[Optional[str]] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "direction" in cls.__dict__ and cls.central_flow is None:
+            raise TypeError(f"{cls.__name__}: overrides direction, so it must declare central_flow (why it has "
+                            f"none): the central flow is derived for direction(g, state) = g")
 
     def init(self, w: Tensor, g0: Tensor) -> State:
         """Initial state, given the weights and the gradient at the first step."""
@@ -50,11 +66,11 @@ class Rule:
         return 2.0
 
     def state_rate(self, g: Tensor, state: State) -> State:
-        """d(state)/dt per unit time (one step) at gradient g: the continuous limit of ``advance_state``,
-        s_{k+1} − s_k read as a rate (used by the flows). A rule whose state has no such limit raises."""
-        if state:
-            raise ValueError(f"rule: {self.name!r} has no state ODE, so it has no continuous-time process")
-        return {}
+        """d(state)/dt per unit time (one step) at gradient g, the stable flow's explicit state ODE: the
+        increment advance_state(g, s) − s read as a rate (EMA momentum (1 − β1)(g − m), heavy ball
+        g − (1 − β1)m, the ν rules (1 − β2)(g² − ν), Adam's clock t: 1)."""
+        advanced = self.advance_state(g, state)
+        return {key: advanced[key] - value for key, value in state.items()}
 
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,6 +96,10 @@ class Momentum(Rule):
     Stability threshold on a quadratic: ηλ < 2(1 + β1)/(1 − β1) (EMA), ηλ < 2(1 + β1) (heavy ball).
     """
     name: ClassVar[str] = "momentum"
+    central_flow: ClassVar[Optional[str]] = (
+        "'momentum' has no central flow: it steps along its momentum m, not g, so w and m oscillate together, "
+        "which is not the period-two flip along generalized eigenvectors of (H, P) that the central flow's SDCP "
+        "models (it is derived for updates −η P̃⁻¹ g)")
     beta1: float = 0.9
     heavy_ball: bool = False
 
@@ -92,11 +112,6 @@ class Momentum(Rule):
 
     def direction(self, g, state):
         return state["m"]
-
-    def state_rate(self, g, state):
-        """dm/dt = (1 − β1)(g − m) (EMA), g − (1 − β1) m (heavy ball)."""
-        scale = 1.0 if self.heavy_ball else 1.0 - self.beta1
-        return {"m": scale * g - (1.0 - self.beta1) * state["m"]}
 
     def threshold_coefficient(self):
         c = 2.0 * (1.0 + self.beta1)
@@ -116,10 +131,6 @@ class ScalarRMSProp(Rule):
     def advance_state(self, g, state):
         return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2).sum()}
 
-    def state_rate(self, g, state):
-        """dν/dt = (1 − β2)(‖g‖² − ν) (the central flow's form has an extra 1/β2)."""
-        return {"nu": (1 - self.beta2) * (g.pow(2).sum() - state["nu"])}
-
     def precond(self, state):
         return state["nu"].sqrt() + self.eps
 
@@ -135,10 +146,6 @@ class RMSProp(ScalarRMSProp):
     def advance_state(self, g, state):
         return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2)}
 
-    def state_rate(self, g, state):
-        """dν/dt = (1 − β2)(g² − ν) elementwise (the central flow's form has an extra 1/β2)."""
-        return {"nu": (1 - self.beta2) * (g.pow(2) - state["nu"])}
-
 
 @dataclass(frozen=True)
 class Adam(Rule):
@@ -147,6 +154,10 @@ class Adam(Rule):
     Written as w ← w − η P̃⁻¹ m with P̃ = (1 − β1ᵗ)(√v̂ + ε): the m̂ correction is folded into P̃.
     """
     name: ClassVar[str] = "adam"
+    central_flow: ClassVar[Optional[str]] = (
+        "'adam' has no central flow: it steps along its first moment m, not g, so w and m oscillate together, "
+        "which is not the period-two flip along generalized eigenvectors of (H, P) that the central flow's SDCP "
+        "models (it is derived for updates −η P̃⁻¹ g)")
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -161,11 +172,6 @@ class Adam(Rule):
 
     def direction(self, g, state):
         return state["m"]
-
-    def state_rate(self, g, state):
-        """dm/dt = (1 − β1)(g − m), dv/dt = (1 − β2)(g² − v), dt/dt = 1 (the bias-correction clock)."""
-        return {"m": (1 - self.beta1) * (g - state["m"]), "v": (1 - self.beta2) * (g * g - state["v"]),
-                "t": torch.ones_like(state["t"])}
 
     def precond(self, state):
         t = state["t"].clamp(min=1)

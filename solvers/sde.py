@@ -31,7 +31,7 @@ from torch.func import vjp, vmap
 
 from flowsim.problem import Problem
 from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field, velocity
-from flowsim.solvers.processes import Schedule, step_seed
+from flowsim.solvers.processes import step_seed
 from flowsim.solvers.rules import Rule
 
 
@@ -87,8 +87,12 @@ class SDE(Stable):
     name: ClassVar[str] = "sde"
     Options: ClassVar[type[BaseModel]] = SDEOptions
 
-    def __init__(self, problem, rule, schedule, seed=0, batch_size=None, options=None):
-        super().__init__(problem, rule, schedule, seed, batch_size, options)
+    full_batch: ClassVar[bool] = False
+
+    def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
+        super().__init__(problem, rule, seed, batch_size, options)
+        if self.options.noise == "isotropic" and batch_size is not None:
+            raise ValueError("batch_size: does not apply with noise: isotropic (σ sets the noise)")
         if self.options.noise == "minibatch":
             if problem.n_examples == 0:
                 raise ValueError("noise: minibatch noise needs data; this landscape has none (use noise: isotropic)")
@@ -141,7 +145,7 @@ def ensemble(problem: Problem, rule: Rule, lr: float, steps: int, paths: int, se
     at the start (from S_eff at w0 unless given). Path i is not the single run with seed i: unit k of the
     whole ensemble draws one Brownian motion of shape (paths, channels) seeded by (seed, k).
     """
-    process = SDE(problem, rule, Schedule(lr), seed, batch_size, SDEOptions.model_validate(options or {}))
+    process = SDE(problem, rule, seed, batch_size, SDEOptions.model_validate(options or {}))
     traj = process.start(problem.w0 if w0 is None else w0)
     traj.state = rule.init(traj.w, problem.grad(traj.w))
     layout = Layout(problem.n_params, traj.state)

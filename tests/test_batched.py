@@ -4,7 +4,7 @@ import torch
 
 import flowsim
 from flowsim.models import build_problem
-from flowsim.solvers import Discrete, Schedule, make_rule
+from flowsim.solvers import Discrete, make_rule
 from flowsim.solvers.batched import BatchedDiscrete
 
 CASES = [("gd", {}, [0.05, 0.2, 0.5]), ("momentum", {"beta1": 0.9}, [0.01, 0.05, 0.1]),
@@ -21,18 +21,18 @@ def problem():
 @pytest.mark.parametrize("batch_size, sampling", [(None, "epoch"), (12, "epoch"), (12, "iid")])
 @pytest.mark.parametrize("rule_name, hyper, lrs", CASES)
 def test_batched_pass_equals_separate_runs(problem, rule_name, hyper, lrs, batch_size, sampling):
-    rule, options = make_rule(rule_name, **hyper), Discrete.Options(sampling=sampling)
-    schedules = [Schedule(lrs[0]), Schedule(lrs[1], 20, lrs[0]), Schedule(lrs[2])]
+    rule = make_rule(rule_name, **hyper)
+    options = Discrete.Options(sampling=sampling) if batch_size else Discrete.Options()  # sampling needs batches
     seeds = [0, 1, 1]
-    batched = BatchedDiscrete(problem, rule, schedules, seeds, batch_size, options)
+    batched = BatchedDiscrete(problem, rule, seeds, batch_size, options)
     bt = batched.start(problem.w0)
-    separate = [Discrete(problem, rule, s, seed=seed, batch_size=batch_size, options=options)
-                for s, seed in zip(schedules, seeds)]
+    separate = [Discrete(problem, rule, seed=seed, batch_size=batch_size, options=options) for seed in seeds]
     trajs = [p.start(problem.w0) for p in separate]
     for k in range(60):
-        rows = batched.step(bt, measure=k % 4 == 0)
+        step_sizes = [lrs[0], lrs[1] if k < 20 else lrs[0], lrs[2]]  # the second run drops at step 20
+        rows = batched.step(bt, step_sizes, measure=k % 4 == 0)
         for b, (p, t) in enumerate(zip(separate, trajs)):
-            row = p.step(t, measure=k % 4 == 0)
+            row = p.step(t, step_sizes[b], measure=k % 4 == 0)
             assert rows[b].keys() == row.keys() and rows[b]["step_size"] == row["step_size"]
             for key in row.keys() - {"step_size"}:
                 assert rows[b][key] == pytest.approx(row[key], abs=1e-12, rel=0)
@@ -53,7 +53,7 @@ SWEEP = {
     "steps": 40,
     "runs": {"sgd": {"rule": "momentum", "beta1": 0.5, "lr": 0.1, "batch_size": 8},
              "flow": {"process": "discrete", "rule": "momentum", "beta1": 0.5, "lr": 0.1, "batch_size": 8,
-                      "schedule": {"drop_at": 10, "lr_after": 0.02}}},
+                      "step_size": {"drop": {"at": 10, "lr_after": 0.02}}}},
     "record": {"every": 2, "projection_dim": 3, "projection_every": 4, "chunk": 4},
     "sweep": {"lr": [0.05, 0.5, 40.0], "runs.sgd.seed": [1, 2]},
 }

@@ -50,10 +50,10 @@ BAD = [  # (scenario document or raw text, text the one-line error must contain)
     (with_("runs", {}), "runs:"),
     (with_("dtype", "float16"), "dtype:"),
     (with_("device", "tpu"), "device:"),
-    (with_("runs.gd.schedule", {"drop_at": 10, "lr_after": 0.01}), "runs.gd.schedule.drop_at:"),
+    (with_("runs.gd.step_size", {"drop": {"at": 10, "lr_after": 0.01}}), "runs.gd.step_size.drop.at:"),
     (with_("record", {"every": 0}), "record.every:"),
-    (with_("runs.gd.process", "central", with_("runs.gd.rule", "adam")), "runs.gd.rule: the central flow is "
-     "derived for gd, scalar_rmsprop, rmsprop, not 'adam'"),
+    (with_("runs.gd.process", "central", with_("runs.gd.rule", "adam")), "runs.gd.rule: 'adam' has no central "
+     "flow"),
 ]
 
 
@@ -130,3 +130,18 @@ def test_quickstart_reaches_the_edge_of_stability_at_the_larger_step_size():
     assert 0.95 * 5 <= float(eos[int(0.7 * eos.size):].median()) <= 1.10 * 5  # 2/η = 5
     loss = ds.loss.sel(run="gd-eos").values
     assert np.any(np.diff(loss[300:]) > 0) and loss[-1] < loss[0]  # non-monotone, yet decreasing
+
+
+def test_steps_shorter_than_a_drop_runs_without_it_and_warns_in_one_line(tmp_path):
+    """A preview of a scenario with a step-size drop (eos-lr-drop drops at step 1000): it runs, every step at the
+    first step size, with one warning line on stderr (the real command); a scenario file itself still may not
+    drop after its last step."""
+    store = tmp_path / "preview.zarr"
+    proc = subprocess.run([sys.executable, "-m", "flowsim.cli", "run", "eos-lr-drop", "-o", str(store), "-q",
+                           "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowsim: warning: ")
+    assert "runs.gd-drop.step_size.drop.at: 1000 is after the last step 3: the drop is not reached" in lines[0]
+    ds = flowsim.open(store).sel(run="gd-drop")
+    assert (ds.step_size.sel(step=slice(0, 2)).values == 0.7).all() and ds.policy.item() == "drop"

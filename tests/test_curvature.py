@@ -139,7 +139,7 @@ def test_sgd_on_linear_regression_diverges_exactly_when_k_crosses_one():
     """The stochastic edge of stability: with η λ_max < 0.5 (far inside the GD-stable range η λ_max < 2), SGD
     with batch 4 converges at the η where K = 0.8 and diverges at the η where K = 1.25."""
     from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
-    from flowsim.solvers import Discrete, Schedule, make_rule
+    from flowsim.solvers import Discrete, make_rule
     p, B, epochs = _linear_regression(), 4, 100
     eigs = ntk_eigenvalues(p, p.w0)
 
@@ -153,10 +153,10 @@ def test_sgd_on_linear_regression_diverges_exactly_when_k_crosses_one():
     for k_target, converges in ((0.8, True), (1.25, False)):
         lr = lr_at(k_target)
         assert lr * eigs[0].item() < 0.5
-        process = Discrete(p, make_rule("gd"), Schedule(lr), seed=0, batch_size=B)
+        process = Discrete(p, make_rule("gd"), seed=0, batch_size=B)
         traj = process.start(p.w0)
         for _ in range(epochs * p.n_examples // B):
-            process.step(traj, measure=False)
+            process.step(traj, lr, measure=False)
         ratio = p.loss(traj.w).item() / p.loss(p.w0).item()
         assert (ratio < 1e-6) if converges else not (ratio < 1e6), (k_target, ratio)
 
@@ -196,7 +196,7 @@ def test_gradient_signal_is_unbiased_over_every_pair_of_disjoint_parts_of_a_batc
 def _quadratic_scenario(runs, steps=12, **record):
     return {"name": "q", "device": "cpu", "problem": {"model": "quadratic", "spectrum": [4.0, 1.0, 0.5]},
             "steps": steps, "runs": runs,
-            "record": {"projection_dim": 0, "curvature_every": 4, "top_k": 3, "curvature_tol": 1e-10, **record}}
+            "record": {"projection_dim": 0, "curvature_every": 4, "top_k": 3, "eig_tol": 1e-10, **record}}
 
 
 def test_recorded_curvature_on_a_quadratic_is_its_spectrum_and_gd_threshold():
@@ -288,7 +288,7 @@ def test_sharpening_resumes_after_a_step_size_cut_up_to_the_new_edge():
     each phase is within [0.95, 1.10] of that phase's 2/η (η = 0.7, then 0.5)."""
     import flowsim
     doc = _bundled("eos-lr-drop", steps=1000, **TEST_SCALE)
-    doc["runs"]["gd-drop"]["schedule"]["drop_at"] = 300
+    doc["runs"]["gd-drop"]["step_size"]["drop"]["at"] = 300
     d = flowsim.run(doc, progress=False).sel(run="gd-drop")
     assert d.threshold.sel(step=280).item() == pytest.approx(2 / 0.7)
     assert d.threshold.sel(step=300).item() == pytest.approx(2 / 0.5)

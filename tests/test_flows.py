@@ -10,7 +10,7 @@ from scipy.integrate import solve_ivp
 import flowsim
 from flowsim.models import build_problem
 from flowsim.scenario import ScenarioError
-from flowsim.solvers import PROCESSES, Schedule, make_rule
+from flowsim.solvers import PROCESSES, make_rule
 
 SPECTRUM = [1.0, 3.0, 10.0]
 
@@ -22,10 +22,10 @@ def quadratic(spectrum=SPECTRUM):
 def run_process(problem, name, lr, steps, rule=("gd", {}), **options):
     """Run process ``name`` for ``steps`` steps; ``rule`` = (name, hyperparameters)."""
     cls = PROCESSES[name]
-    process = cls(problem, make_rule(rule[0], **rule[1]), Schedule(lr), options=cls.Options(**options))
+    process = cls(problem, make_rule(rule[0], **rule[1]), options=cls.Options(**options))
     traj = process.start(problem.w0)
     for _ in range(steps):
-        process.step(traj, measure=False)
+        process.step(traj, lr, measure=False)
     return process, traj
 
 
@@ -146,7 +146,7 @@ def test_a_flow_whose_state_turns_non_finite_records_the_divergence():
     it, the state is NaN after step 0, and the next step's substep count (from a NaN S_eff) takes the cap instead
     of raising, so the run ends as diverged at step 1."""
     doc = {"problem": {"model": "mlp", "widths": [3], "dataset": "digits", "classes": [0, 1], "n_train": 12},
-           "steps": 2, "runs": {"a": {"rule": "adam", "lr": 0.01, "batch_size": 4, "process": "modified"}},
+           "steps": 2, "runs": {"a": {"rule": "adam", "lr": 0.01, "process": "modified"}},
            "record": {"projection_dim": 0}}
     ds = flowsim.run(doc, progress=False)
     assert bool(ds.diverged.sel(run="a")) and int(ds.diverged_at.sel(run="a")) == 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flowsim.models import build_problem
-from flowsim.solvers import Discrete, Schedule, make_rule
+from flowsim.solvers import Discrete, Drop, make_rule
 
 MARGIN = 1e-6  # relative distance to the threshold
 
@@ -30,10 +30,10 @@ def test_gd_on_a_quadratic_converges_just_below_two_over_lambda_and_diverges_jus
     steps = 4000
     for side in (-1, 1):
         lr = threshold * (1 + side * MARGIN)
-        process = Discrete(problem, make_rule("gd"), Schedule(lr))
+        process = Discrete(problem, make_rule("gd"))
         traj = process.start(problem.w0)
         for _ in range(steps):
-            process.step(traj, measure=False)
+            process.step(traj, lr, measure=False)
         top = abs(traj.w[0].item())
         expected = abs(1 - lr * spectrum[0]) ** steps  # the exact per-step factor of the top mode
         assert top == pytest.approx(expected, rel=1e-9)
@@ -109,8 +109,8 @@ def test_adam_threshold_is_38_over_eta_at_beta1_09():
 
 
 def test_step_size_drop_schedule():
-    s = Schedule(0.4, drop_at=10, lr_after=0.1)
-    assert [s(k) for k in (0, 9, 10, 500)] == [0.4, 0.4, 0.1, 0.1]
+    s = Drop(lr=0.4, at=10, lr_after=0.1)
+    assert [s.update(k, None, s.init())[0] for k in (0, 9, 10, 500)] == [0.4, 0.4, 0.1, 0.1]
 
 
 @pytest.mark.parametrize("bad,key", [({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),

@@ -24,7 +24,7 @@ BASES = [
 ]
 KEYS = ["name", "seed", "device", "dtype", "problem", "steps", "runs", "record", "compare", "sweep", "batch",
         "model", "spectrum", "widths", "dataset", "n_train", "classes", "loss", "process", "rule", "lr", "batch_size",
-        "beta1", "beta2", "eps", "schedule", "drop_at", "lr_after", "every", "projection_dim", "chunk", "reference",
+        "beta1", "beta2", "eps", "step_size", "drop", "at", "lr_after", "edge", "every", "projection_dim", "chunk", "reference",
         "curvature_every", "top_k", "bogus"]
 PLAUSIBLE = {"lr": [1e-3, 0.1, 1.0, 50.0], "batch_size": [1, 3, 4, 100], "process": sorted(PROCESSES),
              "rule": sorted(RULES), "beta1": [0.0, 0.5, 0.99], "steps": [1, 2, 4], "batch": [True, False],

@@ -9,7 +9,7 @@ import torch
 import flowsim
 from flowsim.models import build_problem
 from flowsim.scenario import ScenarioError
-from flowsim.solvers import PROCESSES, Schedule, make_rule
+from flowsim.solvers import PROCESSES, make_rule
 from flowsim.solvers.flows import Layout
 from flowsim.solvers.sde import SDE, SDEOptions, ensemble
 
@@ -39,7 +39,7 @@ def test_minibatch_noise_of_one_unit_has_sgd_covariance_without_a_p_by_p_matrix(
     # The diffusion applied to the n basis vectors gives a P × n matrix M with M Mᵀ = η² (n−B)/(n−1) Σ / B,
     # Σ the per-example gradient covariance computed densely here with numpy.
     problem, lr, B = linear_regression(), 0.1, 8
-    process = SDE(problem, make_rule("gd"), Schedule(lr), batch_size=B, options=SDEOptions())
+    process = SDE(problem, make_rule("gd"), batch_size=B, options=SDEOptions())
     layout = Layout(problem.n_params, {})
     drift_and_noise = torch.func.vmap(process.drift_and_noise(layout, lr), in_dims=(None, 0))
     n = problem.n_examples
@@ -83,13 +83,13 @@ def test_sgd_and_its_sde_agree_on_linear_regression_and_the_weak_error_shrinks_w
 def test_discrete_iid_sampling_draws_independent_seeded_batches():
     problem = linear_regression(n=16)
     cls = PROCESSES["discrete"]
-    proc = cls(problem, make_rule("gd"), Schedule(0.1), seed=3, batch_size=4, options=cls.Options(sampling="iid"))
+    proc = cls(problem, make_rule("gd"), seed=3, batch_size=4, options=cls.Options(sampling="iid"))
     batches = [proc.sampler.indices(k) for k in range(50)]
     assert all(len(set(b.tolist())) == 4 for b in batches)
     assert torch.equal(batches[7], proc.sampler.indices(7))
     counts = torch.bincount(torch.cat(batches), minlength=16)
     assert counts.min() > 0  # 200 draws over 16 examples: every example appears
-    epoch = cls(problem, make_rule("gd"), Schedule(0.1), seed=3, batch_size=4)
+    epoch = cls(problem, make_rule("gd"), seed=3, batch_size=4)
     assert sorted(torch.cat([epoch.sampler.indices(k) for k in range(4)]).tolist()) == list(range(16))
 
 
@@ -97,26 +97,26 @@ def test_a_seed_reproduces_a_path_and_resuming_is_exact():
     problem = linear_regression(n=32)
 
     def process(seed):
-        return PROCESSES["sde"](problem, make_rule("rmsprop"), Schedule(0.05), seed=seed, batch_size=4,
+        return PROCESSES["sde"](problem, make_rule("rmsprop"), seed=seed, batch_size=4,
                                 options=SDEOptions(substeps=4))
 
     full = process(5)
     traj = full.start(problem.w0)
     for _ in range(6):
-        full.step(traj, measure=False)
+        full.step(traj, 0.05, measure=False)
     first = process(5)
     half = first.start(problem.w0)
     for _ in range(3):
-        first.step(half, measure=False)
+        first.step(half, 0.05, measure=False)
     resumed = process(5)
     resumed.restore(first.checkpoint_state())
     for _ in range(3):
-        resumed.step(half, measure=False)
+        resumed.step(half, 0.05, measure=False)
     assert torch.equal(half.w, traj.w) and torch.equal(half.state["nu"], traj.state["nu"])
     other = process(6)
     t6 = other.start(problem.w0)
     for _ in range(6):
-        other.step(t6, measure=False)
+        other.step(t6, 0.05, measure=False)
     assert not torch.allclose(t6.w, traj.w)
 
 
@@ -141,6 +141,6 @@ def test_sde_options_are_checked_and_errors_name_the_key(extra, key):
 def test_minibatch_noise_needs_data_and_a_batch_size():
     quad = build_problem({"model": "quadratic", "spectrum": [1.0]}, device="cpu")
     with pytest.raises(ValueError, match="^noise: "):
-        SDE(quad, make_rule("gd"), Schedule(0.1), batch_size=1, options=SDEOptions())
+        SDE(quad, make_rule("gd"), batch_size=1, options=SDEOptions())
     with pytest.raises(ValueError, match="^batch_size: "):
-        SDE(linear_regression(), make_rule("gd"), Schedule(0.1), options=SDEOptions())
+        SDE(linear_regression(), make_rule("gd"), options=SDEOptions())

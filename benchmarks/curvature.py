@@ -1,19 +1,22 @@
-"""The ``curvature`` benchmark: flowsim's warm-started Lanczos against PyHessian's power iteration.
+"""The ``curvature`` benchmark: flowsim's warm-started Lanczos (``flowsim.curvature``) against PyHessian's power
+iteration for the top Hessian eigenvalue, then warm-started tracking along GD, then the three HVP methods.
 
-Not a test: it prints timings, Hessian-vector-product (HVP) counts and their ratios in one run. PyHessian
-(PyPI ``pyhessian``, the ``bench`` extra: ``pip install -e ".[bench]"``) is used when installed; otherwise that
-part is skipped with a message. Everything runs on the CPU in float32 (PyHessian draws float32 vectors), against a dense float64
-Hessian of the same model at the same weights.
+It prints timings, Hessian-vector-product (HVP) counts and their ratios in one run. PyHessian (PyPI
+``pyhessian``, the ``bench`` extra: ``pip install -e ".[bench]"``) is used when installed; otherwise that part is
+skipped with a message. Everything runs on the CPU in float32 (PyHessian draws float32 vectors), against a dense
+float64 Hessian of the same model at the same weights. PyHessian's products are counted by wrapping its own
+``hessian_vector_product`` for the duration of the call.
 """
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
-from flowsim.bench import best_of
+from benchmarks.bench import best_of, parser
 from flowsim.curvature import HVP_METHODS, hessian_operator, top_eigenpairs
-from flowsim.models import build_problem
+from flowsim.models import MODELS, build_problem
 
 MODEL = {"model": "mlp", "widths": [16, 16], "activation": "tanh", "dataset": "digits", "n_train": 1000,
          "loss": "mse"}
@@ -50,15 +53,15 @@ def _pyhessian_top1(module, problem, tol: float, seed: int = 0):
     return vals[0], calls["n"]
 
 
-def _loosest(solve, exact: float, target: float = 1e-3):
+def _loosest(solve, exact: float, target: float = 1e-3, repeats: int = 20):
     """The first tolerance of TOLS at which ``solve(tol) -> (value, hvps)`` is within ``target`` of ``exact``
-    (relative), with its (tol, value, hvps, seconds, error); seconds: the best of 20 calls (a few ms each: the
-    minimum is what is stable on a shared machine). None when none is."""
+    (relative), with its (tol, value, hvps, seconds, error); seconds: the best of ``repeats`` calls (a few ms
+    each: the minimum is what is stable on a shared machine). None when none is."""
     for tol in TOLS:
         value, hvps = solve(tol)
         error = abs(value - exact) / abs(exact)
         if error <= target:
-            return tol, value, hvps, best_of(lambda: solve(tol), 20), error
+            return tol, value, hvps, best_of(lambda: solve(tol), repeats), error
     return None
 
 
@@ -67,14 +70,13 @@ TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 def build_module(problem):
     """The float32 nn.Module with the problem's weights w0 (the MLP of MODEL)."""
-    from flowsim.models.networks import MLPConfig
-    cfg = MLPConfig.model_validate(MODEL)
+    cfg = MODELS[MODEL["model"]].model_validate(MODEL)
     module = cfg.make_module((problem.X.shape[1],), problem.Y.shape[1]).to(problem.dtype)
     torch.nn.utils.vector_to_parameters(problem.w0, module.parameters())
     return module
 
 
-def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int:
+def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10, repeats: int = 20) -> int:
     """Top-1 Hessian eigenvalue to 1e-3 relative accuracy: HVP counts and wall time, flowsim vs PyHessian,
     cold, each at the loosest tolerance of TOLS that reaches that accuracy against the dense eigenvalue; then
     warm-started tracking along a GD trajectory (errors against float64 solves); then the two HVP methods."""
@@ -93,7 +95,7 @@ def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int
         return res.vals[0].item(), res.matvecs
     flowsim_cold(1e-3)  # warm-up
     print("  each method at the loosest tolerance of", TOLS, "that gives ≤ 1e-3 relative error, cold start:")
-    tol_fs, _, hvp_fs, t_fs, err_fs = _loosest(flowsim_cold, exact)
+    tol_fs, _, hvp_fs, t_fs, err_fs = _loosest(flowsim_cold, exact, repeats=repeats)
     print(f"  flowsim Lanczos   tol {tol_fs:.0e}: {hvp_fs:4d} HVPs {t_fs * 1e3:7.2f} ms  rel. error {err_fs:.1e}")
     try:
         import pyhessian  # noqa: F401
@@ -103,7 +105,7 @@ def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int
         module = build_module(p32)
         value, count = _pyhessian_top1(module, p32, 1e-3)
         print(f"  (PyHessian at its default tol 1e-3: {count} HVPs, rel. error {abs(value - exact) / exact:.1e})")
-        found = _loosest(lambda tol: _pyhessian_top1(module, p32, tol), exact)
+        found = _loosest(lambda tol: _pyhessian_top1(module, p32, tol), exact, repeats=repeats)
         if found is None:
             print(f"  PyHessian power iteration reaches no 1e-3 accuracy at tol ≥ {TOLS[-1]:.0e} (≤ 100 iterations)")
         else:
@@ -114,6 +116,7 @@ def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int
     # tol_fs was enough once, cold; tol 1e-3 asks for every eigenvalue within ≈ 1e-3·λ_max (see top_eigenpairs)
     for lr in lrs:
         for tol in sorted({tol_fs, 1e-3}, reverse=True):
+            print(f"  tracking along GD at η = {lr}, tol {tol:.0e} …", flush=True)
             w, v0, counts, errs = p32.w0.clone(), None, [], []
             for k in range(steps + 1):
                 if k % every == 0:
@@ -139,3 +142,11 @@ def curvature(steps: int = 300, lrs: tuple = (0.4, 0.8), every: int = 10) -> int
           f"{times['forward'] * 1e3:.1f} ms, forward difference of gradients {times['difference'] * 1e3:.1f} ms; "
           f"ratios to reverse {times['forward'] / times['reverse']:.1f}, {times['difference'] / times['reverse']:.2f}")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = parser("curvature", "Top Hessian eigenvalue: flowsim's warm-started Lanczos against PyHessian's power "
+               "iteration, tracking along GD, and the HVP methods.",
+               quick="60 GD steps at η = 0.4 only, best of 3 instead of 20")
+    args = p.parse_args(argv)
+    return curvature(steps=60, lrs=(0.4,), repeats=3) if args.quick else curvature()

@@ -1,20 +1,28 @@
-"""`flowsim bench adaptive -o STORE` at test scale: every (task, method, seed) curve is a run of a flowsim store
-whose values are those of independent GD/SGD loops, whose target coordinates follow from its own curves, whose
-per-task table aggregates them, and whose report renders that table and one panel per task."""
+"""The benchmarks folder (not installed; imported from the repository root): the launcher, and `python -m benchmarks
+adaptive -o STORE` at test scale — every (task, method, seed) curve is a run of a flowsim store whose values are
+those of independent GD/SGD loops, whose target coordinates follow from its own curves, whose per-task table
+aggregates them, and whose report renders that table and one panel per task."""
 import contextlib
 import io
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr.storage
 
-import flowsim
-from flowsim import bench_adaptive, report
-from flowsim import store as store_mod
-from flowsim.cli import main
-from flowsim.models import build_problem
-from flowsim.solvers.processes import EpochSampler
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the benchmarks package lives at the repository root
+
+import flowsim  # noqa: E402
+import flowsim.plot  # noqa: E402
+import flowsim.report  # noqa: E402
+from benchmarks import BENCHMARKS, adaptive, report  # noqa: E402
+from benchmarks.__main__ import main  # noqa: E402
+from benchmarks.adaptive import Method, Outcome  # noqa: E402
+from flowsim import store as store_mod  # noqa: E402
+from flowsim.models import build_problem  # noqa: E402
+from flowsim.solvers import EpochSampler  # noqa: E402
 
 PROBLEM = {"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
            "n_train": 60, "loss": "mse"}
@@ -25,28 +33,29 @@ TASKS = {  # GD lr 50 diverges at step 2 of the full-batch task: the best of the
                   "gd": [0.1, 0.4], "adam": [1e-3, 1e-2]},
 }
 SEEDS = (0, 1)
-METHODS = ["gd-best", "adam-default", "adam-best", "adaptive-gd-c1", "schedulefree-sgd", "prodigy"]
+METHODS = ["gd-best", "adam-default", "adam-best", "edge-gd-c1", "schedulefree-sgd", "prodigy"]
+EDGE_C1 = Method("gd", {"edge": {"c": 1.0}})
 
 
 @contextlib.contextmanager
 def tiny_bench():
-    """The bench on TASKS and SEEDS with one adaptive setting (about 5 s on one CPU thread)."""
+    """The bench on TASKS and SEEDS with one edge setting (about 5 s on one CPU thread)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench_adaptive, "TASKS", TASKS)
-        mp.setattr(bench_adaptive, "SEEDS", SEEDS)
-        mp.setattr(bench_adaptive, "ADAPTIVE", {"adaptive-gd-c1": ("gd", {"c": 1.0})})
+        mp.setattr(adaptive, "TASKS", TASKS)
+        mp.setattr(adaptive, "SEEDS", SEEDS)
+        mp.setattr(adaptive, "EDGE", {"edge-gd-c1": EDGE_C1})
         yield mp
 
 
 @pytest.fixture(scope="module")
 def bench_store(tmp_path_factory):
-    """(store path, printed text) of the tiny bench run through the command line."""
+    """(store path, printed text) of the tiny bench run through the launcher."""
     pytest.importorskip("schedulefree")
     pytest.importorskip("prodigyopt")
     path = tmp_path_factory.mktemp("bench") / "bench-adaptive.zarr"
     out = io.StringIO()
     with tiny_bench(), contextlib.redirect_stdout(out):
-        assert main(["bench", "adaptive", "-o", str(path)]) == 0
+        assert main(["adaptive", "-o", str(path)]) == 0
     return path, out.getvalue()
 
 
@@ -75,9 +84,11 @@ def test_bench_stores_one_run_per_task_method_and_seed(bench_store):
     assert set(ds.sel(run=ds["task"] == "tiny-full")["batch_size"].values) == {0}
     gd = ds.sel(run="tiny-full[gd-best,seed=1]")
     assert (str(gd["process"].values), str(gd["rule"].values), float(gd["lr"])) == ("discrete", "gd", 0.4)
-    adaptive = ds.sel(run="tiny-mini[adaptive-gd-c1,seed=0]")
-    assert (str(adaptive["process"].values), float(adaptive["lr"]), str(adaptive["options"].values)) == \
-        ("adaptive", 100.0, "c=1.0")
+    edge = ds.sel(run="tiny-mini[edge-gd-c1,seed=0]")
+    assert (str(edge["process"].values), str(edge["policy"].values), str(edge["options"].values)) == \
+        ("discrete", "edge", "c=1.0")
+    assert np.isnan(float(edge["lr"])) and float(edge["max_lr"]) == np.inf
+    assert str(ds.sel(run="tiny-mini[prodigy,seed=1]")["process"].values) == "torch"
     assert ds.attrs["baseline"] == "gd-best" and "tiny-mini" in ds.attrs["bench"]
     assert ds["loss"].attrs["units"] == "loss" and ds["wall_time"].attrs["units"] == "s"
     assert not ds["diverged"].any() and set(ds["status"].values) == {"complete"}
@@ -103,11 +114,11 @@ def test_stored_losses_equal_an_independent_gd_loop(bench_store, task):
 def test_step_size_is_recorded_where_the_method_has_one(bench_store):
     ds = flowsim.open(bench_store[0])
     for task in TASKS:
-        adaptive = ds["step_size"].sel(run=f"{task}[adaptive-gd-c1,seed=0]").dropna("step")
-        assert list(adaptive.step.values) == list(range(TASKS[task]["steps"]))
-        assert ((adaptive > 0) & (adaptive < 100.0)).all() and np.unique(adaptive.values).size > 1
+        edge = ds["step_size"].sel(run=f"{task}[edge-gd-c1,seed=0]").dropna("step")
+        assert list(edge.step.values) == list(range(TASKS[task]["steps"]))
+        assert ((edge > 0) & (edge < 100.0)).all() and np.unique(edge.values).size > 1
         adam = ds["step_size"].sel(run=f"{task}[adam-default,seed=1]").dropna("step")
-        assert (adam.values == 1e-3).all() and adam.size == adaptive.size
+        assert (adam.values == 1e-3).all() and adam.size == edge.size
         for method in ("schedulefree-sgd", "prodigy"):
             assert np.isnan(ds["step_size"].sel(run=f"{task}[{method},seed=0]")).all()
 
@@ -158,10 +169,11 @@ def test_bench_prints_the_table_and_report_renders_it(bench_store, tmp_path):
     path, printed = bench_store
     for task in TASKS:
         assert f"\n{task}: 20 steps" in printed
+        assert re.search(r"^  \[ 1/\d+\] gd η = 0\.1 ", printed, re.M)  # progress, one line per method
     assert len(re.findall(r"^prodigy\s+1\s+2\s+\d\s", printed, re.M)) == 2
     assert f"stored in {path}" in printed
     html_path = tmp_path / "r.html"
-    assert main(["report", str(path), "-o", str(html_path)]) == 0
+    assert report.main([str(path), "-o", str(html_path)]) == 0
     html = html_path.read_text()
     rows = re.findall(r"<th>([\w.-]+)</th>\s*((?:<td>[^<]*</td>\s*)+)</tr>", html)
     assert [m for m, _ in rows] == METHODS * len(TASKS)
@@ -175,51 +187,89 @@ def test_bench_prints_the_table_and_report_renders_it(bench_store, tmp_path):
     assert "<h2>Loss</h2>" not in html and html.count("data:image/png;base64,") == 2
 
 
-def test_a_method_that_does_not_apply_to_a_task_is_left_out_with_its_reason(monkeypatch, capsys):
-    """The flow-driven choice of c needs the full batch: on the minibatch task the bench says why and goes on."""
-    monkeypatch.setattr(bench_adaptive, "SEEDS", (0,))
-    monkeypatch.setattr(bench_adaptive, "ADAPTIVE", {"adaptive-gd-c1": ("gd", {"c": 1.0}),
-                                                     "adaptive-gd-flow": ("gd", {"flow": {"horizon": 2}})})
-    full, _ = bench_adaptive._methods(TASKS["tiny-full"])
-    mini, _ = bench_adaptive._methods(TASKS["tiny-mini"])
-    assert {"adaptive-gd-c1", "adaptive-gd-flow"} <= set(full) and "adaptive-gd-c1" in mini
-    assert "adaptive-gd-flow" not in mini
-    assert ("adaptive-gd-flow: does not apply to this task (flow: batch_size: the central flow is a full-batch "
-            "process)") in capsys.readouterr().out
+def test_a_method_that_does_not_apply_to_a_task_is_left_out_with_its_reason(capsys):
+    """iid sampling needs minibatches: on the full-batch task the bench says why and goes on."""
+    methods = {"edge-gd-c1": EDGE_C1, "edge-gd-iid": Method("gd", {"edge": {"c": 1.0}}, {"sampling": "iid"})}
+    full, _ = adaptive._methods(TASKS["tiny-full"], (0,), methods)
+    mini, _ = adaptive._methods(TASKS["tiny-mini"], (0,), methods)
+    assert {"edge-gd-c1", "edge-gd-iid"} <= set(mini) and "edge-gd-c1" in full
+    assert "edge-gd-iid" not in full
+    assert ("edge-gd-iid: does not apply to this task (sampling: applies only to minibatch runs (give a "
+            "batch_size))") in capsys.readouterr().out
 
 
-def test_a_diverged_curve_is_stored_as_a_diverged_run(monkeypatch):
-    monkeypatch.setattr(bench_adaptive, "SEEDS", (0,))
+def test_a_diverged_curve_is_stored_as_a_diverged_run():
     task = TASKS["tiny-full"]
-    curve = bench_adaptive._flowsim_curve(task, 0, "discrete", "gd", 50.0)
+    curve, coords = adaptive.flowsim_curve(task, 0, Method("gd", 50.0))
     memory = zarr.storage.MemoryStore()
     root = store_mod.create(memory, {"baseline": "gd-huge"})
-    method = bench_adaptive.Method("discrete", "gd", 50.0, "", [curve])
-    bench_adaptive._write(root, "tiny-full", task, {"gd-huge": method}, [1e-2], 0)
+    adaptive._write(root, "tiny-full", task, {"gd-huge": Outcome(coords, [curve])}, [1e-2], 0, seeds=(0,))
     r = flowsim.open(memory).sel(run="tiny-full[gd-huge,seed=0]")
     assert curve.diverged_at == 2 and bool(r["diverged"]) and float(r["diverged_at"]) == 2
     assert str(r["status"].values) == "diverged" and np.isnan(float(r["steps_to_target"]))
     assert list(r["loss"].dropna("step").step.values) == [0, 1, 2] and r["loss"].sel(step=2) > 1e6
+    assert (str(r["policy"].values), float(r["lr"])) == ("constant", 50.0)
+
+
+def test_a_minibatch_curve_diverged_between_evaluations_ends_where_flowsim_stopped_it():
+    task = {**TASKS["tiny-mini"], "eval_every": 5}
+    curve, _ = adaptive.flowsim_curve(task, 0, Method("gd", 50.0))
+    assert curve.diverged_at == 2 and curve.step[-1] == 2 and np.isnan(curve.loss[-1])  # flowsim's step loss
+    assert len(curve.step) == len(curve.wall_time) == len(curve.step_size) == curve.diverged_at + 1
 
 
 def test_bench_refuses_an_existing_store_before_running(bench_store, monkeypatch, capsys):
-    monkeypatch.setattr(bench_adaptive, "_methods", lambda task: pytest.fail("the bench ran"))
-    assert main(["bench", "adaptive", "-o", str(bench_store[0])]) == 2
+    monkeypatch.setattr(adaptive, "_methods", lambda *a, **k: pytest.fail("the bench ran"))
+    assert main(["adaptive", "-o", str(bench_store[0])]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"flowsim: error: store {bench_store[0]} already exists (use --overwrite to replace it)"
+    assert err == f"benchmarks: error: store {bench_store[0]} already exists (use --overwrite to replace it)"
 
 
 def test_a_bench_without_a_store_rejects_output(monkeypatch, capsys):
-    monkeypatch.setattr("flowsim.bench.overhead", lambda steps=2000: pytest.fail("the bench ran"))
-    assert main(["bench", "overhead", "-o", "x.zarr"]) == 2
-    assert capsys.readouterr().err.strip() == "flowsim: error: bench overhead: takes no option output"
+    monkeypatch.setattr("benchmarks.bench.overhead", lambda *a, **k: pytest.fail("the bench ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["overhead", "-o", "x.zarr"])
+    assert exit_.value.code == 2
+    assert "python -m benchmarks overhead: error: unrecognized arguments: -o x.zarr" in capsys.readouterr().err
 
 
 def test_without_output_the_bench_prints_and_writes_nothing(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     with tiny_bench() as mp:
-        mp.setattr(bench_adaptive, "TASKS", {"tiny-full": {**TASKS["tiny-full"], "gd": [0.4], "adam": [1e-2]}})
-        assert main(["bench", "adaptive"]) == 0
+        mp.setattr(adaptive, "TASKS", {"tiny-full": {**TASKS["tiny-full"], "gd": [0.4], "adam": [1e-2]}})
+        assert main(["adaptive"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^gd-best\s+0\.4\s+2\s+2\s+20\s", printed, re.M)
     assert "stored in" not in printed and list(tmp_path.iterdir()) == []
+
+
+def test_quick_shortens_every_task_and_halves_its_grids():
+    short = adaptive.quick(adaptive.TASKS)
+    assert list(short) == list(adaptive.TASKS)
+    for name, task in short.items():
+        assert task["steps"] == 60 and task["gd"] == adaptive.TASKS[name]["gd"][1::2]
+        assert len(task["adam"]) == 4 and task["problem"] == adaptive.TASKS[name]["problem"]
+
+
+def test_the_launcher_lists_every_benchmark_with_its_duration(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name, benchmark in BENCHMARKS.items():
+        if benchmark.available:
+            assert re.search(rf"^  {re.escape(name)}\s+{re.escape(benchmark.duration)}\s", out, re.M)
+            assert callable(benchmark.load())
+    with pytest.raises(SystemExit) as exit_:
+        main(["no-such-bench"])
+    assert exit_.value.code == 2 and "unknown benchmark 'no-such-bench'" in capsys.readouterr().err
+
+
+def test_flowsim_keeps_no_benchmark_code():
+    """The engine's report and figures are generic: the benchmarks bring their own table and sections."""
+    for name in ("target_summary", "TASK_SECTIONS"):
+        assert not hasattr(flowsim.report, name)
+    assert not hasattr(flowsim.plot, "per_task")
+    root = Path(__file__).parents[1]
+    for path in ("flowsim/report.py", "flowsim/plot.py"):
+        assert not re.search(r"\btask|bench", (root / path).read_text())

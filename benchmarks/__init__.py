@@ -1,0 +1,57 @@
+"""flowsim's benchmarks: scripts that time flowsim against baselines and print the ratios, one run each.
+
+They are not part of the installed package (``setup.cfg`` installs ``flowsim`` only) and use flowsim's public API
+alone. Run one from the repository root with ``python -m benchmarks NAME [options]``; ``python -m benchmarks
+--help`` lists them (``BENCHMARKS``) with their duration on 2 CPU cores, and ``python -m benchmarks NAME --help``
+gives a benchmark's options (``--quick``: a short run that checks it works). What each measures and its last
+measured figures: ``benchmarks/README.md``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark: ``target`` ``"module:function"`` (the function takes the command-line arguments after the
+    name and returns an exit code), its ``duration`` (``"full | --quick"``, wall time on 2 CPU cores with
+    ``OMP_NUM_THREADS=1``) and what it measures (``about``)."""
+    target: str
+    duration: str
+    about: str
+
+    @property
+    def available(self) -> bool:
+        """Whether its module is there (a benchmark may be listed before its file is written)."""
+        module = self.target.split(":")[0]
+        return (Path(__file__).parent / f"{module.split('.')[-1]}.py").is_file()
+
+    def load(self) -> Callable:
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "overhead": Benchmark("benchmarks.bench:main", "40 s | 5 s",
+                          "flowsim.run against a bare torch loop doing the same 2000 GD steps (target ≤ 1.15)"),
+    "curvature": Benchmark("benchmarks.curvature:main", "10 s | 10 s",
+                           "top Hessian eigenvalue: warm-started Lanczos against PyHessian (bench extra)"),
+    "flows": Benchmark("benchmarks.flows:main", "6 s | 4 s",
+                       "seconds per unit of time of the stable/modified flows and the SDE against GD/SGD"),
+    "central": Benchmark("benchmarks.central:main", "10 s | 7 s",
+                         "one unit of time of the central flow (1-3 critical directions) against one GD step"),
+    "central-speed": Benchmark("benchmarks.central_speed:main", "(its docstring)",
+                               "ms per step of the central flow at the edge (gd, rmsprop) against a baseline"),
+    "models": Benchmark("benchmarks.models:main", "7 s | 4 s",
+                        "seconds per GD step and per HVP of each bundled network family"),
+    "sweep": Benchmark("benchmarks.sweep:main_sweep", "10 s | 10 s",
+                       "a 16-run sweep on a LocalCluster of 2 workers against in process (dist extra)"),
+    "batched": Benchmark("benchmarks.sweep:main_batched", "10 s | 5 s",
+                         "8 step sizes as one vmapped pass against 8 sequential runs"),
+    "adaptive": Benchmark("benchmarks.adaptive:main", "≈ 15 min | 40 s",
+                          "the edge step-size controller against tuned GD/Adam, schedulefree, prodigy (bench extra)"),
+}
+"""Every benchmark by the name ``python -m benchmarks NAME`` takes."""

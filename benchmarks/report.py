@@ -1,0 +1,134 @@
+"""The table and the HTML report of a benchmark store: runs of several tasks and methods (``python -m benchmarks
+adaptive -o STORE`` writes one).
+
+Such a store's runs carry the coordinates ``task``, ``method``, ``seed``, ``lr``, ``target``, ``steps_to_target``
+and ``wall_to_target``, and its root attrs name the ``baseline`` method and hold the benchmark's settings
+(``bench``, YAML). :func:`target_summary` is the per-(task, method) table the benchmark prints; :func:`write` is the
+report, drawn by ``flowsim.report.write`` with this module's summary and sections (:data:`TASK_SECTIONS`, one panel
+per task). Re-render the report of a stored benchmark with ``python -m benchmarks.report STORE [-o report.html]``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from flowsim.report import Section
+from flowsim.report import write as write_report
+
+
+def final(ds: xr.Dataset, name: str = "loss") -> np.ndarray:
+    """Per run, the last finite value of ``name`` along ``step`` (NaN where there is none)."""
+    values = np.asarray(ds[name].transpose("run", "step").values, dtype=float)
+    out = np.full(values.shape[0], np.nan)
+    for i, row in enumerate(values):
+        ok = np.flatnonzero(np.isfinite(row))
+        if ok.size:
+            out[i] = row[ok[-1]]
+    return out
+
+
+def target_summary(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per (task, method) of a benchmark dataset: lr, runs (seeds), hit (runs that reach their target),
+    the mean steps and wall seconds to the target over those runs (NaN: none does), the mean final loss (last
+    finite), the diverged runs, and the ratios of the ``baseline`` method's (``ds.attrs``) steps and wall seconds
+    on the same task to the method's (> 1: the method is faster)."""
+    runs = pd.DataFrame({
+        "task": ds["task"].values, "method": ds["method"].values, "lr": ds["lr"].values,
+        "steps": ds["steps_to_target"].values, "wall s": ds["wall_to_target"].values,
+        "final loss": final(ds, "loss"), "diverged": ds["diverged"].values})
+    table = runs.groupby(["task", "method"], sort=False).agg(
+        lr=("lr", "first"), runs=("lr", "size"), hit=("steps", "count"), steps=("steps", "mean"),
+        **{"wall s": ("wall s", "mean"), "final loss": ("final loss", "mean"), "diverged": ("diverged", "sum")})
+    tasks = table.index.get_level_values("task")
+    base = table.xs(ds.attrs["baseline"], level="method")
+    for column, ratio in (("steps", "steps x"), ("wall s", "wall x")):
+        table[ratio] = base[column].reindex(tasks).to_numpy() / table[column].to_numpy()
+    return table
+
+
+def summary(ds: xr.Dataset) -> tuple[pd.DataFrame, str]:
+    """The report's summary: :func:`target_summary` and what its columns mean."""
+    base = ds.attrs["baseline"]
+    return target_summary(ds), (
+        f"Per task and method over its seeds: steps and wall s to the target (the loss that {base} reaches at the "
+        f"budget, per seed), mean over the runs that reach it; final loss: mean of the last finite loss; steps x, "
+        f"wall x: {base} / method (> 1: faster than {base}).")
+
+
+def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:
+    """One panel per ``task``: ``name`` of each run of the task against steps, one colour per ``method`` with all
+    its seeds, log scale where positive (a step size drawn as steps), a dotted line where a run diverged; on the
+    loss panels the task's mean ``target`` (dashed)."""
+    tasks = [str(t) for t in dict.fromkeys(ds["task"].values)
+             if np.isfinite(ds[name].isel(run=(ds["task"] == t).values).values.astype(float)).any()]
+    if not tasks:
+        raise ValueError(f"the dataset has no {name!r} to plot")
+    methods = [str(m) for m in dict.fromkeys(ds["method"].values)]
+    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else list(colormaps["tab20"].colors)
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    fig = Figure(figsize=(7.0, 2.8 * len(tasks)), layout="constrained")
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        sub = ds.isel(run=(ds["task"] == task).values)
+        labelled, positive = set(), True
+        for run in sub.run.values:
+            r = sub.sel(run=run)
+            y = r[name].dropna("step")
+            if y.size == 0:
+                continue
+            method = str(r["method"].values)
+            positive &= bool((y.values > 0).all())
+            ax.plot(y.step.values, y.values, color=colour[method], linewidth=0.9, alpha=0.8,
+                    label=None if method in labelled else method,
+                    drawstyle="steps-post" if name == "step_size" else "default")
+            labelled.add(method)
+            if bool(r["diverged"]) and np.isfinite(float(r["diverged_at"])):
+                ax.axvline(float(r["diverged_at"]), color=colour[method], linestyle=":", linewidth=1.2)
+        if name == "loss" and "target" in sub.coords:
+            ax.axhline(float(sub["target"].mean()), color="k", linestyle="--", linewidth=1, label="target (mean)")
+        ax.set_title(f"{name} — {task}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        if positive:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+TASK_SECTIONS: tuple[Section, ...] = (
+    Section("Loss per task", ("loss",), lambda ds, ref: per_task(ds, "loss"),
+            "Full-batch training loss against optimizer steps, one colour per method (all seeds drawn); dashed: "
+            "the mean over seeds of the target. Dotted lines: divergence."),
+    Section("Step size per task", ("step_size",), lambda ds, ref: per_task(ds, "step_size"),
+            "The step size η used at each recorded step, for the methods that have one (in the rule's own "
+            "units: Adam's η is not GD's)."),
+)
+
+
+def write(source: Union[xr.Dataset, str, Path], path: Union[str, Path, None] = None) -> Path:
+    """Write the HTML report of a benchmark Dataset or store to ``path`` (default: the store's path with
+    ``.html``): :func:`target_summary`, :data:`TASK_SECTIONS` and the benchmark's settings."""
+    return write_report(source, path, sections=TASK_SECTIONS, summary=summary,
+                        appendix=(("bench", "Benchmark settings"),))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Write the HTML report of a benchmark store.")
+    parser.add_argument("store", help="a store written by a benchmark (python -m benchmarks adaptive -o STORE)")
+    parser.add_argument("-o", "--output", help="the HTML file (default: the store's path with .html)")
+    args = parser.parse_args(argv)
+    print(f"report: {write(args.store, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""The public loop without YAML (``flowsim.simulate``), and the same step-size policy driving every process."""
+import numpy as np
+import pytest
+import torch
+
+import flowsim
+from flowsim.models.landscapes import QuadraticConfig
+
+SPECTRUM = [4.0, 1.0, 0.25]
+EXACT_EDGE = {"edge": {"c": 0.9, "first_step": "edge", "early": False, "eig_tol": 1e-10, "curvature_batch": False,
+                       "max_products": None, "hvp": "reverse", "decay_on_rise": 1.0, "coherence": False}}
+
+
+def test_simulate_equals_the_scenario_run_of_the_same_settings():
+    problem = flowsim.models.build_problem({"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits",
+                                            "classes": [0, 1, 2], "n_train": 60, "loss": "mse"}, device="cpu")
+    ds = flowsim.simulate(problem, "adam", "discrete", 0.01, 30, batch_size=16, seed=0, beta1=0.8,
+                          record={"projection_dim": 0})
+    doc = {"seed": 0, "device": "cpu", "steps": 30, "record": {"projection_dim": 0},
+           "problem": {"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits",
+                       "classes": [0, 1, 2], "n_train": 60, "loss": "mse"},
+           "runs": {"discrete": {"rule": "adam", "lr": 0.01, "batch_size": 16, "beta1": 0.8}}}
+    reference = flowsim.run(doc, progress=False)
+    assert ds.loss.values.tobytes() == reference.loss.values.tobytes()
+    assert ds.step_size.values.tobytes() == reference.step_size.values.tobytes()
+    assert ds.rule.item() == "adam" and ds.lr.item() == 0.01 and ds.policy.item() == "constant"
+
+
+@pytest.mark.parametrize("process", ["discrete", "stable", "modified", "central"])
+def test_the_edge_controller_drives_every_process_at_c_times_two_over_lambda_max(process):
+    """On ½ Σ λ_i w_i² the Hessian is constant, so the controller (c = 0.9) sets η = 1.8/λ_max = 0.45 at every
+    step of every process, and each process then equals its own run at the constant step size 0.45."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    options = {"substeps": 8} if process in ("stable", "modified", "central") else {}
+    edge = flowsim.simulate(problem, "gd", process, EXACT_EDGE, 15, options=options, record={"projection_dim": 0,
+                            "keep_weights": 15})
+    fixed = flowsim.simulate(problem, "gd", process, 0.45, 15, options=options, record={"projection_dim": 0,
+                             "keep_weights": 15})
+    np.testing.assert_allclose(edge.step_size.values[0, :15], 0.45, rtol=1e-9)
+    np.testing.assert_allclose(edge.w.values[0, -1], fixed.w.values[0, -1], rtol=1e-9, atol=1e-14)
+    assert edge.policy.item() == "edge"
+
+
+def test_simulate_names_a_bad_argument_in_one_line():
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    with pytest.raises(flowsim.ScenarioError, match=r"^lr: does not apply with step_size edge"):
+        flowsim.simulate(problem, "gd", "discrete", "edge", 5, lr=0.1)
+    with pytest.raises(flowsim.ScenarioError, match=r"^rule: 'momentum' has no central flow"):
+        flowsim.simulate(problem, "momentum", "central", 0.1, 5)
+    with pytest.raises(flowsim.ScenarioError, match=r"^process: unknown process 'ode'"):
+        flowsim.simulate(problem, "gd", "ode", 0.1, 5)
+    assert torch.equal(problem.w0, QuadraticConfig(spectrum=SPECTRUM).build(device="cpu").w0)
+
+
+def test_import_flowsim_imports_no_benchmark_code():
+    """The engine stands apart from the lab: a fresh interpreter that imports flowsim (and its solvers) has no
+    module of benchmarks/ loaded, and the installed package has no bench module."""
+    import subprocess
+    import sys
+    code = ("import sys, flowsim, flowsim.solvers, flowsim.runner, flowsim.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'flowsim') and 'bench' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

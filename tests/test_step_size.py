@@ -1,0 +1,339 @@
+"""Step-size policies: the edge controller holds η·S at c·θ (exact on a quadratic, measured by the curvature probe
+on an MLP, for GD and Adam), its guard, growth cap, re-estimate times, curvature on the step's own batch, gradient
+coherence and first step; exact resume through the loop's checkpoints; one-line errors for bad options; constant
+and drop policies as data."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowsim
+from flowsim.models.landscapes import QuadraticConfig
+from flowsim.scenario import ScenarioError
+from flowsim.solvers import Discrete, Edge, StepContext, make_rule
+from flowsim.solvers.loop import Member, Single, advance, restore
+
+SPECTRUM = [4.0, 1.0, 0.25]
+EXACT = {"first_step": "edge", "early": False, "eig_tol": 1e-3, "curvature_batch": False, "max_products": None,
+         "hvp": "reverse", "decay_on_rise": 1.0, "coherence": False}
+"""The controller at the edge rule alone: every estimate to 1e-3 with exact products, none of the refinements."""
+
+
+def drive(problem, rule, policy, steps, batch_size=None, seed=0, options=None):
+    """Run ``policy`` on the discrete process of ``rule`` through the loop; returns (rows by step, member,
+    trajectory). Rows hold ``step_size`` and ``step_loss``-based divergence bookkeeping as the loop records."""
+    process = Discrete(problem, make_rule(rule), seed, batch_size, options)
+    rows = {}
+    member = Member(policy, lambda k, row: rows.__setitem__(k, row) and False)
+    traj = process.start(problem.w0)
+    advance(Single(process), traj, [member], steps, divergence_factor=math.inf)
+    return rows, member, traj
+
+
+def quadratic_run(steps, **options):
+    """The edge controller with GD on ½ Σ λ_i w_i² from w0 = 1: returns (η_k, loss_k, final w)."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    rows, _, traj = drive(problem, "gd", Edge(**{**EXACT, **options}), steps)
+    etas = np.array([rows[k]["step_size"] for k in range(steps)])
+    losses = np.array([rows[k]["loss"] for k in range(steps)])
+    return etas, losses, traj.w
+
+
+def scripted(estimates, **options):
+    """An edge controller whose sharpness estimates are the given numbers, in order."""
+    values = iter(estimates)
+
+    class Scripted(Edge):
+        def sharpness(self, ctx, state, first):
+            return next(values)
+    return Scripted(**{**EXACT, **options})
+
+
+@pytest.mark.parametrize("c", [0.5, 0.9, 1.0])
+def test_quadratic_step_size_is_c_times_two_over_lambda_max_and_matches_gd_at_that_step(c):
+    etas, _, w = quadratic_run(40, c=c)
+    np.testing.assert_allclose(etas * SPECTRUM[0], 2 * c, rtol=1e-6)
+    lr = 2 * c / SPECTRUM[0]
+    expected = torch.tensor([(1 - lr * lam) ** 40 for lam in SPECTRUM], dtype=torch.float64)
+    torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_step_size_is_capped_by_max_lr():
+    etas, _, _ = quadratic_run(5, max_lr=0.1, c=0.9)
+    assert (etas == 0.1).all()
+
+
+def test_eta_grows_by_at_most_growth_per_estimate_when_the_sharpness_collapses():
+    """Scripted sharpness estimates S = 4, 0.04, −1, 1: η = 2/4 = 0.5 at the first, then ×2 per re-estimate
+    instead of jumping to 2/0.04 = 50 or, for S ≤ 0, to the cap; back to 2/S = 2 once S = 1. (The true
+    spectrum, 0.1, keeps every step stable, so the guard never fires.)"""
+    problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
+    rows, _, _ = drive(problem, "gd", scripted([4.0, 0.04, -1.0, 1.0, 1.0], c=1.0, every=1), 4)
+    assert [rows[k]["step_size"] for k in range(4)] == [0.5, 1.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("early, expected", [(False, [0, 10, 20]), (True, [0, 1, 2, 4, 8, 10, 20])])
+def test_estimates_are_made_every_every_steps_and_with_early_also_at_powers_of_two(early, expected):
+    """The sharpness is estimated at step 0 and at the steps from w_k, k a multiple of ``every`` — with
+    ``early`` also at k = 1, 2, 4, 8 < every, where the rule state and the curvature change fastest."""
+    problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
+    seen = []
+
+    class Recording(Edge):
+        def sharpness(self, ctx, state, first):
+            seen.append(ctx.step)
+            return 1.0
+    drive(problem, "gd", Recording(**{**EXACT, "every": 10, "early": early}), 25)
+    assert seen == expected
+
+
+MLP = {"model": "mlp", "widths": [32, 32], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
+       "n_train": 200, "loss": "mse"}
+
+
+def test_mlp_holds_eta_times_preconditioned_sharpness_at_its_target_for_gd_and_adam():
+    """The probe measures S every 5 steps, half of them between the controller's estimates (every 10): the
+    median of η_t·S_t over the last half is within ±10 % of c·θ (θ = 2 for GD, 38 for Adam with β1 = 0.9)."""
+    def edge(c):
+        return {"edge": {**EXACT, "c": c}}
+    doc = {"name": "edge-test", "seed": 0, "device": "cpu", "dtype": "float64", "problem": MLP, "steps": 300,
+           "runs": {"gd-0.9": {"rule": "gd", "step_size": edge(0.9)},
+                    "gd-1.0": {"rule": "gd", "step_size": edge(1.0)},
+                    "adam-0.9": {"rule": "adam", "step_size": edge(0.9)}},
+           "record": {"every": 1, "projection_dim": 0, "curvature_every": 5, "precond": True}}
+    ds = flowsim.run(doc, progress=False)
+    for run, target in [("gd-0.9", 1.8), ("gd-1.0", 2.0), ("adam-0.9", 0.9 * 38)]:
+        d = ds.sel(run=run)
+        assert not bool(d.diverged)
+        product = (d.step_size * d.precond_sharpness).dropna("step").values
+        median = np.median(product[len(product) // 2:])
+        assert abs(median / target - 1) < 0.10, (run, median)
+        theta = 38.0 if run.startswith("adam") else 2.0
+        np.testing.assert_allclose((d.step_size * d.threshold).dropna("step").values, theta, rtol=1e-12)
+        assert float(d.loss[-1]) < 0.1 * float(d.loss[0])
+        assert d.policy.item() == "edge" and math.isnan(d.lr.item()) and d.max_lr.item() == math.inf
+
+
+def test_guard_recovers_from_a_forced_loss_spike():
+    """A first estimate S = 1.2 of λ_max = 4 forces η0·λ_max = 0.9·2·4/1.2 = 6 (unstable: the top mode grows 25× in loss):
+    the guard shrinks the next step to η·λ_max = 0.9, the run converges, and η·λ_max is back at 2c = 1.8
+    after the recoveries."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    policy = scripted([1.2] + [4.0] * 20, c=0.9, every=10)
+    rows, _, traj = drive(problem, "gd", policy, 80)
+    etas = np.array([rows[k]["step_size"] for k in range(80)])
+    losses = np.array([rows[k]["loss"] for k in range(80)])
+    products = etas * SPECTRUM[0]
+    assert products[0] == pytest.approx(6.0) and products[1] == pytest.approx(0.9)
+    assert products[-1] == pytest.approx(1.8)
+    assert losses.max() < 25 * losses[0]
+    factors = np.prod([(1 - etas * lam) ** 2 for lam in SPECTRUM], axis=1)
+    assert 0.5 * np.dot(SPECTRUM, factors) == pytest.approx(0.5 * np.dot(SPECTRUM, traj.w.numpy() ** 2), rel=1e-9)
+    assert losses[-1] < 1e-6 * losses[0]
+
+
+def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    rows, _, _ = drive(problem, "gd", scripted([1.2] + [4.0] * 5, c=0.9, every=10, guard=1e300), 12)
+    assert rows[9]["loss"] > 1e12 * rows[0]["loss"]
+
+
+@pytest.mark.parametrize("rule, batch_size, options", [
+    ("adam", 16, {}), ("adam", 16, {"curvature_batch": True}),
+    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}), ("adam", 16, {"coherence": True}),
+    ("adam", 16, {"decay_on_rise": 0.5, "early": True, "first_step": "line"}), ("gd", None, {})])
+def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
+    """The loop's checkpoint after step 7 (policy state, rule state, warm starts) continues a run exactly: 14
+    steps at once equal 8 steps, a fresh process and policy restored from the checkpoint, and 6 more."""
+    problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
+    policy = Edge(**{**EXACT, "c": 1.0, "every": 4, **options})
+
+    def engine():
+        return Single(Discrete(problem, make_rule(rule), seed=2, batch_size=batch_size))
+    whole = engine()
+    traj = whole.start(problem.w0)
+    advance(whole, traj, [Member(policy, lambda k, row: False)], 14, divergence_factor=math.inf)
+    saved = []
+    first = engine()
+    part = first.start(problem.w0)
+    advance(first, part, [Member(policy, lambda k, row: k == 7)], 8, divergence_factor=math.inf,
+            on_checkpoint=saved.append)
+    second, member = engine(), Member(policy, lambda k, row: False)
+    resumed, start = restore(second, [member], saved[-1], "cpu")
+    assert start == 8
+    advance(second, resumed, [member], 14, start=start, divergence_factor=math.inf)
+    assert torch.equal(resumed.w, traj.w) and resumed.time == traj.time
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("c", 2.5, "runs.a.step_size.edge.c: Input should be less than 2"),
+    ("guard", 0.5, "runs.a.step_size.edge.guard: Input should be greater than 1"),
+    ("shrink", 1.0, "runs.a.step_size.edge.shrink: Input should be less than 1"),
+    ("every", 0, "runs.a.step_size.edge.every: Input should be greater than 0"),
+    ("first_step", "jump", "runs.a.step_size.edge.first_step: Input should be 'edge' or 'line'"),
+    ("c_start", 2.0, "runs.a.step_size.edge.c_start: unknown key"),
+])
+def test_bad_options_fail_in_one_line_naming_the_key(key, value, message, tmp_path):
+    doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
+           "runs": {"a": {"step_size": {"edge": {key: value}}}}}
+    with pytest.raises(ScenarioError) as err:
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("run, message", [
+    ({"lr": 1.0, "step_size": "edge"}, "runs.a.lr: does not apply with step_size edge"),
+    ({"step_size": {"drop": {"at": 2, "lr_after": 0.1}}}, "runs.a.lr: required key is missing"),
+    ({"lr": 1.0, "step_size": "warmup"}, "runs.a.step_size: unknown policy 'warmup'"),
+    ({"lr": 1.0, "step_size": {"drop": {"at": 2, "lr_after": 0.1}, "edge": {}}}, "runs.a.step_size: give one policy"),
+    ({"process": "stable", "lr": 1.0, "batch_size": 2}, "runs.a.batch_size: does not apply to the stable process"),
+    ({"lr": 1.0, "sampling": "iid"}, "runs.a.sampling: applies only to minibatch runs"),
+    ({"lr": 1.0, "substeps": 4}, "runs.a.substeps: does not apply to process 'discrete' (an option of stable,"),
+])
+def test_keys_that_do_not_apply_fail_in_one_line(run, message, tmp_path):
+    doc = {"problem": {"model": "mlp", "widths": [3], "dataset": "digits", "classes": [0, 1], "n_train": 12},
+           "steps": 5, "runs": {"a": run}}
+    with pytest.raises(ScenarioError) as err:
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("hvp, rel", [("reverse", 1e-8), ("difference", 1e-6)])
+@pytest.mark.parametrize("rule", ["gd", "adam"])
+def test_curvature_batch_estimates_the_top_eigenvalue_of_the_steps_own_batch_hessian(rule, hvp, rel):
+    """With ``curvature_batch`` the re-estimate at step 3 is λ_max(P̃⁻¹H_B) at w_3 of the minibatch B of the step
+    from w_3, with P̃ of that step (its rule state advanced by g_B(w_3)): against dense float64 eigenvalues (exact
+    products, or differences of gradients to O(√ε_m) on this tanh network). That step then uses the same g_B."""
+    problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64, "widths": [8]}).build(device="cpu")
+    policy = Edge(**{**EXACT, "c": 0.5, "every": 3, "curvature_batch": True, "eig_tol": 1e-10, "hvp": hvp})
+    _, member, traj = drive(problem, rule, policy, 3, batch_size=16, seed=1)
+    process = Discrete(problem, make_rule(rule), seed=1, batch_size=16)
+    w3, batch, state = traj.w.clone(), process.sampler.indices(3), traj.state
+    ctx = process.context(traj)
+    eta, after = policy.update(3, ctx, member.policy_state)
+    H = torch.func.hessian(lambda w: problem.loss(w, batch))(w3)
+    _, g = problem.loss_and_grad(w3, batch)
+    P = process.rule.precond(process.rule.advance_state(g, state))
+    if P is not None:
+        H = H / P.sqrt()[:, None] / P.sqrt()[None, :]
+    assert after["S"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=rel)
+    process.step(traj, eta, False, ctx)
+    torch.testing.assert_close(traj.w, w3 + process.rule.update(g, state, eta)[0], rtol=1e-12, atol=1e-15)
+
+
+def test_max_products_caps_every_re_estimate_after_the_first(monkeypatch):
+    import flowsim.solvers.step_size as step_size
+    solve, used = step_size.precond_eigenpairs, []
+
+    def counted(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        used.append(result.matvecs)
+        return result
+    monkeypatch.setattr(step_size, "precond_eigenpairs", counted)
+    problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
+    policy = Edge(**{**EXACT, "c": 1.0, "every": 2, "curvature_batch": True, "max_products": 2, "eig_tol": 1e-9})
+    drive(problem, "adam", policy, 12, batch_size=32)  # estimates at steps 0, 2, …, 10 (none where no step follows)
+    assert len(used) == 6 and used[0] > 2 and max(used[1:]) == 2
+
+
+@pytest.mark.parametrize("curvature_batch", [False, True])
+def test_curvature_batch_holds_eta_at_c_times_two_over_lambda_max_on_a_quadratic(curvature_batch):
+    etas, _, _ = quadratic_run(30, c=0.9, every=5, curvature_batch=curvature_batch, max_products=1)
+    np.testing.assert_allclose(etas * SPECTRUM[0], 1.8, rtol=1e-6)
+
+
+def test_curvature_batch_with_curvature_examples_fails_in_one_line(tmp_path):
+    doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
+           "runs": {"a": {"step_size": {"edge": {"curvature_batch": True, "curvature_examples": 10}}}}}
+    with pytest.raises(ScenarioError) as err:
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert "curvature_examples: does not apply with curvature_batch" in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("decay, expected", [(1.0, [1.0] * 6), (0.5, [1.0, 1.0, 1.0, 0.5, 0.5, 0.25])])
+def test_decay_on_rise_lowers_c_after_each_interval_whose_mean_loss_rose(decay, expected):
+    """A constant estimate S = 1 (η = 2c, c = 0.5) and step losses 1.0, 0.9, 0.95, 0.8, 0.85, 0.7, re-estimating
+    at every step (every = 1): with ``decay_on_rise`` 0.5, c halves at each estimate after a step whose loss rose
+    (0.95 > 0.9, 0.85 > 0.8), so η halves from the next step on, and stays lowered."""
+    problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
+    policy = scripted([1.0] * 7, c=0.5, every=1, decay_on_rise=decay)
+    state, etas, targets = policy.init(), [], []
+    for k, loss in enumerate([1.0, 0.9, 0.95, 0.8, 0.85, 0.7]):
+        ctx = StepContext(problem, make_rule("gd"), k, problem.w0, None)
+        ctx._value = (torch.tensor(loss), torch.zeros_like(problem.w0))
+        eta, state = policy.update(k, ctx, state)
+        etas.append(eta)
+        targets.append(policy.recorded(state)["target_c"])
+    assert etas == expected
+    assert targets == [eta / 2 for eta in expected]
+
+
+def coherence_run(batch_size, steps, **options):
+    problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64}).build(device="cpu", dtype=torch.float64)
+    policy = Edge(**{**EXACT, "c": 0.5, "every": 2, "growth": 1e9, **options.pop("edge", {})})
+    options = Discrete.Options(**options) if options else None
+    return problem, drive(problem, "adam", policy, steps, batch_size=batch_size, seed=3, options=options)
+
+
+def test_coherence_changes_nothing_in_full_batch():
+    runs = []
+    for coherence in (False, True):
+        _, (rows, _, _) = coherence_run(None, 9, edge={"coherence": coherence})
+        runs.append(rows)
+    assert [runs[1][k]["step_size"] for k in range(9)] == [runs[0][k]["step_size"] for k in range(9)]
+    assert all(runs[1][k]["target_c"] == 0.5 for k in range(9))
+
+
+@pytest.mark.parametrize("sampling, population", [("epoch", 64), ("iid", math.inf)])
+def test_coherence_scales_the_target_by_the_half_batch_estimate_of_the_steps_batch(sampling, population):
+    """B = 16 of D = 64: the re-estimate at step 2 sets η·S = c·ρ·θ with ρ = (g1·g2 + ‖g1 − g2‖²/(D·(1/8 +
+    1/8)))/‖g_B‖² from the two halves of the batch of the step from w_2 (D = inf, no correction, when batches
+    are drawn with replacement), computed here independently; the recorded target_c is c·ρ."""
+    options = {"sampling": sampling}
+    problem, (rows, member, traj) = coherence_run(16, 2, edge={"coherence": True}, **options)
+    process = Discrete(problem, make_rule("adam"), seed=3, batch_size=16, options=Discrete.Options(**options))
+    batch = process.sampler.indices(2)
+    g1, g2, g = (problem.loss_and_grad(traj.w, idx)[1] for idx in (batch[:8], batch[8:], batch))
+    signal = (g1 @ g2).item() + (g1 - g2).pow(2).sum().item() / (population * (1 / 8 + 1 / 8))
+    rho = signal / g.pow(2).sum().item()
+    assert 0.05 < rho < 0.9
+    eta, state = member.policy.update(2, process.context(traj), member.policy_state)
+    assert eta * state["S"] == pytest.approx(0.5 * rho * 38.0, rel=1e-9)
+    assert member.policy.recorded(state)["target_c"] == pytest.approx(0.5 * rho, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("gd", sum(v ** 2 for v in SPECTRUM) / sum(v ** 3 for v in SPECTRUM)), ("adam", 1.0)])
+def test_line_first_step_is_the_minimizer_of_the_quadratic_along_the_rules_first_update(rule, expected):
+    """½ Σ λ_i w_i² from w0 = 1, so g = λ: GD's first update −g is minimized at Σλ²/Σλ³, Adam's (bias-corrected
+    sign descent, −g/(|g| + ε)) at Σ|λ|/Σλ = 1 (up to ε)."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    rows, _, _ = drive(problem, rule, Edge(**{**EXACT, "first_step": "line"}), 1)
+    assert rows[0]["step_size"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_line_first_step_falls_back_to_the_edge_where_the_model_is_concave_along_the_update():
+    """Spectrum (−1, 0.5), g = λ: gᵀHg = −1 + 0.125 < 0, so step 0 takes c·2/λ_max = 0.5·2/0.5."""
+    lam = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    problem = flowsim.Problem.from_function(lambda w: 0.5 * (lam * w * w).sum(), torch.ones(2), dtype="float64",
+                                            device="cpu")
+    rows, _, _ = drive(problem, "gd", Edge(**{**EXACT, "c": 0.5, "first_step": "line"}), 1)
+    assert rows[0]["step_size"] == pytest.approx(2.0, rel=1e-6)
+
+
+def test_the_default_edge_runs_from_a_scenario_and_records_what_ran():
+    """``step_size: edge`` alone: coordinates policy = edge, lr = NaN (no fake step size), max_lr = inf; the
+    stored step_size is the η of every step, step 0 included, and η·S_P at the first estimate is below θ."""
+    doc = {"problem": MLP, "steps": 12, "device": "cpu",
+           "runs": {"a": {"rule": "adam", "step_size": "edge"}, "b": {"rule": "gd", "lr": 0.3}},
+           "record": {"projection_dim": 0}}
+    ds = flowsim.run(doc, progress=False)
+    a = ds.sel(run="a")
+    assert a.policy.item() == "edge" and math.isnan(a.lr.item()) and a.max_lr.item() == math.inf
+    assert np.isfinite(a.step_size.sel(step=slice(0, 11)).values).all()
+    assert ds.sel(run="b").policy.item() == "constant" and ds.sel(run="b").lr.item() == 0.3
+    assert (ds.sel(run="b").step_size.sel(step=slice(0, 11)).values == 0.3).all()
