@@ -256,11 +256,10 @@ def noise_kernel_norm(ntk_eigs: Tensor, lr: float, batch_size: int, n_examples: 
     """K = (1/C)(1/B − 1/D) Σ_α ηλ_α / (2 − ηλ_α): λ_α the D·C eigenvalues of the NTK (MSE), B the batch,
     D the data set size, C the outputs per example.
 
-    Derivation (THEORY.md §4): for SGD on a linearized model with MSE, batches of B drawn without replacement,
+    Derivation (after Agarwala & Pennington 2024, arXiv 2404.19261): for SGD on a linearized model with MSE, batches of B drawn without replacement,
     the residual's second moment along the NTK eigenvector α obeys m_α ← (1 − ηλ_α)² m_α + (1/B − 1/D) η²λ_α²
     M/C (M = Σ m_β; the residuals' second moments taken as spread evenly over examples and outputs). Its fixed
-    point exists iff K < 1: K is the stochastic edge of stability. For C = 1 this is the formula of THEORY.md
-    §4; the 1/C is exact for a linear model, whose C outputs are C independent regressions on the same
+    point exists iff K < 1: K is the stochastic edge of stability. The 1/C is exact for a linear model, whose C outputs are C independent regressions on the same
     batches (tests/test_curvature.py checks that SGD there diverges exactly when K crosses 1). Modes with
     ηλ_α ≥ 2 are unstable already in full batch and give K = inf.
     """

@@ -83,7 +83,7 @@ def _moving_average(r: xr.Dataset, y: xr.DataArray, window: int, x: str) -> tupl
 
 
 def threshold_applies(ds: xr.Dataset, run: str, name: str) -> bool:
-    """Whether the run's ``threshold`` bounds ``name``: always ``precond_sharpness`` λ_max(P̃⁻¹H) (THEORY §2);
+    """Whether the run's ``threshold`` bounds ``name``: always ``precond_sharpness`` λ_max(P̃⁻¹H) (Cohen et al. 2022);
     ``sharpness`` when the run has no precond_sharpness or equals it wherever both are measured (P̃ = I)."""
     r = ds.sel(run=run)
     if not (has(r, "threshold") and has(r, name)):
@@ -217,7 +217,7 @@ def precond_sharpness(ds: xr.Dataset, x: str = "time") -> Figure:
 
 
 def noise_kernel_norm(ds: xr.Dataset, x: str = "time") -> Figure:
-    """Noise kernel norm K of every run against 1, the stochastic edge of stability (THEORY §4)."""
+    """Noise kernel norm K of every run against 1, the stochastic edge of stability (Agarwala & Pennington 2024)."""
     _require(ds, "noise_kernel_norm")
     fig, (ax,) = _figure()
     col = colors(ds)

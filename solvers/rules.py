@@ -83,6 +83,13 @@ class Rule:
             raise ValueError(f"eps: must be ≥ 0, got {self.eps}")
 
 
+def no_central_flow(name: str) -> str:
+    """The reason a rule that steps along a momentum m has no central flow (its ``central_flow``)."""
+    return (f"{name!r} has no central flow: it steps along its momentum m, not g, so w and m oscillate together, "
+            "which is not the period-two flip along generalized eigenvectors of (H, P) that the central flow's SDCP "
+            "models (it is derived for updates −η P̃⁻¹ g)")
+
+
 @dataclass(frozen=True)
 class GD(Rule):
     """Gradient descent: w ← w − η g."""
@@ -96,10 +103,7 @@ class Momentum(Rule):
     Stability threshold on a quadratic: ηλ < 2(1 + β1)/(1 − β1) (EMA), ηλ < 2(1 + β1) (heavy ball).
     """
     name: ClassVar[str] = "momentum"
-    central_flow: ClassVar[Optional[str]] = (
-        "'momentum' has no central flow: it steps along its momentum m, not g, so w and m oscillate together, "
-        "which is not the period-two flip along generalized eigenvectors of (H, P) that the central flow's SDCP "
-        "models (it is derived for updates −η P̃⁻¹ g)")
+    central_flow: ClassVar[Optional[str]] = no_central_flow("momentum")
     beta1: float = 0.9
     heavy_ball: bool = False
 
@@ -154,10 +158,7 @@ class Adam(Rule):
     Written as w ← w − η P̃⁻¹ m with P̃ = (1 − β1ᵗ)(√v̂ + ε): the m̂ correction is folded into P̃.
     """
     name: ClassVar[str] = "adam"
-    central_flow: ClassVar[Optional[str]] = (
-        "'adam' has no central flow: it steps along its first moment m, not g, so w and m oscillate together, "
-        "which is not the period-two flip along generalized eigenvectors of (H, P) that the central flow's SDCP "
-        "models (it is derived for updates −η P̃⁻¹ g)")
+    central_flow: ClassVar[Optional[str]] = no_central_flow("adam")
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
