@@ -14,5 +14,15 @@ from flowsim.scenario import Scenario, ScenarioError  # noqa: E402
 from flowsim.scenario import load as load_scenario  # noqa: E402
 from flowsim.store import open  # noqa: E402,A001
 
+
+
+def __getattr__(name: str):
+    """``flowsim.plot`` without a separate import (imported on first use: it loads matplotlib)."""
+    if name == "plot":
+        import importlib
+        return importlib.import_module("flowsim.plot")
+    raise AttributeError(f"module 'flowsim' has no attribute {name!r}")
+
+
 __all__ = ["Problem", "compare", "Scenario", "ScenarioError", "load_scenario", "open", "run", "simulate",
            "__version__"]

@@ -8,7 +8,6 @@ import argparse
 import platform
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +15,9 @@ import numpy as np
 
 
 def bundled_scenarios() -> dict[str, Path]:
-    """Scenario name → path of the YAML files shipped in ``flowsim.scenarios``."""
-    folder = resources.files("flowsim.scenarios")
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def scenario_path(arg: str) -> Path:
-    """A YAML path, or the name of a bundled scenario (``flowsim run quickstart``)."""
-    path = Path(arg)
-    if not path.exists() and arg in bundled_scenarios():
-        return bundled_scenarios()[arg]
-    return path
+    """Scenario name → path of the bundled scenario files (``flowsim.scenario.bundled``)."""
+    from flowsim.scenario import bundled
+    return bundled()
 
 
 def summary_table(ds) -> str:
@@ -49,7 +40,7 @@ def summary_table(ds) -> str:
 def cmd_run(args) -> int:
     import flowsim
     out = Path(args.output) if args.output else Path(Path(args.scenario).stem + ".zarr")
-    ds = flowsim.run(scenario_path(args.scenario), out, steps=args.steps, device=args.device,
+    ds = flowsim.run(args.scenario, out, steps=args.steps, device=args.device,
                      overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler,
                      progress=False if args.quiet else None)
     print(summary_table(ds))

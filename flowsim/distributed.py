@@ -17,12 +17,18 @@ from tqdm.auto import tqdm
 from flowsim.sweep import Task
 
 
-def client_for(scheduler: str):
-    """A dask.distributed Client: a new LocalCluster for ``"local"``, else one connected to ``scheduler``."""
+def require() -> None:
+    """A one-line ValueError when dask.distributed is not installed (checked before anything is written)."""
     try:
-        from distributed import Client, LocalCluster
+        import distributed  # noqa: F401
     except ImportError:
         raise ValueError("scheduler: dask.distributed is not installed (pip install 'flowsim[dist]')") from None
+
+
+def client_for(scheduler: str):
+    """A dask.distributed Client: a new LocalCluster for ``"local"``, else one connected to ``scheduler``."""
+    require()
+    from distributed import Client, LocalCluster
     if scheduler == "local":
         cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
                                dashboard_address=None)

@@ -237,7 +237,11 @@ GAPS = {"distance": "‖w − w_ref‖", "function_distance": "RMS ‖f(x; w) �
 
 def gaps(ds: xr.Dataset, x: str = "step", reference: Optional[str] = None) -> Figure:
     """Distances and loss/sharpness gaps of every run to the reference run, one panel per variable present;
-    against steps by default, the alignment flowsim.compare uses."""
+    against steps by default, the alignment flowsim.compare uses. A dataset without them is compared first
+    (:func:`flowsim.compare`, against ``reference`` or the scenario's)."""
+    if not any(has(ds, n) for n in GAPS):
+        from flowsim.compare import compare
+        ds = compare(ds, reference)
     names = [n for n in GAPS if has(ds, n)]
     _require(ds, *GAPS)
     fig, axes = _figure(len(names), height=2.6, sharex=True)

@@ -7,6 +7,8 @@ This module knows nothing about optimizers, processes or storage.
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Callable, Optional
 
 import torch
@@ -69,11 +71,15 @@ class Problem:
     @classmethod
     def from_module(cls, module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str = "mse",
                     dtype: str | torch.dtype = "float64", device: str = "auto", meta: Optional[dict] = None):
-        """Wrap an ``nn.Module`` and its training data. ``Y``: targets (mse) or integer labels (ce)."""
+        """Wrap an ``nn.Module`` and its training data: ``X`` (n, …) inputs, ``Y`` targets of the model's output
+        shape (n, C) for ``mse``, or n integer labels for ``ce``. The Problem works on its own copy of the module
+        in ``dtype`` on ``device``: the caller's module is never changed. Shapes that do not fit raise a one-line
+        ValueError naming ``X`` or ``Y`` (a 1-D ``Y`` for a one-output model would otherwise broadcast)."""
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
-        module = module.to(device=dev, dtype=dt)
+        module = copy.deepcopy(module).to(device=dev, dtype=dt)
+        _check_shapes(module, X.to(device=dev, dtype=dt), Y, loss)
         names = [n for n, _ in module.named_parameters()]
         shapes = [p.shape for _, p in module.named_parameters()]
         sizes = [p.numel() for _, p in module.named_parameters()]
@@ -179,6 +185,22 @@ class Problem:
         return (f"Problem({kind}, n_params={self.n_params}, n_examples={self.n_examples}, "
                 f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
 
+
+
+def _check_shapes(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> None:
+    """One-line errors for data that do not fit the module and the loss (see ``Problem.from_module``)."""
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y: {X.shape[0]} inputs but {Y.shape[0]} targets")
+    with torch.no_grad():
+        out = module(X[:1])
+    if loss == "ce":
+        labels = (Y.shape[0], *out.shape[1:-1])  # the output without its class dimension
+        if Y.dtype.is_floating_point or tuple(Y.shape) != labels:
+            raise ValueError(f"Y: the ce loss takes integer class labels of shape {labels}, got shape "
+                             f"{tuple(Y.shape)} of {Y.dtype}")
+    elif tuple(Y.shape[1:]) != tuple(out.shape[1:]):
+        raise ValueError(f"Y: shape {tuple(Y.shape)} does not match the model's output shape "
+                         f"{(Y.shape[0], *out.shape[1:])} for the mse loss (reshape Y, e.g. Y[:, None])")
 
 
 def _flat_parameter_loss(module, names, sizes, shapes, w0, criterion) -> Callable:

@@ -194,6 +194,9 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
             problems[key] = build(task.scenario)
     if scheduler is not None and store is None:
         raise ValueError("scheduler: Dask workers need a store path to write to (give -o STORE.zarr)")
+    if scheduler is not None:
+        from flowsim.distributed import require
+        require()
     if overwrite and resume:
         raise ValueError("resume: --resume continues a store, --overwrite replaces it; give one of them")
     progress = _isatty() if progress is None else progress

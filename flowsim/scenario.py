@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -218,11 +219,20 @@ def _format_error(err: ValidationError) -> str:
     return f"{where}: {msg}"
 
 
+def bundled() -> dict[str, Path]:
+    """Scenario name → path of the YAML files shipped in ``flowsim.scenarios`` (``flowsim list``)."""
+    folder = resources.files("flowsim.scenarios")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
 def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Scenario:
-    """Validate a scenario given as a YAML file path, YAML text, a dict or a Scenario. ``preview``: a run
-    shortened by ``--steps``, where a step-size drop after the last step warns instead of failing."""
+    """Validate a scenario given as a YAML file path, the name of a bundled scenario (``"quickstart"``, from
+    any directory), YAML text, a dict or a Scenario. ``preview``: a run shortened by ``--steps``, where a
+    step-size drop after the last step warns instead of failing."""
     if isinstance(source, Scenario):
         return source
+    if isinstance(source, str) and source in bundled() and not Path(source).exists():
+        source = bundled()[source]
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
         path = Path(source)
         if not path.is_file():

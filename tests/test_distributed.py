@@ -57,3 +57,18 @@ def test_cli_scheduler_address_and_resume_skip(cluster, tmp_path, capsys):
 def test_scheduler_without_a_store_path_is_an_error():
     with pytest.raises(ValueError, match="^scheduler: "):
         flowsim.run(SWEEP, None, scheduler="local")
+
+
+def test_scheduler_without_the_dist_extra_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """With dask.distributed missing, ``--scheduler local`` exits 2 with one line naming the extra, and no store
+    is left behind (a rerun would otherwise find an empty store)."""
+    import sys
+
+    import yaml
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed → ImportError
+    path, store = tmp_path / "s.yaml", tmp_path / "s.zarr"
+    path.write_text(yaml.safe_dump(SWEEP))
+    assert cli.main(["run", str(path), "-o", str(store), "-q", "--scheduler", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flowsim: error: scheduler: dask.distributed is not installed (pip install 'flowsim[dist]')"
+    assert not store.exists()

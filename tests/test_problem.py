@@ -5,6 +5,7 @@ import torch
 
 import flowsim
 from flowsim.models import build_problem
+from flowsim.problem import Problem
 
 
 def test_per_example_gradients_average_to_full_gradient(tiny_mlp_problem):
@@ -45,11 +46,12 @@ def test_flat_vector_is_parameters_to_vector_order_and_mse_is_half_squared_error
     module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     X, Y = torch.randn(10, 3), torch.randn(10, 2)
     p = flowsim.Problem.from_module(module, X, Y, loss="mse", dtype="float64", device="cpu")
-    w = torch.nn.utils.parameters_to_vector(module.parameters())
-    torch.testing.assert_close(p.w0, w.detach())
-    expected = 0.5 * ((module(X.double()) - Y.double()) ** 2).sum(1).mean()
+    w = torch.nn.utils.parameters_to_vector(module.parameters())  # the caller's module stays float32
+    torch.testing.assert_close(p.w0, w.detach().double())
+    reference = module.double()  # the same module in float64 (the Problem converted a copy)
+    expected = 0.5 * ((reference(X.double()) - Y.double()) ** 2).sum(1).mean()
     torch.testing.assert_close(p.loss(p.w0), expected.detach())
-    torch.testing.assert_close(p.outputs(p.w0), module(X.double()).detach())
+    torch.testing.assert_close(p.outputs(p.w0), reference(X.double()).detach())
 
 
 def test_cross_entropy_matches_torch():
@@ -115,3 +117,32 @@ def test_teacher_student_is_seeded():
     a, b = build_problem(spec, device="cpu"), build_problem(spec, device="cpu")
     c = build_problem({**spec, "dataset": {"name": "teacher_student", "dim": 5, "seed": 2}}, device="cpu")
     assert torch.equal(a.Y, b.Y) and not torch.equal(a.Y, c.Y)
+
+
+def test_from_module_refuses_a_1d_target_for_a_one_output_model_instead_of_broadcasting():
+    """MSE of a Linear(8, 1) on Y of shape (100,) would broadcast (100, 1) − (100,) to 100 × 100 residuals."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(100, 8, generator=gen), torch.randn(100, generator=gen)
+    module = torch.nn.Linear(8, 1)
+    with pytest.raises(ValueError, match=r"^Y: shape \(100,\) does not match the model's output shape \(100, 1\)"):
+        Problem.from_module(module, X, Y, loss="mse")
+    p = Problem.from_module(module, X, Y[:, None], loss="mse", device="cpu")
+    with torch.no_grad():
+        expected = 0.5 * (module.double()(X.double()) - Y[:, None].double()).pow(2).sum(1).mean()
+    assert p.loss(p.w0).item() == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^X and Y: 100 inputs but 99 targets"):
+        Problem.from_module(module, X, Y[:99, None], loss="mse")
+    with pytest.raises(ValueError, match=r"^Y: the ce loss takes integer class labels of shape \(100,\)"):
+        Problem.from_module(torch.nn.Linear(8, 3), X, Y[:, None], loss="ce")
+
+
+def test_from_module_leaves_the_callers_module_unchanged():
+    """The Problem converts its own copy to float64: the caller's float32 module still runs on float32 input,
+    with the same weights."""
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    before = [p.detach().clone() for p in module.parameters()]
+    X = torch.randn(20, 8)
+    Problem.from_module(module, X, torch.randn(20, 1), loss="mse", dtype="float64", device="cpu")
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert module(X).dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
