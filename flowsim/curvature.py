@@ -252,21 +252,34 @@ def ntk_eigenvalues(problem, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
     return torch.linalg.eigvalsh(gram / X.shape[0]).flip(0)
 
 
-def noise_kernel_norm(ntk_eigs: Tensor, lr: float, batch_size: int, n_examples: int, n_outputs: int = 1) -> float:
-    """K = (1/C)(1/B − 1/D) Σ_α ηλ_α / (2 − ηλ_α): λ_α the D·C eigenvalues of the NTK (MSE), B the batch,
-    D the data set size, C the outputs per example.
+def noise_kernel_norm(ntk_eigs: Tensor, lr: float, batch_size: int, n_examples: int, n_outputs: int = 1, *,
+                      replacement: bool = False) -> float:
+    """K = (κ/C) Σ_α ηλ_α / (2 − (1 − κ)ηλ_α), the noise kernel norm of SGD with batch B (dimensionless).
 
-    Derivation (after Agarwala & Pennington 2024, arXiv 2404.19261): for SGD on a linearized model with MSE, batches of B drawn without replacement,
-    the residual's second moment along the NTK eigenvector α obeys m_α ← (1 − ηλ_α)² m_α + (1/B − 1/D) η²λ_α²
-    M/C (M = Σ m_β; the residuals' second moments taken as spread evenly over examples and outputs). Its fixed
-    point exists iff K < 1: K is the stochastic edge of stability. The 1/C is exact for a linear model, whose C outputs are C independent regressions on the same
-    batches (tests/test_curvature.py checks that SGD there diverges exactly when K crosses 1). Modes with
-    ηλ_α ≥ 2 are unstable already in full batch and give K = inf.
+    λ_α: the D·C eigenvalues of the NTK Θ = JJᵀ/D (``ntk_eigenvalues``; loss/weight², so ηλ_α is a number)
+    for the MSE loss ½‖f − y‖² averaged over examples; η = ``lr``; D = ``n_examples``; C = ``n_outputs``;
+    κ = (1/B − 1/D)·D/(D − 1) for a uniformly random B-subset per step (both flowsim samplers draw without
+    replacement within a step), κ = 1/B for B draws with ``replacement``. Modes with ηλ_α ≥ 2 give inf.
+
+    Derivation (linear model, residual r = f − y ∈ ℝ^{DC}, after Agarwala & Pennington 2024, arXiv 2404.19261):
+    a step on batch B is r ← (I − ηΘ − ηΘΔ) r with Δ = (D/B)P_B − I, P_B the batch's diagonal selector
+    (multiplicities with replacement), E Δ = 0 and E[Δ M Δ] = κ(D·bdiag M − M), bdiag keeping the C×C block of
+    each example. The second moment M = E rrᵀ thus obeys exactly
+    M ← (I − ηΘ)M(I − ηΘ) − κη²ΘMΘ + κDη²Θ (bdiag M) Θ, on the range of Θ where r lives.
+    Where the NTK eigenvectors are *flat* — bdiag(Σ_{α: λ_α = λ} u_α u_αᵀ) = (m_λ/DC)·I for every nonzero
+    eigenvalue λ of multiplicity m_λ (e.g. a Hadamard design; a linear model f = Wx has Θ = (XXᵀ/D) ⊗ I_C and
+    needs this of XXᵀ only) — the diagonal m_α = u_αᵀMu_α closes: m_α ← [(1 − ηλ_α)² − κη²λ_α²] m_α +
+    (κ/C)η²λ_α² Σ_β m_β, and its spectral radius is 1 exactly when K = 1 (ρ < 1 ⇔ K < 1). Otherwise the
+    exact threshold depends on the eigenvectors as well (fourth moments of their entries), and K is an
+    approximation that treats the residual as spread evenly over examples and outputs (docs/stochastic-edge.md).
+    For epoch sampling (batches of one epoch not independent) K is the same approximation.
     """
     x = lr * ntk_eigs.double()
     if bool((x >= 2).any()):
         return float("inf")
-    return (1.0 / batch_size - 1.0 / n_examples) * (x / (2 - x)).sum().item() / n_outputs
+    B, D = batch_size, n_examples
+    kappa = 1.0 / B if replacement else (1.0 / B - 1.0 / D) * D / (D - 1)
+    return kappa * (x / (2 - (1 - kappa) * x)).sum().item() / n_outputs
 
 
 def gradient_noise_trace(problem, w: Tensor, idx: Optional[Tensor] = None) -> float:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowsim.curvature import (gradient_noise_trace, hessian_operator, noise_kernel_norm, ntk_eigenvalues,
-                               precond_eigenpairs)
+from flowsim.curvature import (LossGraph, gradient_noise_trace, hessian_operator, noise_kernel_norm,
+                               ntk_eigenvalues, precond_eigenpairs)
 
 # name: (extra dims, units, long_name)
 VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -36,7 +36,12 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "eigs": (("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
     "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),
     "threshold": ((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
-    "noise_kernel_norm": ((), "1", "K = (1/C)(1/B − 1/D) Σ ηλ/(2 − ηλ), NTK eigenvalues λ, C outputs (minibatch runs)"),
+    "noise_kernel_norm": ((), "1", "K = (κ/C) Σ ηλ/(2 − (1 − κ)ηλ), κ = (1/B − 1/D)·D/(D − 1), NTK eigenvalues λ, "
+                          "C outputs (minibatch runs; flowsim.curvature.noise_kernel_norm)"),
+    "batch_sharpness": ((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same minibatch B, "
+                        "over record.stochastic_edge_batches of the run's upcoming batches (minibatch runs)"),
+    "second_moment_contraction": ((), "1", "λ_max(E_B[(I − ηH_B)²]) over the same batches: > 1 where the mean "
+                                  "square of some direction grows under the step (minibatch runs)"),
     "grad_noise_trace": ((), "(loss/weight)²", "trace of the per-example gradient covariance"),
 }
 
@@ -93,27 +98,32 @@ class WeightsProbe(Probe):
 
 
 class CurvatureProbe(Probe):
-    """Records ``sharpness``, ``eigs``, ``threshold`` and, when asked, ``precond_sharpness`` and
-    ``noise_kernel_norm``/``grad_noise_trace`` at the point w_k, before step k.
+    """Records ``sharpness``, ``eigs``, ``threshold`` and, when asked, ``precond_sharpness``,
+    ``noise_kernel_norm``/``grad_noise_trace`` and ``batch_sharpness``/``second_moment_contraction`` at the point
+    w_k, before step k.
 
     ``threshold`` is c/η_k (``Rule.threshold_coefficient``, η_k the step size of step k): the value the sharpness (GD) or
     the preconditioned sharpness (preconditioned rules) equilibrates at. The preconditioned sharpness uses the rule
     state at step k; before the first step there is no state (it is NaN at step 0), and for rules without a
     preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
     full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
-    when None), K and tr Σ on the first ``noise_examples``. Eigenvectors are kept between calls as warm starts
+    when None), K and tr Σ on the first ``noise_examples``. The stochastic edge (``edge_batches`` > 0, minibatch
+    runs only) uses the batches of steps k, …, k + edge_batches − 1 as the run's sampler draws them: one
+    Hessian-vector product per batch for the batch sharpness, two per batch per Lanczos iteration for
+    λ_max(mean_B (I − η_k H_B)²). Eigenvectors are kept between calls as warm starts
     and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
     continues with the same warm starts.
     """
 
     def __init__(self, every: int, top_k: int, tol: float, precond: bool, noise_kernel: bool,
-                 examples: Optional[int], noise_examples: int, n_examples: int):
-        self.every, self.top_k, self.tol = every, top_k, tol
+                 examples: Optional[int], noise_examples: int, n_examples: int, edge_batches: int = 0):
+        self.every, self.top_k, self.tol, self.edge_batches = every, top_k, tol, edge_batches
         self.precond, self.noise_kernel = precond, noise_kernel
         self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
         self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
         self._process = None
         self._warm: dict[str, Tensor] = {}
+        self.last_edge_hvps = 0  # Hessian-vector products of the last stochastic-edge measurement
 
     def checkpoint_state(self) -> dict:
         return dict(self._warm)
@@ -146,7 +156,26 @@ class CurvatureProbe(Probe):
             out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
                                                          problem.n_examples, problem.Y[0].numel())
             out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
+        if self.edge_batches and getattr(process, "sampler", None) is not None:
+            out.update(self._stochastic_edge(problem, w, process.sampler, traj.step, lr))
         return out
+
+    def _stochastic_edge(self, problem, w: Tensor, sampler, step: int, lr: float) -> dict:
+        """batch_sharpness and second_moment_contraction on the batches of steps step, step + 1, …"""
+        graphs = [LossGraph(problem, w, sampler.indices(step + i)) for i in range(self.edge_batches)]
+        rayleigh = [(g.grad() @ g.hvp(g.grad()) / g.grad().pow(2).sum()).item() for g in graphs]
+
+        def contraction(v: Tensor) -> Tensor:  # v ↦ mean_B (I − ηH_B)² v
+            total = torch.zeros_like(v)
+            for g in graphs:
+                u = v - lr * g.hvp(v)
+                total += u - lr * g.hvp(u)
+            return total / len(graphs)
+
+        res = precond_eigenpairs(contraction, None, w, 1, v0=self._warm.get("E2"), tol=self.tol)
+        self._warm["E2"] = res.vecs
+        self.last_edge_hvps = len(graphs) * (1 + 2 * res.matvecs)
+        return {"batch_sharpness": float(np.mean(rayleigh)), "second_moment_contraction": res.vals[0].item()}
 
 
 class Recorder:

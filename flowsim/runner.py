@@ -90,7 +90,8 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
     if sc.record.curvature_every:
         rec = sc.record
         probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.eig_tol, rec.precond, rec.noise_kernel,
-                                     rec.curvature_examples, rec.noise_kernel_examples, problem.n_examples))
+                                     rec.curvature_examples, rec.noise_kernel_examples, problem.n_examples,
+                                     rec.stochastic_edge_batches if rec.stochastic_edge else 0))
     return probes
 
 

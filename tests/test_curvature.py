@@ -128,11 +128,12 @@ def test_noise_kernel_norm_against_explicit_ntk_of_a_linear_model():
     eigs = ntk_eigenvalues(p, p.w0)
     torch.testing.assert_close(eigs[:d * C].sort().values, lam[-d:].repeat_interleave(C).sort().values,
                                rtol=1e-10, atol=1e-12)
-    expected = (1 / B - 1 / D) * (lr * lam / (2 - lr * lam)).sum().item()
+    kappa = (1 / B - 1 / D) * D / (D - 1)
+    expected = kappa * (lr * lam / (2 - (1 - kappa) * lr * lam)).sum().item()
     assert noise_kernel_norm(eigs, lr, B, D, C) == pytest.approx(expected, rel=1e-10)
-    # small-step limit K ≈ (η/2B)(1 − B/D)·mean ‖∇_w f(xᵢ)‖²/C: here ‖∇_W f(x)‖_F² = C‖x‖²
+    # small-step limit K ≈ (η/2)κ·mean ‖∇_w f(xᵢ)‖²/C: here ‖∇_W f(x)‖_F² = C‖x‖²
     small = noise_kernel_norm(eigs, 1e-6, B, D, C)
-    assert small == pytest.approx(1e-6 / (2 * B) * (1 - B / D) * p.X.pow(2).sum(1).mean().item(), rel=1e-5)
+    assert small == pytest.approx(1e-6 / 2 * kappa * p.X.pow(2).sum(1).mean().item(), rel=1e-5)
 
 
 def test_sgd_on_linear_regression_diverges_exactly_when_k_crosses_one():
