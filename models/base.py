@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from flowsim.models.datasets import DatasetSpec, load
 from flowsim.problem import Problem
@@ -51,11 +51,19 @@ class NetworkConfig(ModelConfig):
     n_train: Optional[PositiveInt] = None
     classes: Optional[list[int]] = Field(None, min_length=2)
     loss: Literal["mse", "ce"] = "mse"
+    init_scale: PositiveFloat = Field(1.0, description="the default initial weights times this (the edge of "
+                                      "stochastic stability shows from small initializations, e.g. 0.2)")
 
     @field_validator("dataset", mode="before")
     @classmethod
     def _dataset_by_name(cls, v):
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _scale_needs_the_default_init(self):
+        if self.init is not None and self.init_scale != 1.0:
+            raise ValueError("init_scale: does not apply with init (the initial weights are given)")
+        return self
 
     def make_module(self, in_shape: tuple[int, ...], n_out: int) -> torch.nn.Module:
         raise NotImplementedError
@@ -81,7 +89,7 @@ class NetworkConfig(ModelConfig):
         problem = Problem.from_module(module, torch.as_tensor(X), torch.as_tensor(Y), loss=self.loss,
                                       dtype=dtype, device=device,
                                       meta={"model": self.model, "n_train": len(X), "n_classes": n_classes or 0})
-        problem.w0 = self.initial_vector(problem.w0)
+        problem.w0 = self.initial_vector(problem.w0 * self.init_scale)
         return problem
 
 

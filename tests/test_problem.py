@@ -146,3 +146,13 @@ def test_from_module_leaves_the_callers_module_unchanged():
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert module(X).dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_init_scale_multiplies_the_default_initialization_and_does_not_apply_with_init():
+    spec = {"model": "mlp", "widths": [5], "dataset": "digits", "classes": [0, 1], "n_train": 10}
+    w1 = build_problem(spec, device="cpu").w0
+    w02 = build_problem({**spec, "init_scale": 0.2}, device="cpu").w0
+    torch.testing.assert_close(w02, 0.2 * w1, rtol=0, atol=0)
+    with pytest.raises(flowsim.ScenarioError, match=r"^problem.init_scale: does not apply with init"):
+        flowsim.load_scenario({"problem": {**spec, "init_scale": 0.2, "init": [0.0] * w1.numel()}, "steps": 1,
+                               "runs": {"a": {"lr": 0.1}}})
