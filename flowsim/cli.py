@@ -5,6 +5,7 @@ Errors are one line on stderr (``flowsim: error: …``) with exit code 2; never 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import warnings
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
         msg = str(text).splitlines()[0] if str(text) else type(e).__name__
         print(f"flowsim: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (flowsim list | head): not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("flowsim: interrupted; completed chunks are kept in the store (continue with --resume)", file=sys.stderr)
         return 130

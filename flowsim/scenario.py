@@ -236,8 +236,13 @@ def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Sce
     step-size drop after the last step warns instead of failing."""
     if isinstance(source, Scenario):
         return source
-    if isinstance(source, str) and source in bundled() and not Path(source).exists():
-        source = bundled()[source]
+    if isinstance(source, str) and "\n" not in source and ":" not in source:  # a path or a bundled name
+        if Path(source).is_file():
+            source = Path(source)
+        elif source in bundled():
+            source = bundled()[source]
+        else:
+            raise ScenarioError(f"scenario: no file or bundled scenario named {source!r} (see flowsim list)")
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
         path = Path(source)
         if not path.is_file():

@@ -22,3 +22,11 @@ def test_gaps_of_an_opened_store_compares_it_first(tmp_path):
     assert "distance" not in ds
     fig = flowsim.plot.gaps(ds, reference="a")
     assert len(fig.axes) >= 1 and fig.axes[0].lines  # b's distance to a, drawn
+
+
+def test_a_name_that_is_neither_a_file_nor_a_bundled_scenario_is_one_line(tmp_path, capsys):
+    from flowsim.cli import main
+    assert main(["run", "no-such-scenario", "-o", str(tmp_path / "s.zarr"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flowsim: error: scenario: no file or bundled scenario named 'no-such-scenario' (see flowsim list)"
+    assert not (tmp_path / "s.zarr").exists()
