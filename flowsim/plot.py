@@ -230,6 +230,24 @@ def noise_kernel_norm(ds: xr.Dataset, x: str = "time") -> Figure:
     return fig
 
 
+def stochastic_edge(ds: xr.Dataset, x: str = "time") -> Figure:
+    """The edge of stochastic stability per minibatch run: batch sharpness × η/2 against 1 (batch sharpness at
+    2/η, Andreyev & Beneventano 2024) and λ_max(E_B[(I − ηH_B)²]) against 1 (the second-moment edge)."""
+    _require(ds, "batch_sharpness")
+    fig, axes = _figure(2, height=2.6, sharex=True)
+    col = colors(ds)
+    scaled = ds.assign(batch_sharpness=ds.batch_sharpness * ds.step_size / 2)
+    for ax, name, title in ((axes[0], "batch_sharpness", "batch sharpness × η/2"),
+                            (axes[1], "second_moment_contraction", "λ_max(E_B[(I − ηH_B)²])")):
+        for run in _runs_with(scaled, name):
+            ax.plot(*series(scaled, name, run, x), color=col[run], marker=".", markersize=3, label=run)
+            _mark_divergence(ax, ds, run, col[run], x)
+        ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="edge")
+        ax.set_title(title)
+        _finish(ax, x, title)
+    return fig
+
+
 GAPS = {"distance": "‖w − w_ref‖", "function_distance": "RMS ‖f(x; w) − f(x; w_ref)‖", "loss_gap": "L − L_ref",
         "sharpness_gap": "S − S_ref"}
 """The comparison variables of :func:`flowsim.compare` and their titles."""

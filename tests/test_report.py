@@ -46,7 +46,7 @@ def synthetic() -> xr.Dataset:
 
     data = {v: [] for v in ("loss", "step_size", "time", "wall_time", "sharpness", "eigs", "precond_sharpness",
                             "threshold", "noise_kernel_norm", "predicted_loss", "w_proj", "sigma_eigs",
-                            "sigma_displacement_sq")}
+                            "sigma_displacement_sq", "batch_sharpness", "second_moment_contraction")}
     for i, (name, (process, rule, lr, bs)) in enumerate(runs.items()):
         base = np.exp(-k / 80) * (1 + 0.3 * (-1.0) ** k * (process == "discrete"))
         sharp = at_curv(1 + 3.2 * k / N)
@@ -59,6 +59,8 @@ def synthetic() -> xr.Dataset:
         data["sharpness"].append(at_curv(np.full(N + 1, 5000.0)) if rule == "adam" else sharp)
         data["eigs"].append(np.stack([data["sharpness"][-1] * f for f in (1, 0.8, 0.5)], axis=-1))
         data["noise_kernel_norm"].append(at_curv(np.minimum(k / 100, 1.0)) if bs else nan)
+        data["batch_sharpness"].append(at_curv(2 / lr * np.minimum(k / 100, 1.0)) if bs else nan)
+        data["second_moment_contraction"].append(at_curv(1 + 0.1 * np.exp(-k / 50)) if bs else nan)
         data["predicted_loss"].append(base * 1.1 if process == "central" else nan)
         sig = np.stack([0.01 * np.exp(-k / 100), nan], axis=-1) if process == "central" else np.stack([nan, nan], -1)
         data["sigma_eigs"].append(sig)
@@ -352,7 +354,7 @@ def test_a_real_central_flow_store_gets_every_section_it_measured(browser, tmp_p
            "record": {"curvature_every": 2, "top_k": 2, "precond": True, "projection_dim": 8, "projection_every": 2}}
     ds = flowsim.run(doc, tmp_path / "cf.zarr", progress=False)
     page = browser.load(report.write(tmp_path / "cf.zarr"))
-    expected = [s.title for s in report.SECTIONS if s.title != "Noise kernel norm"]
+    expected = [s.title for s in report.SECTIONS if s.title not in ("Noise kernel norm", "Stochastic edge")]
     assert [alt for alt, _, _ in page["images"]] == expected
     assert_renders(page, len(expected))
     assert report.summary(report.compared(ds)).loc["gd", "largest distance"] == 0

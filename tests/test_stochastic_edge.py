@@ -162,3 +162,12 @@ def test_recorded_for_minibatch_runs_and_not_in_full_batch():
         assert np.isfinite(ds[name].sel(run="sgd").sel(step=[0, 3]).values).all(), name
         assert np.isnan(ds[name].sel(run="gd").values).all(), name
     assert (ds.second_moment_contraction.sel(run="sgd").sel(step=0).item() >= 1 - 1e-3)
+    fig = flowsim.plot.stochastic_edge(ds, x="step")
+    top, bottom = fig.axes
+    assert [line.get_label() for line in top.lines] == ["sgd", "edge"]  # the full-batch run has nothing to draw
+    x, y = top.lines[0].get_data()
+    expected = (ds.batch_sharpness * ds.step_size / 2).sel(run="sgd").sel(step=[0, 3, 6]).values
+    np.testing.assert_allclose(y, expected[np.isfinite(expected)])
+    assert top.lines[1].get_ydata()[0] == 1.0 and bottom.lines[-1].get_ydata()[0] == 1.0
+    from flowsim.report import render
+    assert "Stochastic edge" in render(ds)
