@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from importlib import resources
 from typing import Optional
 
 import torch
 import yaml
 
 import flowsim
+import flowsim.scenario
 from flowsim.models import build_problem
 
 
@@ -37,7 +37,7 @@ def parser(name: str, description: str, quick: Optional[str] = None) -> argparse
 
 def bundled(name: str) -> dict:
     """The bundled scenario ``name`` (``flowsim list``) as a dict."""
-    return yaml.safe_load((resources.files("flowsim.scenarios") / f"{name}.yaml").read_text())
+    return yaml.safe_load(flowsim.scenario.bundled()[name].read_text())
 
 
 def overhead(steps: int = 2000, repeats: int = 3) -> int:

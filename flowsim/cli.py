@@ -15,12 +15,6 @@ import numpy as np
 
 
 
-def bundled_scenarios() -> dict[str, Path]:
-    """Scenario name → path of the bundled scenario files (``flowsim.scenario.bundled``)."""
-    from flowsim.scenario import bundled
-    return bundled()
-
-
 def summary_table(ds) -> str:
     """One line per run: process, rule, lr, final loss, divergence, wall time."""
     head = f"{'run':<16} {'process':<9} {'rule':<15} {'lr':>8} {'final loss':>11} {'diverged at':>11} {'wall s':>7}"
@@ -67,7 +61,8 @@ def cmd_compare(args) -> int:
 
 def cmd_list(args) -> int:
     import yaml
-    for name, path in sorted(bundled_scenarios().items()):
+    from flowsim.scenario import bundled
+    for name, path in sorted(bundled().items()):
         doc = yaml.safe_load(path.read_text())
         runs = ", ".join(doc.get("runs", {}))
         print(f"{name:<24} {doc.get('problem', {}).get('model', '?'):<10} steps={doc.get('steps')}  runs: {runs}")

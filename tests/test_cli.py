@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 import flowsim
-from flowsim.cli import bundled_scenarios, main
+from flowsim.cli import main
+from flowsim.scenario import bundled as bundled_scenarios
 
 GOOD = {"name": "t", "device": "cpu", "steps": 3,
         "problem": {"model": "mlp", "widths": [4], "dataset": "digits", "n_train": 30},

@@ -232,7 +232,7 @@ def test_recorded_adam_preconditioned_sharpness_from_its_own_state():
 
 def _bundled(name: str, **changes) -> dict:
     """A bundled scenario as a dict, with top-level keys replaced and ``problem``/``record`` keys updated."""
-    from flowsim.cli import bundled_scenarios
+    from flowsim.scenario import bundled as bundled_scenarios
     from flowsim.scenario import load
     doc = load(bundled_scenarios()[name]).model_dump(exclude_none=True)
     for key in ("problem", "record"):

@@ -135,7 +135,7 @@ def test_flow_options_are_checked_and_errors_name_the_key(extra, key):
 
 
 def test_bundled_flow_and_sde_scenarios_validate():
-    from flowsim.cli import bundled_scenarios
+    from flowsim.scenario import bundled as bundled_scenarios
     processes = {name: {run.process for run in flowsim.load_scenario(bundled_scenarios()[name]).runs.values()}
                  for name in ("flows-mlp-eos", "sde-linreg")}
     assert processes == {"flows-mlp-eos": {"discrete", "stable", "modified"}, "sde-linreg": {"discrete", "sde"}}

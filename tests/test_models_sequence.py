@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flowsim
-from flowsim.cli import bundled_scenarios
+from flowsim.scenario import bundled as bundled_scenarios
 from flowsim.models import build_problem
 from flowsim.models.layers import LayerNorm
 from flowsim.models.sequence import LSTMConfig, TransformerConfig

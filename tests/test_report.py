@@ -19,7 +19,8 @@ import yaml
 
 import flowsim
 from flowsim import plot, report
-from flowsim.cli import bundled_scenarios, main
+from flowsim.cli import main
+from flowsim.scenario import bundled as bundled_scenarios
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 N = 200          # recorded steps 0..N, every step; curvature every 10 steps
