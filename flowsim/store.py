@@ -3,7 +3,9 @@
 Layout (zarr v3): root attrs hold the scenario (YAML text), versions, device and dtype; each run group holds
 1-D/2-D arrays along ``step`` (with ``dimension_names``, so xarray reads them) and attrs with the run's
 coordinates under ``coords`` (process, rule, lr, batch_size, seed, …), its ``order`` and its status (running | complete | diverged).
-A killed run keeps every chunk it completed. :func:`open` returns one ``xarray.Dataset`` along ``run``.
+A killed run keeps every chunk it completed. :func:`open` returns one ``xarray.Dataset`` along ``run``. When all
+its runs are done the store's metadata is consolidated (:func:`consolidate`, for plain ``xarray.open_zarr``); a
+store reopened for writing drops it first (:func:`reopen`), and flowsim's own reads never use it.
 
 A store on disk also holds ``flowsim.lock`` (the pid and host of the process writing it; a lock left by a dead
 process on this host is taken over) and ``checkpoints/<run>.pt``: the latest checkpoint of each unfinished run,
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import os
 import shutil
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -37,6 +41,11 @@ LOCK_NAME = "flowsim.lock"
 
 class StoreLockedError(FileExistsError):
     """Another live process is writing the store."""
+
+
+DIVERGED_ATTRS = {"units": "1", "long_name": "whether the run diverged: its step loss was not finite or exceeded "
+                  "divergence_factor × max(|first loss|, 1)"}
+DIVERGED_AT_ATTRS = {"units": "step", "long_name": "the step at which the run diverged (NaN where it did not)"}
 
 
 def is_store(store: StoreLike) -> bool:
@@ -166,6 +175,25 @@ class RunWriter:
         self.group.attrs.update(attrs)
 
 
+def reopen(store: StoreLike) -> zarr.Group:
+    """An existing store's root for writing. Its consolidated metadata (:func:`consolidate`), which appending
+    would make stale, is dropped first; flowsim itself always reads the store unconsolidated."""
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    if isinstance(store, (str, Path)) and "consolidated_metadata" in json.loads((Path(store) / "zarr.json").read_text()):
+        root.attrs.put(dict(root.attrs))  # rewrites zarr.json from the unconsolidated view
+    return root
+
+
+def consolidate(store: StoreLike) -> None:
+    """Write the consolidated metadata of a finished store on disk, so that ``xarray.open_zarr`` opens it (or one
+    run group) without a warning. Zarr's own warnings while consolidating (format 3 does not specify consolidation
+    yet; the lock file is not a zarr node) are silenced here."""
+    if isinstance(store, (str, Path)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(store)
+
+
 def _checkpoint_path(store: StoreLike, name: str) -> Optional[Path]:
     return Path(store) / "checkpoints" / f"{name}.pt" if isinstance(store, (str, Path)) else None
 
@@ -213,7 +241,7 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
     """Read a store as one Dataset with dims (run, step, …); runs of different lengths are NaN-padded."""
     if isinstance(store, (str, Path)) and not Path(store).exists():
         raise FileNotFoundError(f"store {store} does not exist")
-    root = zarr.open_group(store, mode="r")
+    root = zarr.open_group(store, mode="r", use_consolidated=False)
     names = sorted(root["runs"].group_keys(), key=lambda n: root[f"runs/{n}"].attrs.get("order", 0))
     parts = []
     for name in names:
@@ -221,8 +249,9 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
         ds = _open_group(root[f"runs/{name}"])
         coords = {**attrs.get("coords", {}), "status": attrs.get("status", "running")}
         ds = ds.expand_dims(run=[name]).assign_coords({k: ("run", [_coord_value(v)]) for k, v in coords.items()})
-        ds["diverged"] = ("run", [bool(attrs.get("diverged", False))])
-        ds["diverged_at"] = ("run", [float("nan") if attrs.get("diverged_at") is None else attrs["diverged_at"]])
+        ds["diverged"] = ("run", [bool(attrs.get("diverged", False))], DIVERGED_ATTRS)
+        ds["diverged_at"] = ("run", [float("nan") if attrs.get("diverged_at") is None else attrs["diverged_at"]],
+                             DIVERGED_AT_ATTRS)
         parts.append(ds)
     if not parts:
         raise ValueError(f"store {store} holds no runs")

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+import zarr
 
 import flowsim
 from flowsim import cli
@@ -107,6 +108,29 @@ def test_resume_skips_finished_runs(scenario_file, reference, tmp_path):
     before = flowsim.open(store)
     after = flowsim.run(scenario_file, store, resume=True, progress=False)
     assert after.wall_time.values.tobytes() == before.wall_time.values.tobytes()  # nothing was re-run
+
+
+def test_a_finished_store_opens_with_xarray_without_warning_and_stays_true_after_a_resume(scenario_file, tmp_path):
+    """flowsim consolidates a store's metadata when its runs are done (xarray.open_zarr then does not warn); a
+    resume drops it before appending, so no reader ever sees the shapes of before the resume."""
+    import warnings
+    import xarray as xr
+    doc = {**SCENARIO, "steps": 40, "runs": {"sgd": SCENARIO["runs"]["sgd"]}}
+    short, store = tmp_path / "short.yaml", tmp_path / "s.zarr"
+    short.write_text(yaml.safe_dump(doc))
+    flowsim.run(short, store, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = xr.open_zarr(store, group="runs/sgd")
+    assert run.loss.sizes["step"] == 41
+    root = store_mod.reopen(store)  # a resume starts here: the consolidated view must go before anything grows
+    assert zarr.open_group(store, mode="r").metadata.consolidated_metadata is None
+    root["runs/sgd"].attrs["status"] = "running"  # as if killed: the resume runs it again (no checkpoint)
+    flowsim.run(short, store, resume=True, progress=False)
+    assert zarr.open_group(store, mode="r").metadata.consolidated_metadata is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xr.open_zarr(store, group="runs/sgd").loss.sizes["step"] == 41
 
 
 def test_resume_of_a_different_scenario_is_refused(scenario_file, tmp_path, capsys):

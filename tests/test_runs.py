@@ -42,7 +42,7 @@ def test_discrete_gd_run_is_recorded_on_the_dataset_schema():
     assert np.isnan(gd.step_size[-1]) and float(gd.step_size[0]) == 0.1
     proj = gd.w_proj.values
     assert np.all(np.isfinite(proj[::5])) and np.all(np.isnan(proj[1:5]))
-    for name in ("loss", "grad_norm", "step_size", "wall_time", "w_proj"):
+    for name in ("loss", "grad_norm", "step_size", "wall_time", "w_proj", "diverged", "diverged_at"):
         assert "units" in ds[name].attrs and "long_name" in ds[name].attrs
     assert "quadratic" in ds.attrs["scenario"] and ds.attrs["dtype"] == "float64"
     assert ds.attrs["flowsim_version"] == flowsim.__version__ and ds.attrs["torch_version"] == torch.__version__
