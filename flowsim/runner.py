@@ -107,7 +107,7 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
     """
     sc = tasks[0].scenario
     problem = build(sc) if problem is None else problem
-    root = zarr.open_group(store, mode="r+")
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
     name = tasks[0].name if group is None else f"{group}.group"
     saved = store_mod.load_checkpoint(store, name) if resume else None
     if saved is not None and not all(t.name in saved for t in tasks):
@@ -205,7 +205,7 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
     first = problems[problem_key(tasks[0].scenario)]
     with store_mod.lock(target):
         if resume and store_mod.is_store(target):
-            root = zarr.open_group(target, mode="r+")
+            root = store_mod.reopen(target)
             if root.attrs.get("scenario") != sc.to_yaml():
                 raise ScenarioError(f"resume: store {target} holds a different scenario (or other --steps/--device); "
                                     "use --overwrite to replace it")
@@ -224,6 +224,7 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
         else:
             from flowsim.distributed import execute_all
             execute_all(target, todo, scheduler, execute_job, resume=resume, progress=progress)
+        store_mod.consolidate(target)
     return store_mod.open(target)
 
 
@@ -247,9 +248,13 @@ def simulate(problem: Problem, rule="gd", process="discrete", step_size=0.1, ste
     else:
         run["step_size"] = step_size
     try:
-        spec, rec = RunSpec.model_validate(run), RecordSpec.model_validate(record or {})
+        spec = RunSpec.model_validate(run)
     except ValidationError as e:
-        raise ScenarioError(scenario_mod._format_error(e)) from None
+        raise ScenarioError("; ".join(scenario_mod.errors(e, run, RunSpec))) from None
+    try:
+        rec = RecordSpec.model_validate(record or {})
+    except ValidationError as e:
+        raise ScenarioError("; ".join(scenario_mod.errors(e, record, RecordSpec, ("record",)))) from None
     if not isinstance(steps, int) or steps < 1:
         raise ScenarioError(f"steps: must be a positive integer, got {steps!r}")
     # the problem is the caller's own, not a scenario's: the scenario is built around it, unvalidated

@@ -1,24 +1,28 @@
 """The scenario schema (pydantic): what to run, on what, and what to record.
 
 A scenario is YAML text or a dict with the structure of DESIGN.md. Validation is strict: an unknown key, a
-wrong type or an impossible value raises :class:`ScenarioError` with one line naming the key. Checks that need
+wrong type or an impossible value raises :class:`ScenarioError` with one line naming the key (every error found,
+in document order, joined by '; '; an unknown key gets the closest allowed key as a suggestion). Checks that need
 the data (batch larger than the data set, a missing file) happen when the problem is built, before any store
 is written. This module runs nothing.
 """
 from __future__ import annotations
 
+import difflib
 import re
+import types
 import warnings
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
 from flowsim.models import CONFIGS, MODELS
-from flowsim.solvers import POLICIES, PROCESSES, StepSize, make_rule
+from flowsim.solvers import POLICIES, PROCESSES, RULES, StepSize, make_rule
 
 
 class ScenarioError(ValueError):
@@ -41,19 +45,20 @@ class RunSpec(BaseModel):
     any other key is an error.
     """
     model_config = ConfigDict(extra="allow")
-    process: str = "discrete"
-    rule: str = "gd"
-    lr: Optional[PositiveFloat] = Field(None, description="the step size (constant, or before a drop)")
+    process: str = Field("discrete", description=f"how the rule is run: {', '.join(PROCESSES)} (options below)")
+    rule: str = Field("gd", description=f"the update rule: {', '.join(RULES)} (hyperparameters below)")
+    lr: Optional[PositiveFloat] = Field(None, description="the step size η (constant, or before a drop)")
     step_size: Optional[StepSizeSpec] = Field(None, description="a policy: edge, {edge: {...}} or {drop: {at, "
                                               "lr_after}} (absent = constant lr)")
-    batch_size: Optional[PositiveInt] = Field(None, description="absent = full batch")
+    batch_size: Optional[PositiveInt] = Field(None, description="examples per minibatch (absent = full batch)")
     seed: Optional[int] = Field(None, description="minibatch/noise seed; defaults to the scenario seed")
 
-    @field_validator("process")
+    @field_validator("process", "rule")
     @classmethod
-    def _known_process(cls, v):
-        if v not in PROCESSES:
-            raise ValueError(f"unknown process {v!r}; choose from {sorted(PROCESSES)}")
+    def _known(cls, v, info):
+        known = PROCESSES if info.field_name == "process" else RULES
+        if v not in known:
+            raise ValueError(f"unknown {info.field_name} {v!r}; choose from {sorted(known)}")
         return v
 
     @model_validator(mode="after")
@@ -66,12 +71,16 @@ class RunSpec(BaseModel):
             if elsewhere:
                 raise ValueError(f"{key}: does not apply to process {self.process!r} (an option of "
                                  f"{', '.join(elsewhere)})")
+            if not any(key in (f.name for f in fields(rule)) for rule in RULES.values()):
+                allowed = [*type(self).model_fields, *options_model.model_fields,
+                           *(f.name for f in fields(RULES[self.rule]))]
+                raise ValueError(f"{key}: {unknown_key(key, allowed)}")
         self._hyper = extras
         self.make_rule()
         try:
             self._options = options_model.model_validate(opts)
         except ValidationError as e:
-            raise ValueError(_format_error(e)) from None
+            raise ValueError(errors(e, opts, options_model)[0]) from None
         self._policy = _make_policy(self.step_size, self.lr)
         return self
 
@@ -117,7 +126,7 @@ def _make_policy(spec: Optional[StepSizeSpec], lr: Optional[float]) -> StepSize:
     try:
         return cls.model_validate(options)
     except ValidationError as e:
-        raise ValueError(f"step_size.{kind}.{_format_error(e)}") from None
+        raise ValueError(errors(e, options, cls, prefix=("step_size", kind))[0]) from None
 
 
 class RecordSpec(Strict):
@@ -148,7 +157,8 @@ class RecordSpec(Strict):
 
 
 class CompareSpec(Strict):
-    reference: str
+    """What ``flowsim compare`` measures against."""
+    reference: str = Field(description="the run the others are compared with (one of the runs' names)")
 
 
 ProblemSpec = Annotated[Union[tuple(CONFIGS)], Field(discriminator="model")]
@@ -156,15 +166,16 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 class Scenario(Strict):
-    name: str = "scenario"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float64"] = "float64"
-    problem: ProblemSpec
-    steps: PositiveInt
-    runs: dict[str, RunSpec] = Field(..., min_length=1)
-    record: RecordSpec = RecordSpec()
-    compare: Optional[CompareSpec] = None
+    """A scenario: the runs to make on one problem and what to record of them."""
+    name: str = Field("scenario", description="the scenario's name (the default store is <name>.zarr)")
+    seed: int = Field(0, description="seed of the initial weights, minibatches and noise")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run (auto: cuda when available)")
+    dtype: Literal["float32", "float64"] = Field("float64", description="floating-point precision of the runs")
+    problem: ProblemSpec = Field(description="the loss landscape or network and its data; model chooses which")
+    steps: PositiveInt = Field(description="optimizer steps per run (step 0 is the initial point)")
+    runs: dict[str, RunSpec] = Field(..., min_length=1, description="run name (letters, digits, _ - .) → run")
+    record: RecordSpec = Field(RecordSpec(), description="what is recorded")
+    compare: Optional[CompareSpec] = Field(None, description="the reference run of flowsim compare")
     sweep: Optional[dict[str, list]] = Field(
         None, description="key (dotted path, or a run key for every run) → values; cartesian product, see flowsim.sweep")
     batch: bool = Field(False, description="run discrete runs differing only in step size, schedule or seed (across "
@@ -202,26 +213,88 @@ class Scenario(Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    if len(loc) > 1 and loc[0] == "problem" and loc[1] in MODELS:
-        loc.pop(1)
-    loc = [p for p in loc if not p.startswith("function-")]
-    msg = first["msg"].removeprefix("Value error, ")
-    nested = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
-    if nested:
-        loc.append(nested.group(1))
-        msg = nested.group(2)
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    elif first["type"] == "union_tag_invalid":
-        loc.append("model")
-        msg = f"unknown model {first['input'].get('model')!r}; choose from {sorted(MODELS)}"
-    where = ".".join(loc) or "scenario"
-    return f"{where}: {msg}"
+def unknown_key(key, allowed) -> str:
+    """The message for an unknown key: 'unknown key', with the closest allowed key as a suggestion."""
+    close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
+    return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _members(t) -> list:
+    """The types a field annotation may hold (through Annotated, Optional and Union)."""
+    if get_origin(t) is Annotated:
+        return _members(get_args(t)[0])
+    if get_origin(t) in (Union, types.UnionType):
+        return [m for a in get_args(t) for m in _members(a)]
+    return [t]
+
+
+def _is_model(t) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _keys_at(model: type[BaseModel], loc) -> list[str]:
+    """The keys allowed in the mapping at pydantic error location ``loc`` (whose steps are fields, mapping keys,
+    list indices and union tags) inside ``model``."""
+    found = [model]
+    for part in loc:
+        found = [m for t in found for m in _members(t)]
+        step = [t.model_fields[part].annotation for t in found if _is_model(t) and part in t.model_fields]
+        step += [get_args(t)[-1] for t in found if get_origin(t) in (dict, list)]
+        found = [MODELS[part]] if part in MODELS and MODELS[part] in found else step or found
+    return [k for t in found for m in _members(t) if _is_model(m) for k in m.model_fields]
+
+
+_ABSENT = object()
+
+
+def _child(node, part):
+    """node[part] where node is a mapping with key part or a list with index part, else _ABSENT."""
+    if isinstance(node, dict) and part in node or (isinstance(node, list) and isinstance(part, int)
+                                                   and 0 <= part < len(node)):
+        return node[part]
+    return _ABSENT
+
+
+def _position(doc, loc) -> tuple:
+    """Where the key at loc is in doc, for sorting in document order: each step's index among its siblings (a
+    key that is absent comes after them)."""
+    position, node = [], doc
+    for part in loc:
+        if isinstance(node, dict):
+            position.append(list(node).index(part) if part in node else len(node))
+        elif isinstance(node, list) and isinstance(part, int):
+            position.append(part)
+        else:
+            break
+        node = _child(node, part)
+    return tuple(position)
+
+
+def errors(err: ValidationError, doc, model: type[BaseModel], prefix: tuple = ()) -> list[str]:
+    """The errors of validating doc as model, each 'dotted.key: message' (keys below ``prefix``), one per key, in
+    document order."""
+    found = {}
+    for e in err.errors():
+        loc, node = [], doc  # the steps of e's location that are keys of doc (not union tags)
+        for i, part in enumerate(e["loc"]):
+            child = _child(node, part)
+            if child is not _ABSENT or (i == len(e["loc"]) - 1 and e["type"] == "missing"):
+                loc.append(part)
+                node = child
+        msg = e["msg"].removeprefix("Value error, ")
+        nested = re.match(r"^([A-Za-z_][\w.\-]*): (.*)$", msg)
+        if nested:
+            loc += nested.group(1).split(".")
+            msg = nested.group(2)
+        if e["type"] == "extra_forbidden":
+            msg = unknown_key(loc[-1], _keys_at(model, e["loc"][:-1]))
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "union_tag_invalid":
+            loc.append("model")
+            msg = f"unknown model {e['input'].get('model')!r}; choose from {sorted(MODELS)}"
+        found.setdefault(".".join(map(str, [*prefix, *loc])) or "scenario", (_position(doc, loc), msg))
+    return [f"{where}: {msg}" for where, (_, msg) in sorted(found.items(), key=lambda item: item[1][0])]
 
 
 def bundled() -> dict[str, Path]:
@@ -252,12 +325,24 @@ def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Sce
         try:
             source = yaml.safe_load(source)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            where = _yaml_position(source, e)
             raise ScenarioError(f"scenario is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(source, dict):
         raise ScenarioError("scenario: expected a mapping of keys (name, problem, steps, runs, …)")
     try:
         return Scenario.model_validate(source, context={"preview": preview})
     except ValidationError as e:
-        raise ScenarioError(_format_error(e)) from None
+        raise ScenarioError("; ".join(errors(e, source, Scenario))) from None
+
+
+def _yaml_position(text: str, err: yaml.YAMLError) -> str:
+    """' at line L, column C' (1-based) of the text a YAML error is about. Where the parser noticed it only at
+    the end of the text, or at the next token after a key without ':', that is the last text before its mark."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ""
+    index = mark.index
+    if not text[index:].strip() or getattr(err, "problem", None) == "could not find expected ':'":
+        index = max(len(text[:index].rstrip()) - 1, 0)
+    line, line_start = text.count("\n", 0, index) + 1, text.rfind("\n", 0, index) + 1
+    return f" at line {line}, column {index - line_start + 1}"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import xarray as xr
 
-from flowsim.scenario import Scenario, ScenarioError, load
+from flowsim.scenario import Scenario, ScenarioError, load, unknown_key
 
 BUILTIN_COORDS = ("process", "rule", "policy", "lr", "max_lr", "batch_size", "seed")
 
@@ -51,7 +51,9 @@ def _set(doc: dict, key: str, value) -> None:
             run[key] = value
         return
     if parts[0] not in Scenario.model_fields or parts[0] == "sweep":
-        raise ScenarioError(f"sweep.{key}: {parts[0]!r} is not a scenario key")
+        allowed = [k for k in Scenario.model_fields if k != "sweep"] if parts[0] != "sweep" else []
+        raise ScenarioError(f"sweep.{key}: {parts[0]!r} is not a scenario key"
+                            + unknown_key(parts[0], allowed).removeprefix("unknown key"))
     node = doc
     for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})

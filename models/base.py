@@ -19,13 +19,16 @@ from flowsim.problem import Problem
 
 class InitFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: Path
+    path: Path = Field(description="a .npy file (relative to the working directory), read with numpy.load and "
+                       "flattened; it must hold as many values as the model has parameters")
 
 
 class ModelConfig(BaseModel):
     """Base of every model config. Subclasses set ``model: Literal[...]`` and implement ``build``."""
     model_config = ConfigDict(extra="forbid")
-    init: Optional[Union[InitFile, list[float]]] = None
+    init: Optional[Union[InitFile, list[float]]] = Field(
+        None, description="flat initial weights (as many as the model has parameters), or {path: w0.npy}; "
+        "absent = seeded default")
 
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
         raise NotImplementedError
@@ -47,10 +50,14 @@ class ModelConfig(BaseModel):
 
 class NetworkConfig(ModelConfig):
     """A network trained on a dataset with MSE (½‖f − y‖², one-hot y for classes) or cross-entropy."""
-    dataset: DatasetSpec = DatasetSpec(name="digits")
-    n_train: Optional[PositiveInt] = None
-    classes: Optional[list[int]] = Field(None, min_length=2)
-    loss: Literal["mse", "ce"] = "mse"
+    dataset: DatasetSpec = Field(DatasetSpec(name="digits"), description="a dataset name, or a mapping "
+                                 "(see `problem.dataset`)")
+    n_train: Optional[PositiveInt] = Field(None, description="train on the first this many examples (after "
+                                           "classes); absent = all")
+    classes: Optional[list[int]] = Field(None, min_length=2, description="keep only these class labels, "
+                                         "relabelled 0..k−1 in the given order; absent = all")
+    loss: Literal["mse", "ce"] = Field("mse", description="mse = ½‖f − y‖² (y one-hot for class labels) "
+                                       "averaged over examples, or ce = cross-entropy in nats")
     init_scale: PositiveFloat = Field(1.0, description="the default initial weights times this (the edge of "
                                       "stochastic stability shows from small initializations, e.g. 0.2)")
 
@@ -95,9 +102,9 @@ class NetworkConfig(ModelConfig):
 
 class AttentionFields(BaseModel):
     """Sizes shared by the attention models (ViT, transformer): width, heads, depth, block-MLP width."""
-    d_model: PositiveInt = 32
-    n_heads: PositiveInt = 2
-    n_layers: PositiveInt = 2
+    d_model: PositiveInt = Field(32, description="width of the token embeddings and the residual stream")
+    n_heads: PositiveInt = Field(2, description="attention heads per block; divides d_model")
+    n_layers: PositiveInt = Field(2, description="number of transformer blocks")
     mlp_width: Optional[PositiveInt] = Field(None, description="hidden width of the block MLPs (4·d_model)")
 
     @model_validator(mode="after")

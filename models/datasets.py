@@ -19,11 +19,13 @@ from flowsim.models.tasks import TOKEN_TASKS
 class DatasetSpec(BaseModel):
     """Which data: a bundled/synthetic set by ``name``, or a user file by ``path`` (arrays X, Y)."""
     model_config = ConfigDict(extra="forbid")
-    name: Optional[Literal["digits", "teacher_student", "gaussian_mixture", "mnist1d", "sorting", "markov"]] = None
-    path: Optional[Path] = None
+    name: Optional[Literal["digits", "teacher_student", "gaussian_mixture", "mnist1d", "sorting", "markov"]] = Field(
+        None, description="a bundled (digits, mnist1d) or synthetic set; give exactly one of name and path")
+    path: Optional[Path] = Field(None, description=".npz file with arrays X (n × …) and Y (n integer labels, or "
+                                 "float targets); inputs are used as given (not standardized)")
     dim: PositiveInt = Field(16, description="input dimension of the synthetic sets")
     outputs: PositiveInt = Field(1, description="teacher_student: number of regression targets")
-    teacher_width: PositiveInt = 32
+    teacher_width: PositiveInt = Field(32, description="teacher_student: hidden width of the tanh teacher")
     n_classes: int = Field(4, ge=2, description="gaussian_mixture: number of classes")
     separation: float = Field(2.0, ge=0, description="gaussian_mixture: distance scale of the class means")
     noise: float = Field(0.0, ge=0, description="teacher_student: std of label noise")

@@ -17,7 +17,7 @@ from flowsim.problem import Problem
 
 
 class QuadraticConfig(ModelConfig):
-    model: Literal["quadratic"] = "quadratic"
+    model: Literal["quadratic"] = Field("quadratic", description="L = ½ Σ λ_i w_i²; default w0 = all ones")
     spectrum: list[PositiveFloat] = Field(..., min_length=1, description="Hessian eigenvalues λ_i")
 
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
@@ -37,7 +37,8 @@ PRODUCT_LANDSCAPES = {
 
 class ProductConfig(ModelConfig):
     """½(1 − ∏ factors)² landscapes; default initial points are off-balance so that the dynamics is not 1-D."""
-    model: Literal["xyzw", "x2y2", "xy"]
+    model: Literal["xyzw", "x2y2", "xy"] = Field(description="xyzw: ½(1 − xyzw)², x2y2: ½(1 − x²y²)², "
+                                                 "xy: ½(1 − xy)²")
 
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
         fn, default = PRODUCT_LANDSCAPES[self.model]

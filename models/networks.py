@@ -16,10 +16,12 @@ class MLPConfig(NetworkConfig):
 
     Weights use PyTorch's default ``nn.Linear`` initialization under the scenario seed.
     """
-    model: Literal["mlp"] = "mlp"
-    widths: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
-    activation: Literal["tanh", "relu", "elu", "gelu"] = "tanh"
-    bias: bool = True
+    model: Literal["mlp"] = Field("mlp", description="fully connected network on flat inputs")
+    widths: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="hidden layer widths "
+                                      "(units), input to output; [] = a linear model")
+    activation: Literal["tanh", "relu", "elu", "gelu"] = Field("tanh", description="nonlinearity after each "
+                                                                "hidden layer")
+    bias: bool = Field(True, description="whether every linear layer (the read-out too) has a bias")
 
     def make_module(self, in_shape, n_out):
         layers, fan_in = [], in_shape[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from flowsim.models.base import AttentionFields, NetworkConfig
@@ -68,8 +68,11 @@ class LSTM(nn.Module):
 
 class SequenceConfig(NetworkConfig):
     """A model on a token task (``dataset: {name: sorting | markov, vocab, length, size, seed}``)."""
-    dataset: DatasetSpec = DatasetSpec(name="sorting")
-    loss: Literal["mse", "ce"] = "ce"
+    dataset: DatasetSpec = Field(DatasetSpec(name="sorting"), description="a token task: sorting or markov, "
+                                 "by name or as a mapping (see `problem.dataset`)")
+    loss: Literal["mse", "ce"] = Field("ce", description="ce = cross-entropy in nats averaged over examples and "
+                                       "target positions, or mse = ½‖f − onehot‖² summed over target positions, "
+                                       "averaged over examples")
 
     @model_validator(mode="after")
     def _token_task(self):
@@ -80,8 +83,8 @@ class SequenceConfig(NetworkConfig):
 
 class LSTMConfig(SequenceConfig):
     """One-layer LSTM; weights PyTorch's default ``nn.Linear`` initialization."""
-    model: Literal["lstm"] = "lstm"
-    hidden: PositiveInt = 32
+    model: Literal["lstm"] = Field("lstm", description="one-layer LSTM on a token task")
+    hidden: PositiveInt = Field(32, description="LSTM state size (of h and of c)")
 
     def make_module(self, in_shape, n_out):
         return LSTM(n_out, self.dataset.length, self.hidden)
@@ -90,7 +93,8 @@ class LSTMConfig(SequenceConfig):
 class TransformerConfig(SequenceConfig, AttentionFields):
     """Causal transformer. Token embeddings are N(0, 1), position embeddings N(0, 0.02²), linear layers
     PyTorch's default."""
-    model: Literal["transformer"] = "transformer"
+    model: Literal["transformer"] = Field("transformer", description="causal (GPT-style) transformer on a "
+                                          "token task")
 
     def make_module(self, in_shape, n_out):
         return CausalTransformer(n_out, in_shape[0], self.dataset.length, self.d_model, self.n_heads,

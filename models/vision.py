@@ -69,11 +69,15 @@ class CNN(nn.Module):
 class CNNConfig(VisionConfig):
     """CNN with one 'same' convolution of ``widths[i]`` channels per layer, each followed by the activation
     and a 2× ``pool`` (avg or max)."""
-    model: Literal["cnn"] = "cnn"
-    widths: list[PositiveInt] = Field(default_factory=lambda: [32, 32], min_length=1)
-    kernel: PositiveInt = 3
-    pool: Literal["avg", "max"] = "avg"
-    activation: Literal["tanh", "relu", "elu", "gelu"] = "tanh"
+    model: Literal["cnn"] = Field("cnn", description="convolutional network on 1-D signals or 2-D images")
+    widths: list[PositiveInt] = Field(default_factory=lambda: [32, 32], min_length=1,
+                                      description="output channels of each convolution layer")
+    kernel: PositiveInt = Field(3, description="convolution kernel size in pixels (per spatial axis); odd, "
+                                "for 'same' padding")
+    pool: Literal["avg", "max"] = Field("avg", description="2× pooling (mean or max of each 2-pixel window per "
+                                        "axis) after each layer while every spatial size is ≥ 2")
+    activation: Literal["tanh", "relu", "elu", "gelu"] = Field("tanh", description="nonlinearity after each "
+                                                                "convolution")
 
     @model_validator(mode="after")
     def _odd_kernel(self):
@@ -125,11 +129,14 @@ class ResNet(nn.Module):
 
 class ResNetConfig(VisionConfig):
     """Small ResNet with GroupNorm (``groups`` must divide every width)."""
-    model: Literal["resnet"] = "resnet"
-    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32], min_length=1)
+    model: Literal["resnet"] = Field("resnet", description="pre-activation ResNet with GroupNorm")
+    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32], min_length=1,
+                                      description="channels per stage (the stem has widths[0]); every stage "
+                                      "after the first starts with a stride-2 block")
     blocks: PositiveInt = Field(1, description="residual blocks per stage")
-    groups: PositiveInt = 4
-    activation: Literal["tanh", "relu", "elu", "gelu"] = "tanh"
+    groups: PositiveInt = Field(4, description="GroupNorm groups; divides every width")
+    activation: Literal["tanh", "relu", "elu", "gelu"] = Field("tanh", description="nonlinearity after each "
+                                                                "GroupNorm")
 
     @model_validator(mode="after")
     def _groups_divide(self):
@@ -172,8 +179,9 @@ class PatchTransformer(nn.Module):
 
 class ViTConfig(VisionConfig, AttentionFields):
     """ViT-style patch model; ``patch`` must divide every spatial size of the input."""
-    model: Literal["vit"] = "vit"
-    patch: PositiveInt = 2
+    model: Literal["vit"] = Field("vit", description="ViT-style transformer on non-overlapping patches")
+    patch: PositiveInt = Field(2, description="patch side in pixels (patches are patch × patch, or patch "
+                               "samples in 1-D); divides every spatial size")
 
     def input_shape(self, X):
         shape = super().input_shape(X)

@@ -146,7 +146,8 @@ class StepCount(BaseModel):
 
 class FlowOptions(StepCount):
     """Scenario keys of the stable and modified flows."""
-    method: Literal["euler", "rk4", "dopri5"] = "rk4"
+    method: Literal["euler", "rk4", "dopri5"] = Field(
+        "rk4", description="integrator: euler or rk4 (fixed substeps), or dopri5 (adaptive, to rtol and atol)")
     rtol: PositiveFloat = Field(1e-7, description="dopri5 relative tolerance")
     atol: PositiveFloat = Field(1e-9, description="dopri5 absolute tolerance (weight units)")
 

@@ -15,7 +15,7 @@ Rules know nothing about processes, problems or storage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional
 
 import pydantic
@@ -104,8 +104,10 @@ class Momentum(Rule):
     """
     name: ClassVar[str] = "momentum"
     central_flow: ClassVar[Optional[str]] = no_central_flow("momentum")
-    beta1: float = 0.9
-    heavy_ball: bool = False
+    beta1: float = field(default=0.9, metadata={"description": "EMA coefficient of the gradient (heavy ball: the "
+                                                "decay of m), in [0, 1)"})
+    heavy_ball: bool = field(default=False, metadata={"description": "m ← β1·m + g instead of the EMA "
+                                                      "m ← β1·m + (1 − β1)·g (the step is still w ← w − η·m)"})
 
     def init(self, w, g0):
         return {"m": torch.zeros_like(w)}
@@ -126,8 +128,8 @@ class Momentum(Rule):
 class ScalarRMSProp(Rule):
     """ν ← β2 ν + (1 − β2)‖g‖² (a scalar), w ← w − η g / (√ν + ε). ν starts at ‖g0‖²."""
     name: ClassVar[str] = "scalar_rmsprop"
-    beta2: float = 0.99
-    eps: float = 1e-8
+    beta2: float = field(default=0.99, metadata={"description": "EMA coefficient of ‖g‖², in [0, 1)"})
+    eps: float = field(default=1e-8, metadata={"description": "added to √ν (gradient units), ≥ 0"})
 
     def init(self, w, g0):
         return {"nu": g0.pow(2).sum().reshape(1)}
@@ -143,6 +145,7 @@ class ScalarRMSProp(Rule):
 class RMSProp(ScalarRMSProp):
     """ν ← β2 ν + (1 − β2) g² (elementwise), w ← w − η g / (√ν + ε). ν starts at g0²."""
     name: ClassVar[str] = "rmsprop"
+    beta2: float = field(default=0.99, metadata={"description": "EMA coefficient of g² (elementwise), in [0, 1)"})
 
     def init(self, w, g0):
         return {"nu": g0.pow(2)}
@@ -159,9 +162,10 @@ class Adam(Rule):
     """
     name: ClassVar[str] = "adam"
     central_flow: ClassVar[Optional[str]] = no_central_flow("adam")
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: float = field(default=0.9, metadata={"description": "EMA coefficient of the gradient, in [0, 1)"})
+    beta2: float = field(default=0.999, metadata={"description": "EMA coefficient of g² (elementwise), in [0, 1)"})
+    eps: float = field(default=1e-8, metadata={"description": "added to √v̂, the bias-corrected √v (gradient "
+                                               "units), ≥ 0"})
 
     def init(self, w, g0):
         zero = torch.zeros_like(w)

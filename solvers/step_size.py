@@ -127,7 +127,7 @@ class Drop(StepSize):
     kind: ClassVar[str] = "drop"
     lr: PositiveFloat
     at: PositiveInt = Field(description="the first step taken at lr_after")
-    lr_after: PositiveFloat
+    lr_after: PositiveFloat = Field(description="the step size η from step at on")
 
     def update(self, k, ctx, state):
         return (self.lr_after if k >= self.at else self.lr), state

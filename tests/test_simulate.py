@@ -49,6 +49,9 @@ def test_simulate_names_a_bad_argument_in_one_line():
         flowsim.simulate(problem, "momentum", "central", 0.1, 5)
     with pytest.raises(flowsim.ScenarioError, match=r"^process: unknown process 'ode'"):
         flowsim.simulate(problem, "gd", "ode", 0.1, 5)
+    with pytest.raises(flowsim.ScenarioError, match=r"^record.curvature_evry: unknown key \(did you mean "
+                                                    r"'curvature_every'\?\)$"):
+        flowsim.simulate(problem, "gd", "discrete", 0.1, 5, record={"curvature_evry": 2})
     assert torch.equal(problem.w0, QuadraticConfig(spectrum=SPECTRUM).build(device="cpu").w0)
 
 
