@@ -1,11 +1,15 @@
 """The comparison report: one self-contained HTML file per store (figures embedded as base64 PNG, no network).
 
-``flowsim report STORE [-o report.html]`` and ``flowsim run … --report`` call :func:`write`. The page holds a
-summary table (:func:`summary`), one section per entry of ``SECTIONS`` whose variables the dataset holds (a
-section without data is left out) and the scenario. A caller with datasets of its own kind passes its own
-``sections``, ``summary`` and ``appendix`` to :func:`write`. Figures come from :mod:`flowsim.plot`; distances
-and gaps to the reference run from :mod:`flowsim.compare` when the store names a reference. This module runs
-nothing.
+``flowsim report STORE [-o report.html] [--x step|time]`` and ``flowsim run … --report`` call :func:`write`. The
+page holds a header (versions, device, dtype, numbers of parameters and training examples, the runs and a sweep's
+coordinates, the clock), a summary table (:func:`summary`), one section per entry of ``SECTIONS`` whose variables
+the dataset holds (a section without data is left out; a sweep's sections only for a sweep) and the scenario with
+only the keys that apply (:func:`scenario_text`). Every figure and every summary column uses one clock, ``step``
+or ``time`` (Σ η): the ``x`` asked for, else the one :func:`flowsim.plot.clock` chooses by content; each figure's
+``<img>`` states its x-axis labels (``data-x``) and its number of legend entries (``data-legend``). A caller with
+datasets of its own kind passes its own ``sections``, ``summary`` and ``appendix`` to :func:`write`. Figures come
+from :mod:`flowsim.plot`; distances and gaps to the reference run from :mod:`flowsim.compare` when the store names
+a reference. This module runs nothing.
 """
 from __future__ import annotations
 
@@ -25,27 +29,36 @@ from matplotlib.figure import Figure
 import flowsim
 from flowsim import plot
 from flowsim.compare import compare, last_recorded
+from flowsim.scenario import load as load_scenario
 
 
 @dataclass(frozen=True)
 class Section:
-    """A report section: shown when the dataset holds any of ``variables``; ``figure(ds, reference)``."""
+    """A report section: shown when the dataset holds any of ``variables`` (and, with ``sweep``, only when it is a
+    sweep: :func:`flowsim.plot.sweep_coords`); ``figure(ds, reference)`` draws it against ``plot.clock(ds)``."""
     title: str
     variables: tuple[str, ...]
     figure: Callable[[xr.Dataset, Optional[str]], Figure]
     caption: str
+    sweep: bool = False
 
 
 SECTIONS: tuple[Section, ...] = (
+    Section("Final loss across the sweep", ("loss",), lambda ds, ref: plot.final_loss(ds),
+            "The last finite loss of each run against the first swept coordinate; one line per combination of the "
+            "other swept values (line style), × where the run diverged.", sweep=True),
     Section("Loss", ("loss",), lambda ds, ref: plot.loss(ds),
-            f"Full-batch training loss against time (Σ η). Discrete runs: raw (faint) and their "
-            f"{plot.SMOOTH_WINDOW}-step centered moving average. Dotted lines: divergence."),
+            f"Full-batch training loss. Discrete runs: raw (faint) and their {plot.SMOOTH_WINDOW}-step centered "
+            f"moving average. Dotted lines: divergence."),
     Section("Sharpness and tracked eigenvalues", ("sharpness", "eigs"), lambda ds, ref: plot.sharpness(ds),
-            "λ_max(H) (dots) and the tracked top eigenvalues (faint) per run; dashed: the run's stability "
-            "threshold where it applies to λ_max(H) (e.g. 2/η for GD)."),
+            "λ_max(H) (dots) and the tracked top eigenvalues (faint) per run (a sweep: per point, shared axes); "
+            "dashed: the run's stability threshold where it applies to λ_max(H) (e.g. 2/η for GD)."),
     Section("Preconditioned sharpness", ("precond_sharpness",), lambda ds, ref: plot.precond_sharpness(ds),
             "λ_max(P̃⁻¹H) per run against its threshold (dashed), e.g. (2 + 2β₁)/((1 − β₁)η) = 38/η for Adam "
             "with β₁ = 0.9."),
+    Section("Edge of stability, all runs", ("threshold",), lambda ds, ref: plot.edge(ds),
+            "Each run's controlling sharpness over its threshold on one axis: η·λ_max(H)/2 for GD, "
+            "λ_max(P̃⁻¹H)/threshold for a preconditioned rule (η·λ/θ, threshold = θ/η); 1 is the edge."),
     Section("Noise kernel norm", ("noise_kernel_norm",), lambda ds, ref: plot.noise_kernel_norm(ds),
             "The noise kernel norm K of minibatch runs against 1, where stochastic training self-stabilizes."),
     Section("Stochastic edge", ("batch_sharpness",), lambda ds, ref: plot.stochastic_edge(ds),
@@ -84,11 +97,14 @@ def compared(ds: xr.Dataset) -> xr.Dataset:
     return compare(ds, reference=ref)
 
 
-def summary(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per run: process, rule, lr, batch size (0 = full), final loss (last finite), onset time of the
-    edge of stability (first time the controlling sharpness ≥ 0.95·threshold, Σ η units), largest distance to
-    the reference, wall time (s, last recorded), and the step where a run diverged. NaN = not available."""
+def summary(ds: xr.Dataset, x: Optional[str] = None) -> pd.DataFrame:
+    """One row per run: process, rule, lr, a sweep's other swept coordinates, batch size (0 = full), final loss
+    (last finite), the edge-of-stability onset (first ``x`` at which the controlling sharpness ≥ 0.95·threshold),
+    largest distance to the reference, wall time (s, last recorded), and the ``x`` at which a run diverged. ``x``:
+    "step" or "time" (Σ η), None: :func:`flowsim.plot.clock`; both columns name it. NaN = not available."""
+    x = plot.clock(ds, x)
     final_loss, final_wall = (_final(ds, v) for v in ("loss", "wall_time"))
+    swept = [c for c in plot.sweep_coords(ds) if c not in ("run_name", "lr")]
     rows = []
     for name in ds.run.values:
         r = ds.sel(run=name)
@@ -97,12 +113,13 @@ def summary(ds: xr.Dataset) -> pd.DataFrame:
             "process": str(r["process"].values),
             "rule": str(r["rule"].values),
             "lr": float(r["lr"]),
+            **{c: r[c].item() for c in swept},
             "batch size": int(r["batch_size"]) if "batch_size" in r.coords else 0,
             "final loss": final_loss[name],
-            "EoS onset (time)": plot.eos_onset(ds, name),
+            f"EoS onset ({x})": plot.eos_onset(ds, name, x),
             "largest distance": float(r["max_distance"]) if "max_distance" in r else np.nan,
             "wall time (s)": final_wall[name],
-            "diverged at (step)": float(r["diverged_at"]) if "diverged" in r and bool(r["diverged"]) else np.nan,
+            f"diverged at ({x})": plot.divergence_x(ds, name, x),
         })
     return pd.DataFrame(rows).set_index("run")
 
@@ -121,9 +138,22 @@ def figure_uri(fig: Figure, dpi: int = 100) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def x_labels(fig: Figure) -> list[str]:
+    """The distinct x-axis labels of ``fig``'s axes (one for a figure drawn on one clock)."""
+    return sorted({ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()})
+
+
+def legend_entries(fig: Figure) -> int:
+    """The number of legend entries of ``fig``, its own legends and its axes' together."""
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
+    return sum(len(leg.get_texts()) for leg in legends if leg is not None)
+
+
 def sections(ds: xr.Dataset, pool: Sequence[Section] = SECTIONS) -> list[Section]:
-    """The sections of ``pool`` whose variables ``ds`` holds (with at least one finite value)."""
-    return [s for s in pool if any(plot.has(ds, v) for v in s.variables)]
+    """The sections of ``pool`` whose variables ``ds`` holds (with at least one finite value); a sweep's sections
+    only when ``ds`` is a sweep."""
+    sweep = bool(plot.sweep_coords(ds))
+    return [s for s in pool if any(plot.has(ds, v) for v in s.variables) and (sweep or not s.sweep)]
 
 
 _present = sections  # render's own ``sections`` argument shadows the function there
@@ -134,10 +164,40 @@ Summary = Callable[[xr.Dataset], tuple[pd.DataFrame, str]]
 
 
 def run_summary(ds: xr.Dataset) -> tuple[pd.DataFrame, str]:
-    """The default summary: :func:`summary` with a note on the EoS onset and the reference run."""
-    ref = reference(ds)
-    return summary(ds), (f"EoS onset: first time the controlling sharpness reaches {plot.EOS_FRACTION}·threshold."
+    """The default summary: :func:`summary` with a note on the clock, the EoS onset and the reference run."""
+    ref, x = reference(ds), plot.clock(ds)
+    return summary(ds), (f"EoS onset: first {x} at which the controlling sharpness reaches {plot.EOS_FRACTION}·"
+                         f"threshold; EoS onset and diverged at are in {plot.XLABEL[x]}."
                          + (f" Distances are to the reference run {ref}." if ref else ""))
+
+
+def scenario_text(text: str) -> str:
+    """The stored scenario (YAML) with only the keys that apply: under ``problem.dataset`` and ``record`` the keys
+    at their schema defaults are left out (those of the datasets and measurements the scenario did not choose);
+    loading the result gives the same scenario. Text that does not load as a scenario is returned as it is."""
+    try:
+        sc = load_scenario(text)
+    except ValueError:
+        return text
+    doc = sc.model_dump(mode="json", exclude_none=True)
+    doc["record"] = sc.record.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    if isinstance(doc["problem"].get("dataset"), dict):
+        doc["problem"]["dataset"] = sc.problem.dataset.model_dump(mode="json", exclude_none=True,
+                                                                  exclude_defaults=True)
+    return yaml.safe_dump({k: v for k, v in doc.items() if v != {}}, sort_keys=False)
+
+
+def header(ds: xr.Dataset) -> str:
+    """The header line (plain text): runs, a sweep's coordinates and their numbers of values, parameters and
+    training examples (``n_params``, ``n_examples`` attrs; a sweep that varies the problem: of its first point),
+    and the clock of every figure."""
+    swept = plot.sweep_coords(ds)
+    parts = [f"{ds.sizes['run']} runs"
+             + (" (sweep: " + " × ".join(f"{c} {len(pd.unique(ds[c].values))}" for c in swept) + ")" if swept else "")]
+    first = " (first sweep point)" if any(c.startswith("problem_") for c in swept) else ""
+    parts += [f"{ds.attrs[a]:,} {what}{first}" for a, what in (("n_params", "parameters"),
+                                                               ("n_examples", "training examples")) if a in ds.attrs]
+    return " · ".join(parts + [f"x axis of every figure: {plot.XLABEL[plot.clock(ds)]}"])
 
 
 _CSS = """
@@ -151,12 +211,15 @@ figcaption, .meta { color: #555; font-size: 0.85rem; } pre { background: #f6f6f6
 
 
 def render(ds: xr.Dataset, sections: Sequence[Section] = SECTIONS, summary: Summary = run_summary,
-           appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),)) -> str:
+           appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),), x: Optional[str] = None) -> str:
     """The report of ``ds`` as one HTML document (str); ``ds`` is compared to its reference run first.
 
     ``sections``: the figures to draw (those whose variables ``ds`` holds); ``summary``: the table and its note;
-    ``appendix``: (attr, title) pairs, each attr of ``ds`` shown verbatim under its title."""
+    ``appendix``: (attr, title) pairs, each attr of ``ds`` shown under its title (verbatim; the scenario through
+    :func:`scenario_text`); ``x``: the clock of every figure and the summary, "step" or "time" (None: chosen by
+    :func:`flowsim.plot.clock`), set as ``ds.attrs["clock"]`` for the sections and the summary."""
     ds = compared(ds)
+    ds = ds.assign_attrs(clock=plot.clock(ds, x))
     ref = reference(ds)
     e = html.escape
     name = ds.attrs.get("name", "flowsim")
@@ -168,29 +231,34 @@ def render(ds: xr.Dataset, sections: Sequence[Section] = SECTIONS, summary: Summ
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>flowsim report: {e(name)}</h1>",
              f"<p class='meta'>{meta or e('flowsim ' + flowsim.__version__)}</p>",
+             f"<p class='meta' id='counts'>{e(header(ds))}</p>",
              "<h2>Summary</h2>",
              table.to_html(na_rep="–", float_format=lambda v: f"{v:.4g}", border=0, escape=True),
              f"<p class='meta'>{e(note)}</p>"]
     for s in _present(ds, sections):
-        parts.append(f"<h2>{e(s.title)}</h2><figure><img alt='{e(s.title)}' src='{figure_uri(s.figure(ds, ref))}'>"
+        fig = s.figure(ds, ref)
+        parts.append(f"<h2>{e(s.title)}</h2><figure><img alt='{e(s.title)}' data-x='{e(' | '.join(x_labels(fig)))}' "
+                     f"data-legend='{legend_entries(fig)}' src='{figure_uri(fig)}'>"
                      f"<figcaption>{e(s.caption)}</figcaption></figure>")
     for key, title in appendix:
         if key in ds.attrs:
-            parts.append(f"<h2>{e(title)}</h2><pre>{e(str(ds.attrs[key]))}</pre>")
+            text = scenario_text(ds.attrs[key]) if key == "scenario" else str(ds.attrs[key])
+            parts.append(f"<h2>{e(title)}</h2><pre>{e(text)}</pre>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
 def write(source: Union[xr.Dataset, str, Path], path: Union[str, Path, None] = None, *,
           sections: Sequence[Section] = SECTIONS, summary: Summary = run_summary,
-          appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),)) -> Path:
+          appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),), x: Optional[str] = None) -> Path:
     """Write the report of a Dataset or a store to ``path`` (default: the store's path with ``.html``);
-    ``sections``, ``summary`` and ``appendix`` as in :func:`render` (a dataset of another kind brings its own)."""
+    ``sections``, ``summary``, ``appendix`` and ``x`` (the clock) as in :func:`render` (a dataset of another kind
+    brings its own)."""
     if path is None:
         if isinstance(source, xr.Dataset):
             raise ValueError("path: required when reporting a Dataset (no store path to derive it from)")
         path = Path(source).with_suffix(".html")
     ds = source if isinstance(source, xr.Dataset) else flowsim.open(source)
     path = Path(path)
-    path.write_text(render(ds, sections, summary, appendix), encoding="utf-8")
+    path.write_text(render(ds, sections, summary, appendix, x), encoding="utf-8")
     return path

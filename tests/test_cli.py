@@ -111,6 +111,21 @@ def test_summary_table_of_a_run_that_diverged_before_recording_a_loss(tmp_path, 
     assert row[:6] == ["c", "central", "gd", "1", "nan", "0"]
 
 
+def test_tables_stay_aligned_with_long_names(tmp_path, capsys):
+    """Every column of the run table and of `flowsim list` starts at the same offset on every line, however long
+    the names (a sweep's run names are long)."""
+    long = "gd-at-a-step-size-of-one-tenth-on-thirty-digits"
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "runs": {long: {"lr": 0.1}, "gd": {"lr": 0.2}}}))
+    assert main(["run", str(path), "-o", str(tmp_path / "o.zarr"), "-q", "--steps", "2", "--device", "cpu"]) == 0
+    main(["list"])
+    run_table, listing = capsys.readouterr().out.split("stored in")
+    for table, first_data_column in ((run_table, "process"), (listing.split("\n", 1)[1], "model")):
+        lines = [line for line in table.strip().splitlines() if not line.startswith("-")]
+        offset = lines[0].index(first_data_column)
+        assert all(line[offset - 2:offset] == "  " and line[offset] != " " for line in lines), table
+
+
 def test_list_shows_the_bundled_scenarios_and_info_the_versions(capsys):
     assert "quickstart" in bundled_scenarios()
     assert main(["list"]) == 0

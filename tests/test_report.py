@@ -1,5 +1,8 @@
-"""Reports and plots: numbers in the summary, sections shown only with their data, every bundled scenario
-reported at test scale, and the HTML opened in headless chromium (every figure decoded, no errors, no network)."""
+"""Reports and plots: numbers in the summary, sections shown only with their data, one clock per report (chosen
+by content or asked for), sweeps (a legend of the swept values, small multiples, final loss against the swept
+coordinate), the header's counts and the scenario's keys that apply, every bundled scenario reported at test scale,
+and the HTML opened in headless chromium (every figure decoded, its clock and legend read from the DOM, no errors,
+no network)."""
 import base64
 import json
 import os
@@ -85,10 +88,46 @@ def synthetic() -> xr.Dataset:
     return ds
 
 
+LRS, SEEDS, NAMES = (0.05, 0.1, 0.2), (0, 1), ("gd", "slow")
+
+
+def synthetic_sweep() -> xr.Dataset:
+    """A 12-run sweep: lr × seed × run_name, stored as ``<run_name>[lr=…,seed=…]`` with the coordinates of
+    flowsim.sweep and its scenario. Full batch, so the seeds' runs are identical (each lies under the other);
+    loss exp(−ηk/s)·(1 + 0.2(−1)^k) with s = 10 for gd and 20 for slow; sharpness 1 + 3k/N every 10 steps vs
+    threshold 2/η; the run gd at lr 0.2, seed 1 diverges at step 150 (loss 1e9 there, NaN after)."""
+    k = np.arange(N + 1)
+    points = [(lr, seed, name) for lr in LRS for seed in SEEDS for name in NAMES]
+    runs = [f"{name}[lr={lr},seed={seed}]" for lr, seed, name in points]
+    loss = np.stack([np.exp(-lr * k / (10 if name == "gd" else 20)) * (1 + 0.2 * (-1.0) ** k)
+                     for lr, _, name in points])
+    sharp = np.stack([np.where(k % 10 == 0, 1 + 3 * k / N, np.nan) for _ in points])
+    bad = runs.index("gd[lr=0.2,seed=1]")
+    loss[bad, 150], loss[bad, 151:], sharp[bad, 151:] = 1e9, np.nan, np.nan
+    ds = xr.Dataset(
+        {"loss": (("run", "step"), loss), "sharpness": (("run", "step"), sharp),
+         "threshold": (("run", "step"), np.stack([np.full(N + 1, 2 / lr) for lr, _, _ in points])),
+         "step_size": (("run", "step"), np.stack([np.full(N + 1, lr) for lr, _, _ in points])),
+         "time": (("run", "step"), np.stack([lr * k for lr, _, _ in points])),
+         "diverged": ("run", [r == runs[bad] for r in runs]),
+         "diverged_at": ("run", [150.0 if r == runs[bad] else np.nan for r in runs])},
+        coords={"run": runs, "step": k, "process": ("run", ["discrete"] * 12), "rule": ("run", ["gd"] * 12),
+                "lr": ("run", [p[0] for p in points]), "seed": ("run", [p[1] for p in points]),
+                "run_name": ("run", [p[2] for p in points]), "batch_size": ("run", [0] * 12)})
+    scenario = flowsim.load_scenario({"name": "sweep", "steps": N, "problem": {"model": "quadratic", "spectrum": [1.0]},
+                                      "runs": {n: {"lr": 0.1} for n in NAMES},
+                                      "sweep": {"lr": list(LRS), "seed": list(SEEDS)}})
+    ds.attrs.update(name="sweep", scenario=scenario.to_yaml(), n_params=1234, n_examples=567)
+    return ds.set_coords("time")
+
+
 def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_divergence():
-    s = report.summary(report.compared(synthetic()))
+    s = report.summary(report.compared(synthetic()), x="time")
     assert s.loc["gd", "EoS onset (time)"] == 0.5 * 180          # 1 + 3.2k/N ≥ 3.8 ⇔ k ≥ 175 → measured at 180
     assert s.loc["adam", "EoS onset (time)"] == 0.01 * 150       # precond_sharpness decides, not sharpness
+    assert s.loc["sgd", "diverged at (time)"] == 0.5 * 120 and np.isnan(s.loc["gd", "diverged at (time)"])
+    s = report.summary(report.compared(synthetic()))             # gd and adam: the clock is step
+    assert s.loc["gd", "EoS onset (step)"] == 180 and s.loc["adam", "EoS onset (step)"] == 150
     assert s.loc["central", "final loss"] == np.exp(-N / 80)
     assert s.loc["gd", "final loss"] == np.exp(-N / 80) * (1 + 0.3 * (-1) ** N)
     assert s.loc["sgd", "final loss"] == 1e9                   # the last finite value, at the divergence
@@ -99,7 +138,7 @@ def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_diver
     assert s.loc["adam", "wall time (s)"] == pytest.approx(0.01 * N * 4, rel=1e-12)
     assert s.loc["sgd", "wall time (s)"] == pytest.approx(0.01 * 120 * 5, rel=1e-12)
     assert (s["batch size"].values == [0, 0, 0, 0, 10]).all()
-    assert np.isnan(report.summary(synthetic().drop_vars("threshold")).loc["gd", "EoS onset (time)"])
+    assert np.isnan(report.summary(synthetic().drop_vars("threshold")).loc["gd", "EoS onset (step)"])
 
 
 def test_moving_average_is_the_mean_over_a_full_window_of_steps():
@@ -135,26 +174,32 @@ def test_threshold_is_drawn_against_the_variable_it_applies_to():
     assert _dashed(plot.sharpness(same).axes[0]) and plot.threshold_applies(same, "gd", "sharpness")
     same["precond_sharpness"].loc[{"run": "gd"}] = gd.sharpness * 2        # a real preconditioner
     assert not _dashed(plot.sharpness(same).axes[0])
-    assert report.summary(same).loc["gd", "EoS onset (time)"] == 0.5 * 60    # 2 + 6.4k/N ≥ 3.8 ⇔ k ≥ 56.25
+    assert report.summary(same, "time").loc["gd", "EoS onset (time)"] == 0.5 * 60    # 2 + 6.4k/N ≥ 3.8 ⇔ k ≥ 56.25
     with pytest.raises(ValueError, match="noise_kernel_norm"):
         plot.noise_kernel_norm(ds.drop_vars("noise_kernel_norm"))
+
+
+UNSWEPT = [s for s in report.SECTIONS if not s.sweep]
 
 
 def test_sections_appear_only_with_their_variables():
     assert "Distance and gaps to the reference run" not in [s.title for s in report.sections(synthetic())]
     ds = report.compared(synthetic())
-    assert [s.title for s in report.sections(ds)] == [s.title for s in report.SECTIONS]
-    for section in report.SECTIONS:
+    assert [s.title for s in report.sections(ds)] == [s.title for s in UNSWEPT]      # not a sweep
+    for section in UNSWEPT:
         less = ds.drop_vars([v for v in section.variables if v in ds])
         titles = [s.title for s in report.sections(less)]
-        assert section.title not in titles and len(titles) == len(report.SECTIONS) - 1
+        assert section.title not in titles and len(titles) == len(UNSWEPT) - 1
     html = report.render(ds.assign(noise_kernel_norm=ds.noise_kernel_norm * np.nan))   # all-NaN = absent
-    assert "Noise kernel norm" not in html and html.count("<img") == len(report.SECTIONS) - 1
+    assert "Noise kernel norm" not in html and html.count("<img") == len(UNSWEPT) - 1
+    assert [s.title for s in report.sections(synthetic_sweep())] == [
+        "Final loss across the sweep", "Loss", "Sharpness and tracked eigenvalues", "Edge of stability, all runs",
+        "Step size"]
 
 
 def test_sigma_figure_sets_each_eigenvalue_against_the_averaged_displacement():
     ds = synthetic()
-    (ax,) = plot.sigma(ds).axes
+    (ax,) = plot.sigma(ds, x="time").axes
     assert ax.get_title().endswith("central")
     solid, dashed = ax.get_lines()                     # the second Σ eigenvalue is all NaN: not drawn
     k = np.arange(N + 1)
@@ -205,10 +250,122 @@ def test_report_cli_writes_next_to_the_store_and_fails_in_one_line(tmp_path, cap
     assert summary.loc["blowup", "diverged at (step)"] == expected and np.isnan(summary.loc["ok", "diverged at (step)"])
     assert main(["report", str(store), "-o", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text() == html
+    assert set(re.findall(r"data-x='([^']*)'", html)) == {plot.XLABEL["step"]}       # lr 0.5 and 30: step
+    assert "2 parameters · 0 training examples" in html                          # the store's n_params, n_examples
+    assert main(["report", str(store), "-o", str(tmp_path / "t.html"), "--x", "time"]) == 0
+    timed = (tmp_path / "t.html").read_text()
+    assert set(re.findall(r"data-x='([^']*)'", timed)) == {plot.XLABEL["time"]}
+    assert "<th>EoS onset (time)</th>" in timed and "<th>diverged at (time)</th>" in timed and "(step)" not in timed
     capsys.readouterr()
     assert main(["report", str(tmp_path / "missing.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.zarr" in err
+
+
+def test_the_clock_is_chosen_by_content_and_can_be_asked_for():
+    ds = synthetic()
+    assert plot.clock(ds) == "step"                                      # gd and adam: Σ η is not comparable
+    gd_only = ds.sel(run=["gd", "central", "flow", "sgd"])
+    assert plot.clock(gd_only) == "time"
+    assert plot.clock(gd_only.assign_coords(lr=("run", [0.5, 0.5, 0.5, 0.04]))) == "step"   # 12.5× apart
+    assert plot.clock(gd_only.assign_coords(lr=("run", [0.5, 0.5, 0.5, np.nan]))) == "step"  # a controller
+    assert plot.clock(gd_only.drop_vars("time")) == "step"
+    assert plot.clock(ds.assign_attrs(clock="time")) == "time" and plot.clock(gd_only, "step") == "step"
+    with pytest.raises(ValueError, match="no time"):
+        plot.clock(gd_only.drop_vars("time"), "time")
+    with pytest.raises(ValueError, match="'steps' is not one of"):
+        report.render(ds, x="steps")
+
+
+@pytest.mark.parametrize("x", [None, "time"])
+def test_every_figure_of_a_report_uses_one_clock(x):
+    ds = report.compared(synthetic()).assign_attrs(clock=x or plot.clock(synthetic()))
+    labels = {s.title: report.x_labels(s.figure(ds, "gd")) for s in report.sections(ds)}
+    assert set(map(tuple, labels.values())) == {(plot.XLABEL[x or "step"],)}, labels
+    html = report.render(synthetic(), x=x)
+    assert set(re.findall(r"data-x='([^']*)'", html)) == {plot.XLABEL[x or "step"]}
+    assert f"x axis of every figure: {plot.XLABEL[x or 'step']}" in html
+    assert set(re.findall(r"<th>[^<]*\((step|time)\)</th>", html)) == {x or "step"}     # no mixed summary columns
+
+
+def test_a_sweep_figure_has_a_legend_of_the_swept_values_and_every_run_has_its_own_look():
+    ds = synthetic_sweep()
+    assert plot.sweep_coords(ds) == ["lr", "seed", "run_name"]
+    fig = plot.loss(ds)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "lr = 0.05", "lr = 0.1", "lr = 0.2", "seed = 0, run_name = gd", "seed = 0, run_name = slow",
+        "seed = 1, run_name = gd", "seed = 1, run_name = slow"]
+    (ax,) = fig.axes
+    averages = [ln for ln in ax.get_lines() if ln.get_alpha() is None and len(ln.get_xdata()) > 2]  # not raw, not ⋮
+    assert len({(ln.get_color(), ln.get_linestyle()) for ln in averages}) == 12        # 12 runs, 12 looks
+    for figure in (plot.step_size(ds), plot.edge(ds), plot.sharpness(ds), plot.final_loss(ds)):
+        assert len(figure.legends) == 1 and report.legend_entries(figure) >= 7
+
+
+def test_a_run_lying_under_another_stays_visible():
+    ds = synthetic_sweep()                                   # the seeds of a full-batch run are identical
+    look = plot.looks(ds)
+    a, b = "gd[lr=0.1,seed=0]", "gd[lr=0.1,seed=1]"
+    np.testing.assert_array_equal(ds.loss.sel(run=a), ds.loss.sel(run=b))
+    assert look[a]["color"] == look[b]["color"] and look[a]["linestyle"] != look[b]["linestyle"]
+    assert look[a]["linewidth"] > look[b]["linewidth"]       # drawn first and wider: it shows around b
+    unswept = plot.looks(synthetic())
+    widths = [unswept[r]["linewidth"] for r in synthetic().run.values]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 5
+    (ax,) = plot.loss(synthetic()).axes
+    drawn = {ln.get_label(): ln.get_linewidth() for ln in ax.get_lines()}
+    assert drawn["central"] > drawn["flow"]                  # identical losses (both flows), both visible
+
+
+def test_a_sweep_sharpness_is_one_small_multiples_figure_with_a_panel_per_point():
+    ds = synthetic_sweep()
+    fig = plot.sharpness(ds)
+    axes = fig.axes
+    assert len(axes) == len(LRS) * len(SEEDS)                # one panel per point, both runs of the point in it
+    assert [a.get_title().split("— ")[1] for a in axes][:2] == ["lr = 0.05, seed = 0", "lr = 0.05, seed = 1"]
+    assert all(len([ln for ln in a.get_lines() if ln.get_marker() == "."]) == len(NAMES) for a in axes)
+    assert all(axes[0].get_shared_x_axes().joined(axes[0], a) and axes[0].get_shared_y_axes().joined(axes[0], a)
+               for a in axes)
+    assert len(plot.sharpness(synthetic()).axes) == 5        # unswept: one panel per run, own axes
+
+
+def test_the_final_loss_is_drawn_against_the_swept_coordinate():
+    ds = synthetic_sweep()
+    (ax,) = plot.final_loss(ds).axes
+    assert ax.get_xlabel() == "lr"
+    markers = [ln for ln in ax.get_lines() if ln.get_marker() in ("o", "x")]
+    assert len(markers) == 12
+    diverged = [ln for ln in markers if ln.get_marker() == "x"]
+    assert len(diverged) == 1 and diverged[0].get_xdata()[0] == 0.2 and diverged[0].get_ydata()[0] == 1e9
+    gd = {ln.get_xdata()[0]: ln.get_ydata()[0] for ln in markers if ln.get_marker() == "o"
+          and ln.get_ydata()[0] == pytest.approx(np.exp(-ln.get_xdata()[0] * N / 10) * 1.2)}
+    assert sorted(gd) == list(LRS)                           # gd's final loss at each lr
+    with pytest.raises(ValueError, match="not a sweep"):
+        plot.final_loss(synthetic())
+
+
+def test_the_edge_figure_puts_every_run_on_one_normalized_axis():
+    ds = synthetic()
+    (ax,) = plot.edge(ds, x="step").axes
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    k = np.arange(0, N + 1, 10)
+    np.testing.assert_allclose(lines["gd"].get_ydata(), (1 + 3.2 * k / N) * 0.5 / 2, rtol=1e-12)   # η·λ/2
+    np.testing.assert_allclose(lines["adam"].get_ydata(), k / 150, rtol=1e-12)                       # λ(P̃⁻¹H)/(38/η)
+    assert lines["edge (η·λ/θ = 1)"].get_ydata()[0] == 1.0
+
+
+def test_the_header_counts_parameters_and_examples_and_the_scenario_shows_the_keys_that_apply():
+    html = report.render(synthetic_sweep())
+    assert "12 runs (sweep: lr 3 × seed 2 × run_name 2) · 1,234 parameters · 567 training examples" in html
+    stored = flowsim.load_scenario("quickstart").to_yaml()
+    assert "teacher_width" in stored and "stochastic_edge_batches" in stored
+    shown = report.scenario_text(stored)
+    doc = yaml.safe_load(shown)
+    assert doc["problem"]["dataset"] == {"name": "digits"} and doc["record"] == {"curvature_every": 10}
+    assert doc["problem"]["widths"] == [64, 64] and doc["runs"]["gd-eos"]["lr"] == 0.4
+    assert flowsim.load_scenario(shown) == flowsim.load_scenario(stored)        # the same scenario
+    assert report.scenario_text("not: [a scenario") == "not: [a scenario"
 
 
 class Chromium:
@@ -254,8 +411,9 @@ class Chromium:
         return json.loads(msg)
 
     def load(self, path: Path, screenshot: Path = None) -> dict:
-        """Open ``path`` in a new tab; return its images [alt, complete, naturalWidth], the errors it logged
-        and every request it made that was not file: or data:."""
+        """Open ``path`` in a new tab; return its images [alt, complete, naturalWidth], their data attributes
+        ({alt, x, legend}: what each figure states of its x axes and legend entries), the text of the header
+        line with the counts, the errors it logged and every request it made that was not file: or data:."""
         self.events = []
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
         s = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -266,6 +424,9 @@ class Chromium:
             self.events.append(self._read())
         images = json.loads(self.send("Runtime.evaluate", session=s, returnByValue=True, expression=(
             "JSON.stringify([...document.images].map(i => [i.alt, i.complete, i.naturalWidth]))"))["result"]["value"])
+        figures, counts = json.loads(self.send("Runtime.evaluate", session=s, returnByValue=True, expression=(
+            "JSON.stringify([[...document.images].map(i => ({alt: i.alt, ...i.dataset})),"
+            " document.getElementById('counts')?.textContent ?? null])"))["result"]["value"])
         if screenshot is not None:
             size = self.send("Page.getLayoutMetrics", session=s)["cssContentSize"]
             shot = self.send("Page.captureScreenshot", session=s, format="png", captureBeyondViewport=True,
@@ -278,7 +439,7 @@ class Chromium:
                   or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))]
         requests = [e["params"]["request"]["url"] for e in mine if e["method"] == "Network.requestWillBeSent"
                     and not e["params"]["request"]["url"].startswith(("file:", "data:"))]
-        return {"images": images, "errors": errors, "requests": requests}
+        return {"images": images, "figures": figures, "counts": counts, "errors": errors, "requests": requests}
 
     def close(self):
         self.send("Browser.close")
@@ -317,10 +478,23 @@ def test_report_with_every_section_a_diverged_run_and_nan_gaps_renders_in_chromi
     ds = synthetic()
     path = report.write(ds, tmp_path / "synthetic.html")
     page = browser.load(path, screenshot=ARTIFACTS / "report_synthetic.png")
-    assert_renders(page, len(report.SECTIONS))
-    assert [alt for alt, _, _ in page["images"]] == [s.title for s in report.SECTIONS]
+    assert_renders(page, len(UNSWEPT))
+    assert [alt for alt, _, _ in page["images"]] == [s.title for s in UNSWEPT]
     assert (ARTIFACTS / "report_synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", path.read_text())     # nothing to fetch
+
+
+def test_a_sweep_report_has_a_legend_and_one_clock_on_every_figure_in_chromium(browser, tmp_path):
+    path = report.write(synthetic_sweep(), tmp_path / "sweep.html", x="step")
+    page = browser.load(path, screenshot=ARTIFACTS / "report_sweep.png")
+    assert_renders(page, 5)
+    figures = {f["alt"]: f for f in page["figures"]}
+    assert figures["Final loss across the sweep"]["x"] == "lr"             # against the swept coordinate
+    clocked = [f for alt, f in figures.items() if alt != "Final loss across the sweep"]
+    assert {f["x"] for f in clocked} == {plot.XLABEL["step"]}                # one clock, the one asked for
+    assert all(int(f["legend"]) >= 7 for f in figures.values())              # 3 lr + 4 (seed, run_name)
+    assert page["counts"].startswith("12 runs (sweep: lr 3 × seed 2 × run_name 2) · 1,234 parameters")
+    assert page["counts"].endswith(plot.XLABEL["step"])
 
 
 STEPS = 2   # test scale for the bundled scenarios: steps 0, 1, 2 (curvature is measured at the first and last)
@@ -344,7 +518,11 @@ def test_every_bundled_scenario_gets_a_report_at_test_scale(name, browser, tmp_p
     page = browser.load(store.with_suffix(".html"), screenshot=ARTIFACTS / f"report_{name}.png"
                         if name == "quickstart" else None)
     assert_renders(page, len(report.sections(report.compared(ds))))
-    assert [alt for alt, _, _ in page["images"]][:1] == ["Loss"]
+    sweep = ["Final loss across the sweep"] if plot.sweep_coords(ds) else []
+    assert [alt for alt, _, _ in page["images"]][:len(sweep) + 1] == sweep + ["Loss"]
+    clocks = {f["x"] for f in page["figures"] if f["alt"] not in sweep}
+    assert len(clocks) == 1 and clocks <= set(plot.XLABEL.values())          # one clock, on every figure
+    assert not sweep or all(int(f["legend"]) > 0 for f in page["figures"])
 
 
 def test_a_real_central_flow_store_gets_every_section_it_measured(browser, tmp_path):
@@ -355,7 +533,7 @@ def test_a_real_central_flow_store_gets_every_section_it_measured(browser, tmp_p
            "record": {"curvature_every": 2, "top_k": 2, "precond": True, "projection_dim": 8, "projection_every": 2}}
     ds = flowsim.run(doc, tmp_path / "cf.zarr", progress=False)
     page = browser.load(report.write(tmp_path / "cf.zarr"))
-    expected = [s.title for s in report.SECTIONS if s.title not in ("Noise kernel norm", "Stochastic edge")]
+    expected = [s.title for s in UNSWEPT if s.title not in ("Noise kernel norm", "Stochastic edge")]
     assert [alt for alt, _, _ in page["images"]] == expected
     assert_renders(page, len(expected))
     assert report.summary(report.compared(ds)).loc["gd", "largest distance"] == 0
