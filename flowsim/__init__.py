@@ -17,10 +17,11 @@ from flowsim.store import open  # noqa: E402,A001
 
 
 def __getattr__(name: str):
-    """``flowsim.plot`` without a separate import (imported on first use: it loads matplotlib)."""
-    if name == "plot":
+    """``flowsim.plot`` and ``flowsim.report`` (they load matplotlib) and ``flowsim.data`` without a separate
+    import, on first use."""
+    if name in ("plot", "report", "data"):
         import importlib
-        return importlib.import_module("flowsim.plot")
+        return importlib.import_module(f"flowsim.{name}")
     raise AttributeError(f"module 'flowsim' has no attribute {name!r}")
 
 
