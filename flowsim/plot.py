@@ -1,7 +1,8 @@
 """Figures of a flowsim Dataset, for notebooks and for the HTML report (:mod:`flowsim.report`).
 
-Each public function takes the Dataset of :func:`flowsim.open` (dims ``run``, ``step``, …; DESIGN's schema) and
-returns a ``matplotlib.figure.Figure`` (no pyplot state: a notebook displays it, ``fig.savefig`` writes it).
+Each public function takes the Dataset of :func:`flowsim.open` (dims ``run``, ``step``, …; the README's "Reading
+a store") and returns a ``matplotlib.figure.Figure`` (no pyplot state: a notebook displays it, ``fig.savefig``
+writes it).
 
 Clock: every figure of a dataset has one x axis, ``time`` (Σ η, the gradient-flow clock) or ``step`` (optimizer
 steps), and its label says which. ``x=None`` (the default) takes :func:`clock`: ``ds.attrs["clock"]`` when set

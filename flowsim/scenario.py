@@ -1,6 +1,6 @@
 """The scenario schema (pydantic): what to run, on what, and what to record.
 
-A scenario is YAML text or a dict with the structure of DESIGN.md. Validation is strict: an unknown key, a
+A scenario is YAML text or a dict (every key: docs/scenario-reference.md). Validation is strict: an unknown key, a
 wrong type or an impossible value raises :class:`ScenarioError` with one line naming the key (every error found,
 in document order, joined by '; '; an unknown key gets the closest allowed key as a suggestion). Checks that need
 the data (batch larger than the data set, a missing file) happen when the problem is built, before any store

@@ -67,3 +67,14 @@ def test_an_installed_flowsim_is_not_shadowed_by_a_folder_named_flowsim(tmp_path
                            "print(flowsim.data.path('moons.npz').is_file())"],
                           cwd=beside, env={**ENV, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_no_tracked_file_points_outside_the_repository():
+    """The project carries its own docs: no file cites the workplace's design notes or a path above the clone."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    pattern = re.compile(r"THEORY\.md|DESIGN\.md|STYLE\.md|\.\./shared")
+    cited = [f for f in files if f.endswith((".py", ".md", ".yaml", ".cfg", ".toml"))
+             and pattern.search((ROOT / f).read_text(encoding="utf-8", errors="replace"))]
+    assert cited == []

@@ -30,7 +30,7 @@ N = 200          # recorded steps 0..N, every step; curvature every 10 steps
 
 
 def synthetic() -> xr.Dataset:
-    """Five runs holding every recorded variable of DESIGN's schema (gaps come from flowsim.compare), with
+    """Five runs holding every recorded variable of flowsim.record.VARIABLES (gaps come from flowsim.compare), with
     known crossings, NaN between measurements and a divergence.
 
     gd (the reference): sharpness 1 + 3.2k/N vs threshold 2/η = 4 (0.95·4 first reached at the measured step
