@@ -1,0 +1,124 @@
+"""The edge step-size controller as ``torch.optim`` optimizers, for a user's own training loop.
+
+``EdgeSGD`` (GD, EMA or heavy-ball momentum) and ``EdgeAdam`` run flowsim's update rules (:mod:`flowsim.solvers.rules`)
+under its :class:`~flowsim.solvers.Edge` policy — the same objects the simulator runs, no second implementation.
+``step(closure)`` takes a closure as ``torch.optim.LBFGS`` does: it evaluates the model on the current minibatch
+and returns the loss (it may call ``backward`` itself; the optimizer clears and reads ``.grad``). The controller
+calls it once for the step's gradient and once per Hessian-vector product it needs (forward differences of
+gradients, every ``every`` steps): all at the parameters of this step, on the batch the closure sees.
+
+What an optimizer cannot see: which examples the closure uses. So the controller's gradient coherence (which
+splits the step's batch) is off, and curvature is measured on the closure's batch (``curvature_batch``); the keys
+``coherence``, ``curvature_batch``, ``curvature_examples`` and ``hvp`` are not accepted. All parameters form one
+flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device). The optimizer's state
+(step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a resumed loop continues
+bit for bit on CPU. This module holds no model and no data.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+from flowsim.solvers import Edge, StepContext, make_rule
+from flowsim.solvers.rules import Rule
+
+NOT_IN_AN_OPTIMIZER = {"coherence": "it splits the step's batch, which an optimizer does not see",
+                       "curvature_batch": "curvature is measured on the closure's batch",
+                       "curvature_examples": "curvature is measured on the closure's batch",
+                       "hvp": "products are differences of the closure's gradients"}
+
+
+class _Closure:
+    """The part of flowsim's Problem interface that the step context needs — (loss, flat gradient) at a flat w —
+    over the optimizer's parameters and the user's closure."""
+
+    def __init__(self, params: list[Tensor], closure: Callable[[], Tensor]):
+        self.params, self.closure = params, closure
+
+    def load(self, w: Tensor) -> None:
+        with torch.no_grad():
+            for p, chunk in zip(self.params, torch.split(w, [p.numel() for p in self.params])):
+                p.copy_(chunk.view_as(p))
+
+    def loss_and_grad(self, w: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        self.load(w)
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = self.closure()
+            if all(p.grad is None for p in self.params) and loss.requires_grad:  # the closure did not backward
+                loss.backward()
+        g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params])
+        return loss.detach(), g.detach().clone()
+
+
+class EdgeOptimizer(torch.optim.Optimizer):
+    """An update rule of :mod:`flowsim.solvers.rules` under the edge controller (:class:`flowsim.solvers.Edge`):
+    η_k = c·θ/S with S the tracked λ_max(P̃⁻¹H). ``edge`` holds the controller's options (``c``, ``max_lr``,
+    ``every``, …; docs/step-size.md). After each step ``param_groups[0]["lr"]`` is the η it took."""
+
+    def __init__(self, params: Iterable, rule: Rule, **edge):
+        for key in NOT_IN_AN_OPTIMIZER.keys() & edge.keys():
+            raise ValueError(f"{key}: does not apply to an optimizer ({NOT_IN_AN_OPTIMIZER[key]})")
+        try:
+            policy = Edge(coherence=False, **edge)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        super().__init__(params, {"lr": float("nan")})
+        if len(self.param_groups) != 1:
+            raise ValueError("params: one parameter group (the controller sets one η for the flat parameter vector)")
+        params = self.param_groups[0]["params"]
+        if len({(p.dtype, p.device) for p in params}) != 1:
+            raise ValueError("params: all parameters must share one dtype and device")
+        self.rule, self.policy = rule, policy
+
+    def _flat_state(self) -> dict:
+        """The optimizer's whole state, kept under its first parameter so that ``state_dict`` carries it."""
+        first = self.param_groups[0]["params"][0]
+        if first not in self.state or not self.state[first]:
+            self.state[first] = {"step": 0, "rule": None, "policy": self.policy.init()}
+        return self.state[first]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One step of the rule at the controller's η; returns the closure's loss at the parameters before it."""
+        if closure is None:
+            raise ValueError("closure: required (it evaluates the loss on the current batch, as for LBFGS)")
+        params = self.param_groups[0]["params"]
+        state = self._flat_state()
+        problem = _Closure(params, closure)
+        w = torch.cat([p.detach().reshape(-1) for p in params])
+        ctx = StepContext(problem, self.rule, state["step"], w, state["rule"])
+        lr, state["policy"] = self.policy.update(state["step"], ctx, state["policy"])
+        loss, g = ctx.loss_and_grad()
+        if state["rule"] is None:
+            state["rule"] = self.rule.init(w, g)
+        delta, state["rule"] = self.rule.update(g, state["rule"], lr)
+        problem.load(w + delta)
+        for p, chunk in zip(params, torch.split(g, [p.numel() for p in params])):
+            p.grad = chunk.view_as(p).clone()  # the gradient of this step, not of a probe point
+        state["step"] += 1
+        self.param_groups[0]["lr"] = lr
+        return loss
+
+
+class EdgeSGD(EdgeOptimizer):
+    """GD under the edge controller; with ``momentum`` β > 0 EMA momentum m ← βm + (1 − β)g (threshold
+    (2 + 2β)/(1 − β)), or with ``heavy_ball`` m ← βm + g (threshold 2 + 2β). ``edge``: the controller's options."""
+
+    def __init__(self, params: Iterable, momentum: float = 0.0, heavy_ball: bool = False, **edge):
+        rule = make_rule("momentum", beta1=momentum, heavy_ball=heavy_ball) if momentum or heavy_ball \
+            else make_rule("gd")
+        super().__init__(params, rule, **edge)
+
+
+class EdgeAdam(EdgeOptimizer):
+    """Adam (bias-corrected; ``betas`` = (β1, β2), ``eps`` added to √v̂) under the edge controller, which holds
+    λ_max(P̃⁻¹H) at c·(2 + 2β1)/((1 − β1)η). ``edge``: the controller's options."""
+
+    def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
+        super().__init__(params, make_rule("adam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)

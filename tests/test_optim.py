@@ -1,0 +1,112 @@
+"""flowsim.optim: the edge controller as torch optimizers, equal to the simulator's runs of the same rule and
+policy (the same objects run both), exact under state_dict, with one-line errors for what does not apply."""
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import flowsim
+from flowsim.optim import EdgeAdam, EdgeSGD
+from flowsim.solvers import EpochSampler
+
+N, STEPS = 64, 40
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(N, 5, generator=gen, dtype=torch.float64)
+    Y = torch.tanh(X @ torch.randn(5, 2, generator=gen, dtype=torch.float64))  # a teacher the net can learn
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    return X, Y, net
+
+
+def train(model, opt, X, Y, batches, steps):
+    """The user's loop: one closure per step on the step's batch (all examples where ``batches`` is None)."""
+    lrs = []
+    for k in range(steps):
+        idx = slice(None) if batches is None else batches.indices(k)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * (model(X[idx]) - Y[idx]).pow(2).sum(1).mean()  # flowsim's mse: ½‖f − y‖², mean
+            loss.backward()
+            return loss
+        opt.step(closure)
+        lrs.append(opt.param_groups[0]["lr"])
+    return np.array(lrs), torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+@pytest.mark.parametrize("rule, make, hyper, batch", [
+    ("gd", lambda p: EdgeSGD(p), {}, None),
+    ("adam", lambda p: EdgeAdam(p, betas=(0.9, 0.99)), {"beta1": 0.9, "beta2": 0.99}, None),
+    ("momentum", lambda p: EdgeSGD(p, momentum=0.9), {"beta1": 0.9}, 16),
+    ("adam", lambda p: EdgeAdam(p), {}, 16),
+])
+def test_the_optimizer_reproduces_the_simulator_run(data, rule, make, hyper, batch):
+    """Full batch, and a minibatch loop over the simulator's own batches (the controller without coherence,
+    which an optimizer cannot compute): every step size and the final weights agree to 1e-10."""
+    X, Y, net = data
+    problem = flowsim.Problem.from_module(net, X, Y, loss="mse", device="cpu")
+    policy = "edge" if batch is None else {"edge": {"coherence": False}}
+    ds = flowsim.simulate(problem, rule=rule, process="discrete", step_size=policy, steps=STEPS, batch_size=batch,
+                          seed=3, record={"every": 1, "projection_dim": 0, "keep_weights": STEPS}, **hyper)
+    model = copy.deepcopy(net)
+    batches = None if batch is None else EpochSampler(N, batch, 3, torch.device("cpu"))
+    lrs, w = train(model, make(model.parameters()), X, Y, batches, STEPS)
+    np.testing.assert_allclose(lrs, ds.step_size.values[0, :STEPS], rtol=1e-10)
+    np.testing.assert_allclose(w.numpy(), ds.w.values[0, -1], rtol=0, atol=1e-10)
+    assert ds.loss.values[0, -1] < 0.5 * ds.loss.values[0, 0]  # and it trains
+
+
+def test_state_dict_resumes_bit_for_bit(data):
+    X, Y, net = data
+    batches = EpochSampler(N, 16, 0, torch.device("cpu"))
+    model = copy.deepcopy(net)
+    opt = EdgeAdam(model.parameters(), every=3)
+    _, straight = train(model, opt, X, Y, batches, 25)
+
+    model = copy.deepcopy(net)
+    opt = EdgeAdam(model.parameters(), every=3)
+    train(model, opt, X, Y, batches, 11)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = copy.deepcopy(net)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = EdgeAdam(resumed_model.parameters(), every=3)
+    resumed.load_state_dict(saved["opt"])
+
+    class Shifted:  # the batches from step 11 on
+        def indices(self, k):
+            return batches.indices(k + 11)
+    _, w = train(resumed_model, resumed, X, Y, Shifted(), 14)
+    assert torch.equal(w, straight)
+
+
+def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
+    params = list(copy.deepcopy(data[2]).parameters())
+    with pytest.raises(ValueError, match=r"^coherence: does not apply to an optimizer"):
+        EdgeSGD(params, coherence=True)
+    with pytest.raises(ValueError, match=r"^hvp: does not apply to an optimizer"):
+        EdgeAdam(params, hvp="reverse")
+    with pytest.raises(ValueError, match=r"^c: "):
+        EdgeSGD(params, c=3.0)
+    with pytest.raises(ValueError, match=r"^closure: required"):
+        EdgeSGD(params).step(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_it_takes_the_cpu_steps(data):
+    X, Y, net = data
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(net).to(device)
+        lrs, w = train(model, EdgeAdam(model.parameters()), X.to(device), Y.to(device), None, 10)
+        runs.append((lrs, w.cpu()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-8)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-7, atol=1e-9)
