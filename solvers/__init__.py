@@ -4,7 +4,7 @@ SDE, central flow) and step-size policies (how η is chosen) — and the one loo
 ``RULES``, ``PROCESSES`` and ``POLICIES`` are the registries that scenario names resolve through.
 """
 from flowsim.solvers.rules import RULES, Rule, make_rule
-from flowsim.solvers.step_size import POLICIES, Constant, Drop, Edge, StepContext, StepSize
+from flowsim.solvers.step_size import POLICIES, Cdat, Constant, Drop, Edge, StepContext, StepSize
 from flowsim.solvers.processes import Discrete, EpochSampler, Process, Trajectory
 from flowsim.solvers.flows import Modified, Stable
 from flowsim.solvers.sde import SDE
@@ -12,5 +12,5 @@ from flowsim.solvers.central import Central
 
 PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central)}
 
-__all__ = ["POLICIES", "PROCESSES", "RULES", "Central", "Constant", "Discrete", "Drop", "Edge", "EpochSampler",
+__all__ = ["POLICIES", "PROCESSES", "RULES", "Cdat", "Central", "Constant", "Discrete", "Drop", "Edge", "EpochSampler",
            "Modified", "Process", "Rule", "SDE", "Stable", "StepContext", "StepSize", "Trajectory", "make_rule"]

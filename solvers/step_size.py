@@ -10,6 +10,7 @@ state). Units: η in the rule's step-size units; curvature in loss/weight² (no 
 - :class:`Constant` — η_k = lr.
 - :class:`Drop` — lr until step ``at``, ``lr_after`` from then on.
 - :class:`Edge` — η from tracked curvature, at a fraction c of the rule's stability threshold (docs/step-size.md).
+- :class:`Cdat` — σ times the greedy step along the rule's update, from one Hessian-vector product per step.
 
 A scenario names a policy with ``lr`` alone (constant), ``step_size: {drop: {at, lr_after}}`` beside ``lr``, or
 ``step_size: edge`` / ``step_size: {edge: {...}}`` (no ``lr``: the controller sets η; its cap is ``max_lr``).
@@ -270,4 +271,33 @@ def _coherence(state: PolicyState) -> float:
     return min(1.0, max(MIN_COHERENCE, state["signal_sq"] / state["batch_sq"]))
 
 
-POLICIES: dict[str, type[StepSize]] = {p.kind: p for p in (Constant, Drop, Edge)}
+class Cdat(StepSize):
+    """CDAT (Roulet, Agarwala et al. 2024, arXiv 2407.06183): η_k = σ·n_k/d_k along the rule's update u_k at η = 1,
+    n = max(−gᵀu, 0), d = |uᵀHu|, each an exponential moving average (coefficient ``ema``; the bias correction
+    cancels in the ratio). σ = 1 is the greedy step (the minimizer of the quadratic model along u), σ = 2 steps
+    "on edge" (to the model's level set through w_k). One Hessian-vector product per step, on the step's batch."""
+    kind: ClassVar[str] = "cdat"
+    curvature: ClassVar[bool] = True
+    sigma: float = Field(2.0, gt=0, description="multiple of the greedy step: 1 greedy, 2 on edge")
+    ema: float = Field(0.9, ge=0, lt=1, description="EMA coefficient of the numerator and the denominator")
+    max_lr: PositiveFloat = Field(math.inf, description="the largest η it may set")
+    hvp: Literal[HVP_METHODS] = Field("difference", description="Hessian-vector products: reverse, forward or "
+                                      "difference (as for edge)")
+
+    def coords(self):
+        return {"policy": self.kind, "lr": math.nan, "max_lr": self.max_lr}
+
+    def init(self) -> PolicyState:
+        return {"n": 0.0, "d": 0.0}
+
+    def update(self, k, ctx, state):
+        g = ctx.loss_and_grad()[1]
+        u = ctx.rule.update(g, ctx.prior_state(), 1.0)[0]
+        n = max(-(g * u).sum().item(), 0.0)
+        d = abs((u * ctx.hessian(self.hvp)(u)).sum().item())
+        state = {"n": self.ema * state["n"] + (1 - self.ema) * n, "d": self.ema * state["d"] + (1 - self.ema) * d}
+        eta = self.sigma * state["n"] / state["d"] if state["d"] > 0 else math.inf
+        return min(self.max_lr, eta), state
+
+
+POLICIES: dict[str, type[StepSize]] = {p.kind: p for p in (Constant, Drop, Edge, Cdat)}

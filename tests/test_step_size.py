@@ -337,3 +337,44 @@ def test_the_default_edge_runs_from_a_scenario_and_records_what_ran():
     assert np.isfinite(a.step_size.sel(step=slice(0, 11)).values).all()
     assert ds.sel(run="b").policy.item() == "constant" and ds.sel(run="b").lr.item() == 0.3
     assert (ds.sel(run="b").step_size.sel(step=slice(0, 11)).values == 0.3).all()
+
+
+def test_cdat_takes_the_greedy_step_at_sigma_one_and_holds_the_edge_at_two():
+    """On ½ Σ λ_i w_i² with GD and no EMA: σ = 1 is exact steepest descent, η_k = gᵀg/gᵀHg (H = diag λ); σ = 2
+    on one eigenvalue is η = 2/λ, where w flips sign every step and the loss stays put."""
+    from flowsim.solvers import Cdat
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    rows, _, _ = drive(problem, "gd", Cdat(sigma=1.0, ema=0.0, hvp="reverse"), 6)
+    lam, w = torch.tensor(SPECTRUM, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for k in range(6):
+        g = lam * w
+        eta = (g @ g / (g @ (lam * g))).item()
+        assert rows[k]["step_size"] == pytest.approx(eta, rel=1e-12), k
+        w = w - eta * g
+    single = QuadraticConfig(spectrum=[3.0]).build(device="cpu")
+    rows, _, traj = drive(single, "gd", Cdat(ema=0.0, hvp="reverse"), 5)
+    assert [rows[k]["step_size"] for k in range(5)] == pytest.approx([2 / 3.0] * 5, rel=1e-12)
+    assert traj.w.item() == pytest.approx(-single.w0.item(), rel=1e-12)  # five flips
+
+
+def test_cdat_steps_along_the_rule_update_with_averaged_numerator_and_denominator():
+    """Adam's first update u (η = 1) from the rule itself, uᵀHu from the dense Hessian: η_0 = σ(−gᵀu)/|uᵀHu|;
+    with ema the ratio of the two running averages, and cdat is a scenario policy like any other."""
+    from flowsim.solvers import Cdat
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    rule = make_rule("adam")
+    g = problem.loss_and_grad(problem.w0)[1]
+    u = rule.update(g, rule.init(problem.w0, g), 1.0)[0]
+    H = torch.diag(torch.tensor(SPECTRUM, dtype=torch.float64))
+    rows, _, _ = drive(problem, "adam", Cdat(ema=0.5, hvp="reverse"), 2)
+    n0, d0 = (-(g @ u)).item(), (u @ H @ u).item()
+    assert rows[0]["step_size"] == pytest.approx(2 * n0 / d0, rel=1e-12)
+    delta, state = rule.update(g, rule.init(problem.w0, g), rows[0]["step_size"])
+    g1 = problem.loss_and_grad(problem.w0 + delta)[1]
+    u1 = rule.update(g1, state, 1.0)[0]
+    n1, d1 = (-(g1 @ u1)).item(), (u1 @ H @ u1).item()
+    assert rows[1]["step_size"] == pytest.approx(2 * (0.25 * n0 + 0.5 * n1) / (0.25 * d0 + 0.5 * d1), rel=1e-12)
+    ds = flowsim.simulate(problem, "adam", "discrete", {"cdat": {"sigma": 1.5}}, 3)
+    assert ds.policy.item() == "cdat" and np.isnan(ds.lr.item()) and np.isinf(ds.max_lr.item())
+    with pytest.raises(ScenarioError, match=r"sigma"):
+        flowsim.simulate(problem, "gd", "discrete", {"cdat": {"sigma": -1}}, 3)
