@@ -5,7 +5,9 @@ Such a store's runs carry the coordinates ``task``, ``method``, ``seed``, ``lr``
 and ``wall_to_target``, and its root attrs name the ``baseline`` method and hold the benchmark's settings
 (``bench``, YAML). :func:`target_summary` is the per-(task, method) table the benchmark prints; :func:`write` is the
 report, drawn by ``flowsim.report.write`` with this module's summary and sections (:data:`TASK_SECTIONS`, one panel
-per task). Re-render the report of a stored benchmark with ``python -m benchmarks.report STORE [-o report.html]``.
+per task). A store whose runs carry ``half`` (the half of the suite: tuning or held-out) is summarized per half
+(:func:`by_half`, :func:`half_summary`). Re-render the report of a stored benchmark with ``python -m
+benchmarks.report STORE [-o report.html]``.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def target_summary(ds: xr.Dataset) -> pd.DataFrame:
     """One row per (task, method) of a benchmark dataset: lr, runs (seeds), hit (runs that reach their target),
     the mean steps and wall seconds to the target over those runs (NaN: none does), the mean final loss (last
     finite), the diverged runs, and the ratios of the ``baseline`` method's (``ds.attrs``) steps and wall seconds
-    on the same task to the method's (> 1: the method is faster)."""
+    on the same task to the method's (> 1: the method is faster); ``vs adam``: the final loss over
+    :data:`TUNED_ADAM`'s on the same task (NaN where it did not run)."""
     runs = pd.DataFrame({
         "task": ds["task"].values, "method": ds["method"].values, "lr": ds["lr"].values,
         "steps": ds["steps_to_target"].values, "wall s": ds["wall_to_target"].values,
@@ -50,16 +53,90 @@ def target_summary(ds: xr.Dataset) -> pd.DataFrame:
     base = table.xs(ds.attrs["baseline"], level="method")
     for column, ratio in (("steps", "steps x"), ("wall s", "wall x")):
         table[ratio] = base[column].reindex(tasks).to_numpy() / table[column].to_numpy()
+    adam = table["final loss"].xs(TUNED_ADAM, level="method") if TUNED_ADAM in table.index.get_level_values(
+        "method") else pd.Series(dtype=float)
+    table["vs adam"] = table["final loss"].to_numpy() / adam.reindex(tasks).to_numpy()
     return table
+
+
+TUNED_ADAM = "adam-best"
+"""The method whose final loss the column ``vs adam`` of :func:`target_summary` divides by: Adam at the step size
+of its grid that reaches the target on the most seeds, then in the fewest steps."""
+HEADLINE = ("edge-adam", "edge-gd")
+"""The methods each half's summary line is about: the edge controller's defaults over Adam and over GD."""
+PARAMETER_FREE = ("prodigy", "schedulefree-sgd")
+"""The methods the headline methods' mean log10 final loss is compared against, with CDAT over the same rule."""
+LOSS_FLOOR = 1e-8
+"""Final losses below it count as it in the log10 comparison of :func:`half_summary`: a float32 cross-entropy
+reaches exactly 0 once every example's term rounds to 0 (below ≈ 6e-8), and log10 0 would make the mean −inf."""
+
+
+def halves(ds: xr.Dataset) -> list[str]:
+    """The halves of the suite the dataset's runs belong to, in order (``[""]`` for a store without ``half``)."""
+    if "half" not in ds.coords:
+        return [""]
+    return [str(h) for h in dict.fromkeys(ds["half"].values)]
+
+
+def of_half(ds: xr.Dataset, half: str) -> xr.Dataset:
+    """The runs of one half (all of them for a store without ``half``)."""
+    return ds if "half" not in ds.coords else ds.isel(run=(ds["half"] == half).values)
+
+
+def half_summary(ds: xr.Dataset, table: Optional[pd.DataFrame] = None) -> list[str]:
+    """For each of :data:`HEADLINE` present in ``ds`` (the runs of one half), one line: on how many tasks it needs
+    at least 1.5x fewer steps than the baseline (``steps x`` ≥ 1.5), on how many its final loss is at most 1.1x
+    tuned Adam's (``vs adam`` ≤ 1.1), its mean over the tasks of log10(final loss / other's final loss) for each of
+    :data:`PARAMETER_FREE` and CDAT over the same rule (``cdat-<rule>``; < 0: lower loss; losses floored at
+    :data:`LOSS_FLOOR`), and its diverged runs."""
+    table = target_summary(ds) if table is None else table
+    tasks = list(dict.fromkeys(table.index.get_level_values("task")))
+    methods = set(table.index.get_level_values("method"))
+    lines = []
+    for method in HEADLINE:
+        if method not in methods:
+            continue
+        rows = table.xs(method, level="method").reindex(tasks)
+        n = int(rows["runs"].notna().sum())
+        rule = str(ds["rule"].values[(ds["method"] == method).values][0])
+        fewer = int((rows["steps x"] >= 1.5).sum())
+        close = int((rows["vs adam"] <= 1.1).sum())
+        versus = []
+        for other in (*PARAMETER_FREE, f"cdat-{rule}"):
+            if other not in methods:
+                continue
+            ratio = np.log10(np.maximum(rows["final loss"].to_numpy(), LOSS_FLOOR) / np.maximum(
+                table.xs(other, level="method")["final loss"].reindex(tasks).to_numpy(), LOSS_FLOOR))
+            versus.append(f"{other} {np.nanmean(ratio):+.2f}" if np.isfinite(ratio).any() else f"{other} –")
+        lines.append(f"{method}: >= 1.5x fewer steps than {ds.attrs['baseline']} on {fewer}/{n} tasks; final loss "
+                     f"<= 1.1x {TUNED_ADAM}'s on {close}/{n}; mean log10 final loss vs "
+                     f"{', '.join(versus) or '–'} (< 0: lower); diverged {int(rows['diverged'].sum())}/"
+                     f"{int(rows['runs'].sum())} runs")
+    return lines
+
+
+def by_half(ds: xr.Dataset) -> str:
+    """The table of :func:`target_summary` per half of the suite, each followed by its :func:`half_summary`."""
+    parts = []
+    for half in halves(ds):
+        sub = of_half(ds, half)
+        table = target_summary(sub)
+        tasks = ", ".join(dict.fromkeys(table.index.get_level_values("task")))
+        parts.append("\n".join([f"== {half or 'all'} half: {tasks} ==",
+                                 table.to_string(float_format=lambda v: f"{v:.3g}"),
+                                 *(f"  {line}" for line in half_summary(sub, table))]))
+    return "\n\n".join(parts)
 
 
 def summary(ds: xr.Dataset) -> tuple[pd.DataFrame, str]:
     """The report's summary: :func:`target_summary` and what its columns mean."""
     base = ds.attrs["baseline"]
+    lines = [f"{half or 'all'} half — {line}" for half in halves(ds) for line in half_summary(of_half(ds, half))]
     return target_summary(ds), (
         f"Per task and method over its seeds: steps and wall s to the target (the loss that {base} reaches at the "
         f"budget, per seed), mean over the runs that reach it; final loss: mean of the last finite loss; steps x, "
-        f"wall x: {base} / method (> 1: faster than {base}).")
+        f"wall x: {base} / method (> 1: faster than {base}); vs adam: final loss / {TUNED_ADAM}'s. "
+        + " ".join(f"{line}." for line in lines))
 
 
 def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:

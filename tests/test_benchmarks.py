@@ -27,23 +27,27 @@ from flowsim.solvers import EpochSampler  # noqa: E402
 PROBLEM = {"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
            "n_train": 60, "loss": "mse"}
 TASKS = {  # GD lr 50 diverges at step 2 of the full-batch task: the best of the grid is 0.4 on both tasks
-    "tiny-full": {"problem": PROBLEM, "dtype": "float64", "steps": 20, "batch_size": None, "eval_every": 1,
+    "tiny-full": {"half": "tuning", "problem": PROBLEM, "dtype": "float64", "steps": 20, "batch_size": None,
+                  "eval_every": 1,
                   "gd": [0.1, 0.4, 50.0], "adam": [1e-3, 1e-2]},
-    "tiny-mini": {"problem": PROBLEM, "dtype": "float64", "steps": 20, "batch_size": 20, "eval_every": 5,
+    "tiny-mini": {"half": "held-out", "problem": PROBLEM, "dtype": "float64", "steps": 20, "batch_size": 20,
+                  "eval_every": 5,
                   "gd": [0.1, 0.4], "adam": [1e-3, 1e-2]},
 }
 SEEDS = (0, 1)
-METHODS = ["gd-best", "adam-default", "adam-best", "edge-gd-c1", "schedulefree-sgd", "prodigy"]
+METHODS = ["gd-best", "adam-default", "adam-best", "edge-gd-c1", "cdat-gd", "schedulefree-sgd", "prodigy"]
 EDGE_C1 = Method("gd", {"edge": {"c": 1.0}})
+CDAT_GD = Method("gd", {"cdat": {}})
 
 
 @contextlib.contextmanager
 def tiny_bench():
-    """The bench on TASKS and SEEDS with one edge setting (about 5 s on one CPU thread)."""
+    """The bench on TASKS and SEEDS with one edge setting and CDAT over GD (about 5 s on one CPU thread)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(adaptive, "TASKS", TASKS)
         mp.setattr(adaptive, "SEEDS", SEEDS)
         mp.setattr(adaptive, "EDGE", {"edge-gd-c1": EDGE_C1})
+        mp.setattr(adaptive, "CDAT", {"cdat-gd": CDAT_GD})
         yield mp
 
 
@@ -88,6 +92,10 @@ def test_bench_stores_one_run_per_task_method_and_seed(bench_store):
     assert (str(edge["process"].values), str(edge["policy"].values), str(edge["options"].values)) == \
         ("discrete", "edge", "c=1.0")
     assert np.isnan(float(edge["lr"])) and float(edge["max_lr"]) == np.inf
+    cdat = ds.sel(run="tiny-full[cdat-gd,seed=1]")
+    assert (str(cdat["rule"].values), str(cdat["policy"].values), str(cdat["options"].values)) == ("gd", "cdat", "")
+    for task in TASKS:
+        assert set(ds.sel(run=ds["task"] == task)["half"].values) == {TASKS[task]["half"]}
     assert str(ds.sel(run="tiny-mini[prodigy,seed=1]")["process"].values) == "torch"
     assert ds.attrs["baseline"] == "gd-best" and "tiny-mini" in ds.attrs["bench"]
     assert ds["loss"].attrs["units"] == "loss" and ds["wall_time"].attrs["units"] == "s"
@@ -119,6 +127,8 @@ def test_step_size_is_recorded_where_the_method_has_one(bench_store):
         assert ((edge > 0) & (edge < 100.0)).all() and np.unique(edge.values).size > 1
         adam = ds["step_size"].sel(run=f"{task}[adam-default,seed=1]").dropna("step")
         assert (adam.values == 1e-3).all() and adam.size == edge.size
+        cdat = ds["step_size"].sel(run=f"{task}[cdat-gd,seed=1]").dropna("step")
+        assert list(cdat.step.values) == list(range(TASKS[task]["steps"])) and (cdat > 0).all()
         for method in ("schedulefree-sgd", "prodigy"):
             assert np.isnan(ds["step_size"].sel(run=f"{task}[{method},seed=0]")).all()
 
@@ -249,6 +259,73 @@ def test_quick_shortens_every_task_and_halves_its_grids():
     for name, task in short.items():
         assert task["steps"] == 60 and task["gd"] == adaptive.TASKS[name]["gd"][1::2]
         assert len(task["adam"]) == 4 and task["problem"] == adaptive.TASKS[name]["problem"]
+        assert task["half"] == adaptive.TASKS[name]["half"]
+
+
+def test_the_suite_is_split_into_a_tuning_and_a_held_out_half():
+    assert adaptive.HALVES == ("tuning", "held-out")
+    assert all(task["half"] in adaptive.HALVES for task in adaptive.TASKS.values())
+    halves = {half: adaptive.select(half) for half in adaptive.HALVES}
+    assert all(len(tasks) >= 5 for tasks in halves.values())
+    assert sorted(n for tasks in halves.values() for n in tasks) == sorted(adaptive.TASKS)
+    assert adaptive.select("all") == adaptive.TASKS
+    assert {"mlp-digits", "cnn-mnist1d", "transformer-markov"} <= set(halves["tuning"])  # where the defaults came from
+    for task in adaptive.TASKS.values():
+        assert len(task["gd"]) == len(task["adam"]) == 8 and task["steps"] > 60
+    with pytest.raises(ValueError, match="half: 'test'"):
+        adaptive.select("test")
+
+
+def test_half_selects_the_tasks_of_one_half(capsys):
+    ran = []
+    with tiny_bench() as mp:
+        mp.setattr(adaptive, "adaptive", lambda tasks, *a, **k: ran.append(list(tasks)))
+        assert main(["adaptive", "--half", "held-out"]) == 0
+        assert main(["adaptive", "--half", "tuning", "--quick"]) == 0
+        assert main(["adaptive", "--tasks", "tiny-full", "tiny-mini"]) == 0
+        with pytest.raises(SystemExit):
+            main(["adaptive", "--half", "held-out", "--tasks", "tiny-full"])
+    assert ran == [["tiny-mini"], ["tiny-full"], ["tiny-full", "tiny-mini"]]
+    assert "--half held-out: none of the tasks tiny-full is in it" in capsys.readouterr().err
+
+
+def test_the_quick_run_stores_each_half_and_cdat(tmp_path):
+    pytest.importorskip("schedulefree")
+    pytest.importorskip("prodigyopt")
+    path = tmp_path / "quick.zarr"
+    out = io.StringIO()
+    with tiny_bench(), contextlib.redirect_stdout(out):
+        assert main(["adaptive", "--quick", "-o", str(path)]) == 0
+    ds = flowsim.open(path)
+    assert set(ds["seed"].values) == {0} and {"cdat-gd", "edge-gd-c1"} <= set(ds["method"].values)
+    for task in TASKS:
+        runs = ds.sel(run=ds["task"] == task)
+        assert set(runs["half"].values) == {TASKS[task]["half"]} and int(runs["loss"].step.max()) <= 60
+    assert str(ds.sel(run="tiny-mini[cdat-gd,seed=0]")["policy"].values) == "cdat"
+    printed = out.getvalue()
+    assert printed.index("== tuning half: tiny-full ==") < printed.index("== held-out half: tiny-mini ==")
+
+
+def test_each_half_is_summarized_from_its_own_table(bench_store, monkeypatch):
+    monkeypatch.setattr(report, "HEADLINE", ("edge-gd-c1", "no-such-method"))
+    ds = flowsim.open(bench_store[0])
+    assert report.halves(ds) == ["tuning", "held-out"]
+    for half, task in (("tuning", "tiny-full"), ("held-out", "tiny-mini")):
+        sub = report.of_half(ds, half)
+        assert set(sub["task"].values) == {task}
+        table = report.target_summary(sub)
+        row = table.loc[(task, "edge-gd-c1")]
+        assert row["vs adam"] == pytest.approx(row["final loss"] / table.loc[(task, "adam-best"), "final loss"])
+        floor = report.LOSS_FLOOR
+        versus = {m: np.log10(max(row["final loss"], floor) / max(table.loc[(task, m), "final loss"], floor))
+                  for m in ("prodigy", "schedulefree-sgd", "cdat-gd")}
+        [line] = report.half_summary(sub)
+        assert line == (
+            f"edge-gd-c1: >= 1.5x fewer steps than gd-best on {int(row['steps x'] >= 1.5)}/1 tasks; final loss "
+            f"<= 1.1x adam-best's on {int(row['vs adam'] <= 1.1)}/1; mean log10 final loss vs "
+            + ", ".join(f"{m} {v:+.2f}" for m, v in versus.items()) + " (< 0: lower); diverged 0/2 runs")
+        assert f"== {half} half: {task} ==\n" in report.by_half(ds)
+        assert f"{half} half — {line}." in report.summary(ds)[1]
 
 
 def test_the_launcher_lists_every_benchmark_with_its_duration(capsys):
