@@ -47,5 +47,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "adaptive": Benchmark("benchmarks.adaptive:main", "15 min | 1 min",
                           "the edge step-size controller against tuned GD/Adam, CDAT, schedulefree, prodigy on 10 "
                           "tasks, a tuning and a held-out half (bench extra)"),
+    "options": Benchmark("benchmarks.options:main", "≈ 5 min/half | 1 min",
+                         "each option of the edge controller toggled from its defaults, on both halves of the "
+                         "adaptive suite (needs an adaptive store)"),
 }
 """Every benchmark by the name ``python -m benchmarks NAME`` takes."""

@@ -142,11 +142,9 @@ EDGE: dict[str, Method] = {
     "edge-adam": Method("adam", "edge"),  # the defaults: the headline setting
     "edge-gd": Method("gd", "edge"),
 }
-"""The edge controller's settings compared, the same on every task: its defaults (c = 0.5, step 0 by a line search
-along the rule's first update, S on each estimating step's own batch by at most 4 warm difference products,
-c halved after a rise of the mean loss, c scaled by the gradient coherence) over Adam and over GD. The ablations
-of single options (no coherence, no decay, exact products, the first setting c = 1) were dropped when the suite
-grew to ten tasks, to keep the held-out half within 30 minutes; a per-option effect table is future work."""
+"""The edge controller's settings compared, the same on every task: its defaults (c = 0.5, S on each estimating
+step's own batch by at most 4 warm difference products) over Adam and over GD. What each option is worth is the
+``options`` benchmark (benchmarks/options.py), run against this benchmark's store."""
 CDAT: dict[str, Method] = {
     "cdat-gd": Method("gd", {"cdat": {}}),
     "cdat-adam": Method("adam", {"cdat": {}}),

@@ -288,14 +288,3 @@ def gradient_noise_trace(problem, w: Tensor, idx: Optional[Tensor] = None) -> fl
     return (G - G.mean(0)).pow(2).sum(1).mean().item()
 
 
-def gradient_signal(g1: Tensor, g2: Tensor, n1: int, n2: int, n_examples: float) -> float:
-    """Unbiased estimate of ‖∇L‖² from the mean gradients g1, g2 of two disjoint parts (n1, n2 examples) of one
-    batch drawn without replacement from ``n_examples`` D (``math.inf``: drawn with replacement).
-
-    Such parts are negatively correlated: E[g1·g2] = ‖∇L‖² − s²/D and E‖g1 − g2‖² = (1/n1 + 1/n2)·s², with s² the
-    per-example gradient variance (trace, normalized by D − 1); so ‖∇L‖² ≈ g1·g2 + ‖g1 − g2‖²/(D(1/n1 + 1/n2)).
-    Without the correction, g1·g2 turns negative late in training on a small D, where ‖∇L‖² < s²/D. Two halves
-    of the whole data set (n1 = n2 = D/2) give ‖(g1 + g2)/2‖² = ‖∇L‖² exactly.
-    """
-    variance = (g1 - g2).pow(2).sum().item() / (1 / n1 + 1 / n2)
-    return (g1 * g2).sum().item() + variance / n_examples

@@ -7,9 +7,8 @@ and returns the loss (it may call ``backward`` itself; the optimizer clears and 
 calls it once for the step's gradient and once per Hessian-vector product it needs (forward differences of
 gradients, every ``every`` steps): all at the parameters of this step, on the batch the closure sees.
 
-What an optimizer cannot see: which examples the closure uses. So the controller's gradient coherence (which
-splits the step's batch) is off, and curvature is measured on the closure's batch (``curvature_batch``); the keys
-``coherence``, ``curvature_batch``, ``curvature_examples`` and ``hvp`` are not accepted. All parameters form one
+Curvature is measured on the closure's batch, by differences of its gradients (the key ``hvp`` is not accepted:
+exact products would need the loss as a function of a flat parameter vector). All parameters form one
 flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device). The optimizer's state
 (step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a resumed loop continues
 bit for bit on CPU. This module holds no model and no data.
@@ -25,10 +24,7 @@ from torch import Tensor
 from flowsim.solvers import Edge, StepContext, make_rule
 from flowsim.solvers.rules import Rule
 
-NOT_IN_AN_OPTIMIZER = {"coherence": "it splits the step's batch, which an optimizer does not see",
-                       "curvature_batch": "curvature is measured on the closure's batch",
-                       "curvature_examples": "curvature is measured on the closure's batch",
-                       "hvp": "products are differences of the closure's gradients"}
+NOT_IN_AN_OPTIMIZER = {"hvp": "products are differences of the closure's gradients"}
 
 
 class _Closure:
@@ -64,7 +60,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
         for key in NOT_IN_AN_OPTIMIZER.keys() & edge.keys():
             raise ValueError(f"{key}: does not apply to an optimizer ({NOT_IN_AN_OPTIMIZER[key]})")
         try:
-            policy = Edge(coherence=False, **edge)
+            policy = Edge(**edge)
         except ValidationError as e:
             first = e.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None

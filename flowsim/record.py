@@ -21,8 +21,6 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "loss": ((), "loss", "training loss on the full batch, averaged over examples"),
     "grad_norm": ((), "loss/weight", "‖∇L(w)‖₂ on the full batch"),
     "step_size": ((), "1", "step size η used from this step to the next"),
-    "target_c": ((), "1", "edge step-size controller: c, its target η·S as a fraction of the rule's threshold θ "
-                 "(times the gradient coherence on minibatches)"),
     "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
     "wall_time": ((), "s", "wall-clock seconds since the run started"),
     "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),

@@ -11,7 +11,6 @@ they run on, and never touch storage.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
@@ -146,9 +145,7 @@ class Discrete(Process):
     def context(self, traj: Trajectory) -> StepContext:
         if self.sampler is None:
             return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state)
-        population = self.problem.n_examples if isinstance(self.sampler, EpochSampler) else math.inf
-        return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state,
-                           idx=self.sampler.indices(traj.step), population=population)
+        return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state, idx=self.sampler.indices(traj.step))
 
     def step(self, traj: Trajectory, lr: float, measure: bool, ctx: Optional[StepContext] = None) -> dict:
         ctx = self.context(traj) if ctx is None else ctx

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from torch import Tensor
 
-from flowsim.curvature import HVP_METHODS, LossGraph, gradient_signal, hessian_operator, precond_eigenpairs
+from flowsim.curvature import HVP_METHODS, LossGraph, hessian_operator, precond_eigenpairs
 from flowsim.solvers.rules import Rule, State
 
 PolicyState = dict
@@ -36,16 +36,14 @@ class StepContext:
     """What the loop knows at w_k before step k, computed on first use and shared by the policy and the process.
 
     ``step`` k, ``w`` w_k, ``state`` the rule state before the step (None before the first step), ``idx`` the
-    step's batch (None: full batch), ``population`` the number of examples its batches are drawn from without
-    replacement (``math.inf``: with replacement; None in full batch). ``loss_and_grad()`` is the step's own
+    step's batch (None: full batch). ``loss_and_grad()`` is the step's own
     (loss, gradient) on its batch — the process takes its step with the same tensors.
     """
 
     def __init__(self, problem, rule: Rule, step: int, w: Tensor, state: Optional[State],
-                 idx: Optional[Tensor] = None, population: Optional[float] = None,
-                 precond_state: Optional[Callable[[Tensor], State]] = None):
+                 idx: Optional[Tensor] = None, precond_state: Optional[Callable[[Tensor], State]] = None):
         self.problem, self.rule, self.step, self.w, self.state = problem, rule, step, w, state
-        self.idx, self.population = idx, population
+        self.idx = idx
         self._precond_state = precond_state
         self._value: Optional[tuple[Tensor, Tensor]] = None
         self._graph: Optional[LossGraph] = None
@@ -67,14 +65,6 @@ class StepContext:
                     self._value = (self._graph.loss.detach(), self._graph.grad())
             return self._graph.hvp
         return hessian_operator(self.problem, self.w, self.idx, method, grad=self.loss_and_grad()[1])
-
-    def hessian_on(self, idx: Optional[Tensor], method: str = "reverse") -> Callable[[Tensor], Tensor]:
-        """v ↦ H v at w_k on the examples ``idx`` (None: all of them), apart from the step's own evaluation."""
-        return hessian_operator(self.problem, self.w, idx, method)
-
-    def grad_on(self, idx: Tensor) -> Tensor:
-        """∇L at w_k on the examples ``idx``."""
-        return self.problem.loss_and_grad(self.w, idx)[1]
 
     def prior_state(self) -> State:
         """The rule state the step starts from (before the first step: the rule's initial state)."""
@@ -134,19 +124,14 @@ class Drop(StepSize):
         return (self.lr_after if k >= self.at else self.lr), state
 
 
-COHERENCE_MEMORY = 0.8
-"""Weight of the past in the running sums of ``coherence``: its estimates average over ≈ 5 re-estimates."""
-MIN_COHERENCE = 0.05
-"""Floor of the coherence factor: the unbiased ‖∇L‖² estimate can come out ≤ 0 where it is small."""
-
-
 class Edge(StepSize):
-    """The edge controller: η_k = min(max_lr, s·c·ρ·θ/S), S = λ_max(P̃⁻¹H) re-estimated every ``every`` steps.
+    """The edge controller: η_k = min(max_lr, s·c·θ/S), S = λ_max(P̃⁻¹H) re-estimated every ``every`` steps.
 
     θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so η·S = c·θ: c = 1 sits at the
-    edge of stability. P̃ is the preconditioner of the step η is set for. s is the divergence guard's scale, ρ the
-    gradient coherence (1 in full batch). The defaults are the best setting measured on the adaptive benchmark;
-    docs/step-size.md explains each option and what it measured.
+    edge of stability. P̃ is the preconditioner of the step η is set for. s is the divergence guard's scale. S is
+    measured on each estimating step's own batch by warm-started Lanczos (products by ``hvp``).
+    The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
+    (docs/step-size.md gives each with its effect on both halves).
     """
     kind: ClassVar[str] = "edge"
     curvature: ClassVar[bool] = True
@@ -154,42 +139,22 @@ class Edge(StepSize):
     max_lr: PositiveFloat = Field(math.inf, description="the largest η the controller may set")
     every: PositiveInt = Field(10, description="re-estimate S every this many steps")
     early: bool = Field(True, description="also re-estimate at steps 1, 2, 4, … below every")
-    first_step: Literal["edge", "line"] = Field(
-        "line", description="η of step 0: c·θ/S (edge), or the minimizer of the quadratic model along the rule's "
-        "first update (line)")
     guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
                          "shrinks the step")
     shrink: float = Field(0.5, gt=0, lt=1, description="factor applied to the step by the guard")
     recover: float = Field(1.25, ge=1, description="factor by which a shrunk step recovers per re-estimate (≤ 1×)")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate")
-    decay_on_rise: float = Field(0.5, gt=0, le=1, description="c is multiplied by this after an interval whose "
-                                 "mean step loss rose above the one before (1 = off)")
-    coherence: bool = Field(True, description="scale c by the gradient coherence ‖∇L‖²/E‖g_B‖² (minibatch; one "
-                            "extra half-batch gradient per re-estimate)")
     eig_tol: PositiveFloat = Field(1e-2, description="eigensolver tolerance: relative eigenvalue error")
-    curvature_batch: bool = Field(True, description="S on the step's own batch (else on curvature_examples)")
-    curvature_examples: Optional[PositiveInt] = Field(
-        None, description="without curvature_batch: S on the first this many examples (absent = all)")
     max_products: Optional[PositiveInt] = Field(4, description="Hessian-vector products per re-estimate after "
                                                 "the first (absent = until eig_tol)")
-    hvp: Literal[HVP_METHODS] = Field("difference", description="Hessian-vector products: reverse (exact, double "
-                                      "backward), forward (exact, jvp of grad) or difference (of gradients)")
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.curvature_batch and self.curvature_examples is not None:
-            raise ValueError("curvature_examples: does not apply with curvature_batch (S is on the step's batch)")
-        return self
+    hvp: Literal[HVP_METHODS] = Field("difference", description="Hessian-vector products: difference (of "
+                                      "gradients), or exact by reverse (double backward) or forward (jvp of grad)")
 
     def coords(self):
         return {"policy": self.kind, "lr": math.nan, "max_lr": self.max_lr}
 
     def init(self) -> PolicyState:
-        return {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None, "c": self.c,
-                "loss_sum": 0.0, "loss_n": 0, "last_mean": math.inf, "signal_sq": 0.0, "batch_sq": 0.0}
-
-    def recorded(self, state):
-        return {"target_c": state["c"] * _coherence(state)}
+        return {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
 
     # ---- the controller ---------------------------------------------------------------------------------
     def update(self, k: int, ctx: StepContext, state: PolicyState) -> tuple[float, PolicyState]:
@@ -197,78 +162,34 @@ class Edge(StepSize):
         if math.isnan(state["eta"]):
             self._estimate(ctx, state, first=True)
         elif k % self.every == 0 or (self.early and k < self.every and k & (k - 1) == 0):
-            if self.coherence and ctx.idx is not None:
-                self._track_coherence(ctx, state)
             self._estimate(ctx, state)
         step_loss = ctx.loss_and_grad()[0].item()
         if step_loss > self.guard * state["ref"]:
             self._estimate(ctx, state, spike=True)
         state["ref"] = min(state["ref"], step_loss)
-        state["loss_sum"] += step_loss
-        state["loss_n"] += 1
         return state["eta"], state
 
-    def _hessian(self, ctx: StepContext) -> Callable[[Tensor], Tensor]:
-        if self.curvature_batch:
-            return ctx.hessian(self.hvp)
-        m = self.curvature_examples
-        idx = None if m is None or m >= ctx.problem.n_examples else torch.arange(m, device=ctx.w.device)
-        return ctx.hessian_on(idx, self.hvp)
-
     def sharpness(self, ctx: StepContext, state: PolicyState, first: bool) -> float:
-        """S = λ_max(P̃⁻¹H) at w_k with the preconditioner of step k (warm-started from the last estimate)."""
+        """S = λ_max(P̃⁻¹H) at w_k on the step's batch, with the preconditioner of step k (warm-started from the
+        last estimate)."""
         P = ctx.rule.precond(ctx.precond_state)
-        res = precond_eigenpairs(self._hessian(ctx), P, ctx.w, v0=state["vecs"], tol=self.eig_tol,
+        res = precond_eigenpairs(ctx.hessian(self.hvp), P, ctx.w, v0=state["vecs"], tol=self.eig_tol,
                                  max_iter=None if first else self.max_products)
         state["vecs"] = res.vecs
         return res.vals[0].item()
 
-    def line_step(self, ctx: StepContext) -> float:
-        """η* = −g·d/(dᵀHd), d the rule's update at η = 1: the minimizer of the quadratic model of the loss along
-        that update (inf where the model is not convex along d)."""
-        g = ctx.loss_and_grad()[1]
-        d = ctx.rule.update(g, ctx.prior_state(), 1.0)[0]
-        curvature = (d * self._hessian(ctx)(d)).sum().item()
-        return -(g * d).sum().item() / curvature if curvature > 0 else math.inf
-
     def _estimate(self, ctx: StepContext, state: PolicyState, first: bool = False, spike: bool = False) -> None:
         S = state["S"] = self.sharpness(ctx, state, first)
-        if not spike and state["loss_n"]:
-            mean = state["loss_sum"] / state["loss_n"]
-            if mean > state["last_mean"] and ctx.step > self.every:
-                state["c"] *= self.decay_on_rise
-            state["last_mean"], state["loss_sum"], state["loss_n"] = mean, 0.0, 0
-        target = state["c"] * _coherence(state) * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
+        target = self.c * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
         if spike:
             state["scale"] *= self.shrink
         elif not first:
             state["scale"] = min(1.0, state["scale"] * self.recover)
         eta = state["scale"] * target
-        if first and self.first_step == "line":
-            line = self.line_step(ctx)
-            eta = line if math.isfinite(line) else eta
         if not first:
             eta = min(eta, self.growth * state["eta"])
         state["eta"] = min(self.max_lr, eta)
         state["ref"] = math.inf
-
-    def _track_coherence(self, ctx: StepContext, state: PolicyState) -> None:
-        """Add the step's unbiased ‖∇L‖² estimate (from the two halves of its batch) and ‖g_B‖² to the running
-        sums (``flowsim.curvature.gradient_signal``)."""
-        idx, g = ctx.idx, ctx.loss_and_grad()[1]
-        n1 = idx.numel() // 2
-        g1 = ctx.grad_on(idx[:n1])
-        g2 = (idx.numel() * g - n1 * g1) / (idx.numel() - n1)
-        signal = gradient_signal(g1, g2, n1, idx.numel() - n1, ctx.population)
-        state["signal_sq"] = COHERENCE_MEMORY * state["signal_sq"] + signal
-        state["batch_sq"] = COHERENCE_MEMORY * state["batch_sq"] + g.pow(2).sum().item()
-
-
-def _coherence(state: PolicyState) -> float:
-    """ρ, the factor of c (1 without ``coherence``, in full batch and before its first estimate)."""
-    if state["batch_sq"] <= 0:
-        return 1.0
-    return min(1.0, max(MIN_COHERENCE, state["signal_sq"] / state["batch_sq"]))
 
 
 class Cdat(StepSize):

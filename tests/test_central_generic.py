@@ -229,8 +229,7 @@ def test_the_edge_controller_sets_the_new_rules_step_from_its_preconditioned_sha
     from flowsim.solvers.loop import Member, Single, advance
     problem, rule, lam, diagonal = _quadratic_rule()
     rows = {}
-    policy = Edge(c=0.9, first_step="edge", early=False, eig_tol=1e-12, curvature_batch=False, max_products=None,
-                  hvp="reverse", decay_on_rise=1.0, coherence=False)
+    policy = Edge(c=0.9, early=False, eig_tol=1e-12, max_products=None, hvp="reverse")
     proc = Discrete(problem, rule)
     traj = proc.start(problem.w0)
     advance(Single(proc), traj, [Member(policy, lambda k, row: rows.__setitem__(k, row))], 12)

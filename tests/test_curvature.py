@@ -170,30 +170,6 @@ def test_gradient_noise_trace_from_separate_gradients(tiny_mlp_problem):
     assert gradient_noise_trace(p, p.w0) == pytest.approx(expected, rel=1e-10)
 
 
-def test_gradient_signal_is_unbiased_over_every_pair_of_disjoint_parts_of_a_batch():
-    """Over all ordered pairs of disjoint parts (2 and 3 of D = 7 per-example gradients), the mean estimate is
-    ‖∇L‖² exactly, while the plain g1·g2 falls short by s²/D (s² the variance normalized by D − 1); two halves
-    of the whole data set give ‖∇L‖² itself; with replacement (D = inf) the estimate is g1·g2."""
-    import itertools
-    from flowsim.curvature import gradient_signal
-    G = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    estimates, products = [], []
-    for part1 in itertools.combinations(range(7), 2):
-        for part2 in itertools.combinations(sorted(set(range(7)) - set(part1)), 3):
-            g1, g2 = G[list(part1)].mean(0), G[list(part2)].mean(0)
-            estimates.append(gradient_signal(g1, g2, 2, 3, 7))
-            products.append((g1 * g2).sum().item())
-    signal = G.mean(0).pow(2).sum().item()
-    s2 = (G - G.mean(0)).pow(2).sum().item() / 6
-    assert len(estimates) == 210
-    assert np.mean(estimates) == pytest.approx(signal, rel=1e-12)
-    assert np.mean(products) == pytest.approx(signal - s2 / 7, rel=1e-12)
-    halves = gradient_signal(G[:3].mean(0), G[3:6].mean(0), 3, 3, 6)
-    assert halves == pytest.approx(G[:6].mean(0).pow(2).sum().item(), rel=1e-12)
-    assert gradient_signal(G[:3].mean(0), G[3:].mean(0), 3, 4, math.inf) == pytest.approx(
-        (G[:3].mean(0) @ G[3:].mean(0)).item(), rel=1e-15)
-
-
 def _quadratic_scenario(runs, steps=12, **record):
     return {"name": "q", "device": "cpu", "problem": {"model": "quadratic", "spectrum": [4.0, 1.0, 0.5]},
             "steps": steps, "runs": runs,

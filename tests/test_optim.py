@@ -47,11 +47,11 @@ def train(model, opt, X, Y, batches, steps):
     ("adam", lambda p: EdgeAdam(p), {}, 16),
 ])
 def test_the_optimizer_reproduces_the_simulator_run(data, rule, make, hyper, batch):
-    """Full batch, and a minibatch loop over the simulator's own batches (the controller without coherence,
-    which an optimizer cannot compute): every step size and the final weights agree to 1e-10."""
+    """Full batch, and a minibatch loop over the simulator's own batches: every step size and the final weights
+    agree to 1e-10."""
     X, Y, net = data
     problem = flowsim.Problem.from_module(net, X, Y, loss="mse", device="cpu")
-    policy = "edge" if batch is None else {"edge": {"coherence": False}}
+    policy = "edge"
     ds = flowsim.simulate(problem, rule=rule, process="discrete", step_size=policy, steps=STEPS, batch_size=batch,
                           seed=3, record={"every": 1, "projection_dim": 0, "keep_weights": STEPS}, **hyper)
     model = copy.deepcopy(net)
@@ -90,8 +90,8 @@ def test_state_dict_resumes_bit_for_bit(data):
 
 def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     params = list(copy.deepcopy(data[2]).parameters())
-    with pytest.raises(ValueError, match=r"^coherence: does not apply to an optimizer"):
-        EdgeSGD(params, coherence=True)
+    with pytest.raises(ValueError, match=r"^hvp: does not apply to an optimizer"):
+        EdgeSGD(params, hvp="difference")
     with pytest.raises(ValueError, match=r"^hvp: does not apply to an optimizer"):
         EdgeAdam(params, hvp="reverse")
     with pytest.raises(ValueError, match=r"^c: "):

@@ -7,8 +7,7 @@ import flowsim
 from flowsim.models.landscapes import QuadraticConfig
 
 SPECTRUM = [4.0, 1.0, 0.25]
-EXACT_EDGE = {"edge": {"c": 0.9, "first_step": "edge", "early": False, "eig_tol": 1e-10, "curvature_batch": False,
-                       "max_products": None, "hvp": "reverse", "decay_on_rise": 1.0, "coherence": False}}
+EXACT_EDGE = {"edge": {"c": 0.9, "early": False, "eig_tol": 1e-10, "max_products": None, "hvp": "reverse"}}
 
 
 def test_simulate_equals_the_scenario_run_of_the_same_settings():

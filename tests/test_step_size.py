@@ -1,7 +1,7 @@
 """Step-size policies: the edge controller holds η·S at c·θ (exact on a quadratic, measured by the curvature probe
-on an MLP, for GD and Adam), its guard, growth cap, re-estimate times, curvature on the step's own batch, gradient
-coherence and first step; exact resume through the loop's checkpoints; one-line errors for bad options; constant
-and drop policies as data."""
+on an MLP, for GD and Adam), its guard, growth cap, re-estimate times and curvature on the step's own batch; exact
+resume through the loop's checkpoints; one-line errors for bad options and for options removed; constant, drop
+and cdat policies as data."""
 import math
 
 import numpy as np
@@ -15,9 +15,8 @@ from flowsim.solvers import Discrete, Edge, StepContext, make_rule
 from flowsim.solvers.loop import Member, Single, advance, restore
 
 SPECTRUM = [4.0, 1.0, 0.25]
-EXACT = {"first_step": "edge", "early": False, "eig_tol": 1e-3, "curvature_batch": False, "max_products": None,
-         "hvp": "reverse", "decay_on_rise": 1.0, "coherence": False}
-"""The controller at the edge rule alone: every estimate to 1e-3 with exact products, none of the refinements."""
+EXACT = {"early": False, "eig_tol": 1e-3, "max_products": None, "hvp": "reverse"}
+"""The controller at the edge rule alone: every estimate to 1e-3 with exact products, no early estimates."""
 
 
 def drive(problem, rule, policy, steps, batch_size=None, seed=0, options=None):
@@ -140,9 +139,7 @@ def test_without_the_guard_the_forced_spike_grows_until_the_next_estimate():
 
 
 @pytest.mark.parametrize("rule, batch_size, options", [
-    ("adam", 16, {}), ("adam", 16, {"curvature_batch": True}),
-    ("adam", 16, {"curvature_batch": True, "hvp": "difference"}), ("adam", 16, {"coherence": True}),
-    ("adam", 16, {"decay_on_rise": 0.5, "early": True, "first_step": "line"}), ("gd", None, {})])
+    ("adam", 16, {}), ("adam", 16, {"hvp": "difference"}), ("adam", 16, {"early": True}), ("gd", None, {})])
 def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
     """The loop's checkpoint after step 7 (policy state, rule state, warm starts) continues a run exactly: 14
     steps at once equal 8 steps, a fresh process and policy restored from the checkpoint, and 6 more."""
@@ -171,8 +168,10 @@ def test_checkpoint_and_restore_continue_exactly(rule, batch_size, options):
     ("guard", 0.5, "runs.a.step_size.edge.guard: Input should be greater than 1"),
     ("shrink", 1.0, "runs.a.step_size.edge.shrink: Input should be less than 1"),
     ("every", 0, "runs.a.step_size.edge.every: Input should be greater than 0"),
-    ("first_step", "jump", "runs.a.step_size.edge.first_step: Input should be 'edge' or 'line'"),
     ("c_start", 2.0, "runs.a.step_size.edge.c_start: unknown key"),
+    ("coherence", True, "runs.a.step_size.edge.coherence: unknown key"),  # options removed for want of a gain
+    ("decay_on_rise", 0.5, "runs.a.step_size.edge.decay_on_rise: unknown key"),
+    ("first_step", "line", "runs.a.step_size.edge.first_step: unknown key"),
 ])
 def test_bad_options_fail_in_one_line_naming_the_key(key, value, message, tmp_path):
     doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
@@ -203,12 +202,12 @@ def test_keys_that_do_not_apply_fail_in_one_line(run, message, tmp_path):
 
 @pytest.mark.parametrize("hvp, rel", [("reverse", 1e-8), ("difference", 1e-6)])
 @pytest.mark.parametrize("rule", ["gd", "adam"])
-def test_curvature_batch_estimates_the_top_eigenvalue_of_the_steps_own_batch_hessian(rule, hvp, rel):
-    """With ``curvature_batch`` the re-estimate at step 3 is λ_max(P̃⁻¹H_B) at w_3 of the minibatch B of the step
+def test_the_estimate_is_the_top_eigenvalue_of_the_steps_own_batch_hessian(rule, hvp, rel):
+    """The re-estimate at step 3 is λ_max(P̃⁻¹H_B) at w_3 of the minibatch B of the step
     from w_3, with P̃ of that step (its rule state advanced by g_B(w_3)): against dense float64 eigenvalues (exact
     products, or differences of gradients to O(√ε_m) on this tanh network). That step then uses the same g_B."""
     problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64, "widths": [8]}).build(device="cpu")
-    policy = Edge(**{**EXACT, "c": 0.5, "every": 3, "curvature_batch": True, "eig_tol": 1e-10, "hvp": hvp})
+    policy = Edge(**{**EXACT, "c": 0.5, "every": 3, "eig_tol": 1e-10, "hvp": hvp})
     _, member, traj = drive(problem, rule, policy, 3, batch_size=16, seed=1)
     process = Discrete(problem, make_rule(rule), seed=1, batch_size=16)
     w3, batch, state = traj.w.clone(), process.sampler.indices(3), traj.state
@@ -234,95 +233,14 @@ def test_max_products_caps_every_re_estimate_after_the_first(monkeypatch):
         return result
     monkeypatch.setattr(step_size, "precond_eigenpairs", counted)
     problem = flowsim.models.networks.MLPConfig(**MLP).build(device="cpu")
-    policy = Edge(**{**EXACT, "c": 1.0, "every": 2, "curvature_batch": True, "max_products": 2, "eig_tol": 1e-9})
+    policy = Edge(**{**EXACT, "c": 1.0, "every": 2, "max_products": 2, "eig_tol": 1e-9})
     drive(problem, "adam", policy, 12, batch_size=32)  # estimates at steps 0, 2, …, 10 (none where no step follows)
     assert len(used) == 6 and used[0] > 2 and max(used[1:]) == 2
 
 
-@pytest.mark.parametrize("curvature_batch", [False, True])
-def test_curvature_batch_holds_eta_at_c_times_two_over_lambda_max_on_a_quadratic(curvature_batch):
-    etas, _, _ = quadratic_run(30, c=0.9, every=5, curvature_batch=curvature_batch, max_products=1)
+def test_warm_capped_estimates_hold_eta_at_c_times_two_over_lambda_max_on_a_quadratic():
+    etas, _, _ = quadratic_run(30, c=0.9, every=5, max_products=1)
     np.testing.assert_allclose(etas * SPECTRUM[0], 1.8, rtol=1e-6)
-
-
-def test_curvature_batch_with_curvature_examples_fails_in_one_line(tmp_path):
-    doc = {"problem": {"model": "quadratic", "spectrum": SPECTRUM}, "steps": 5,
-           "runs": {"a": {"step_size": {"edge": {"curvature_batch": True, "curvature_examples": 10}}}}}
-    with pytest.raises(ScenarioError) as err:
-        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
-    assert "curvature_examples: does not apply with curvature_batch" in str(err.value)
-    assert "\n" not in str(err.value) and not (tmp_path / "s.zarr").exists()
-
-
-@pytest.mark.parametrize("decay, expected", [(1.0, [1.0] * 6), (0.5, [1.0, 1.0, 1.0, 0.5, 0.5, 0.25])])
-def test_decay_on_rise_lowers_c_after_each_interval_whose_mean_loss_rose(decay, expected):
-    """A constant estimate S = 1 (η = 2c, c = 0.5) and step losses 1.0, 0.9, 0.95, 0.8, 0.85, 0.7, re-estimating
-    at every step (every = 1): with ``decay_on_rise`` 0.5, c halves at each estimate after a step whose loss rose
-    (0.95 > 0.9, 0.85 > 0.8), so η halves from the next step on, and stays lowered."""
-    problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
-    policy = scripted([1.0] * 7, c=0.5, every=1, decay_on_rise=decay)
-    state, etas, targets = policy.init(), [], []
-    for k, loss in enumerate([1.0, 0.9, 0.95, 0.8, 0.85, 0.7]):
-        ctx = StepContext(problem, make_rule("gd"), k, problem.w0, None)
-        ctx._value = (torch.tensor(loss), torch.zeros_like(problem.w0))
-        eta, state = policy.update(k, ctx, state)
-        etas.append(eta)
-        targets.append(policy.recorded(state)["target_c"])
-    assert etas == expected
-    assert targets == [eta / 2 for eta in expected]
-
-
-def coherence_run(batch_size, steps, **options):
-    problem = flowsim.models.networks.MLPConfig(**{**MLP, "n_train": 64}).build(device="cpu", dtype=torch.float64)
-    policy = Edge(**{**EXACT, "c": 0.5, "every": 2, "growth": 1e9, **options.pop("edge", {})})
-    options = Discrete.Options(**options) if options else None
-    return problem, drive(problem, "adam", policy, steps, batch_size=batch_size, seed=3, options=options)
-
-
-def test_coherence_changes_nothing_in_full_batch():
-    runs = []
-    for coherence in (False, True):
-        _, (rows, _, _) = coherence_run(None, 9, edge={"coherence": coherence})
-        runs.append(rows)
-    assert [runs[1][k]["step_size"] for k in range(9)] == [runs[0][k]["step_size"] for k in range(9)]
-    assert all(runs[1][k]["target_c"] == 0.5 for k in range(9))
-
-
-@pytest.mark.parametrize("sampling, population", [("epoch", 64), ("iid", math.inf)])
-def test_coherence_scales_the_target_by_the_half_batch_estimate_of_the_steps_batch(sampling, population):
-    """B = 16 of D = 64: the re-estimate at step 2 sets η·S = c·ρ·θ with ρ = (g1·g2 + ‖g1 − g2‖²/(D·(1/8 +
-    1/8)))/‖g_B‖² from the two halves of the batch of the step from w_2 (D = inf, no correction, when batches
-    are drawn with replacement), computed here independently; the recorded target_c is c·ρ."""
-    options = {"sampling": sampling}
-    problem, (rows, member, traj) = coherence_run(16, 2, edge={"coherence": True}, **options)
-    process = Discrete(problem, make_rule("adam"), seed=3, batch_size=16, options=Discrete.Options(**options))
-    batch = process.sampler.indices(2)
-    g1, g2, g = (problem.loss_and_grad(traj.w, idx)[1] for idx in (batch[:8], batch[8:], batch))
-    signal = (g1 @ g2).item() + (g1 - g2).pow(2).sum().item() / (population * (1 / 8 + 1 / 8))
-    rho = signal / g.pow(2).sum().item()
-    assert 0.05 < rho < 0.9
-    eta, state = member.policy.update(2, process.context(traj), member.policy_state)
-    assert eta * state["S"] == pytest.approx(0.5 * rho * 38.0, rel=1e-9)
-    assert member.policy.recorded(state)["target_c"] == pytest.approx(0.5 * rho, rel=1e-12)
-
-
-@pytest.mark.parametrize("rule, expected", [
-    ("gd", sum(v ** 2 for v in SPECTRUM) / sum(v ** 3 for v in SPECTRUM)), ("adam", 1.0)])
-def test_line_first_step_is_the_minimizer_of_the_quadratic_along_the_rules_first_update(rule, expected):
-    """½ Σ λ_i w_i² from w0 = 1, so g = λ: GD's first update −g is minimized at Σλ²/Σλ³, Adam's (bias-corrected
-    sign descent, −g/(|g| + ε)) at Σ|λ|/Σλ = 1 (up to ε)."""
-    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
-    rows, _, _ = drive(problem, rule, Edge(**{**EXACT, "first_step": "line"}), 1)
-    assert rows[0]["step_size"] == pytest.approx(expected, rel=1e-6)
-
-
-def test_line_first_step_falls_back_to_the_edge_where_the_model_is_concave_along_the_update():
-    """Spectrum (−1, 0.5), g = λ: gᵀHg = −1 + 0.125 < 0, so step 0 takes c·2/λ_max = 0.5·2/0.5."""
-    lam = torch.tensor([-1.0, 0.5], dtype=torch.float64)
-    problem = flowsim.Problem.from_function(lambda w: 0.5 * (lam * w * w).sum(), torch.ones(2), dtype="float64",
-                                            device="cpu")
-    rows, _, _ = drive(problem, "gd", Edge(**{**EXACT, "c": 0.5, "first_step": "line"}), 1)
-    assert rows[0]["step_size"] == pytest.approx(2.0, rel=1e-6)
 
 
 def test_the_default_edge_runs_from_a_scenario_and_records_what_ran():
