@@ -201,12 +201,11 @@ class Cdat(StepSize):
     curvature: ClassVar[bool] = True
     sigma: float = Field(2.0, gt=0, description="multiple of the greedy step: 1 greedy, 2 on edge")
     ema: float = Field(0.9, ge=0, lt=1, description="EMA coefficient of the numerator and the denominator")
-    max_lr: PositiveFloat = Field(math.inf, description="the largest η it may set")
     hvp: Literal[HVP_METHODS] = Field("difference", description="Hessian-vector products: reverse, forward or "
                                       "difference (as for edge)")
 
     def coords(self):
-        return {"policy": self.kind, "lr": math.nan, "max_lr": self.max_lr}
+        return {"policy": self.kind, "lr": math.nan, "max_lr": math.inf}
 
     def init(self) -> PolicyState:
         return {"n": 0.0, "d": 0.0}
@@ -218,7 +217,7 @@ class Cdat(StepSize):
         d = abs((u * ctx.hessian(self.hvp)(u)).sum().item())
         state = {"n": self.ema * state["n"] + (1 - self.ema) * n, "d": self.ema * state["d"] + (1 - self.ema) * d}
         eta = self.sigma * state["n"] / state["d"] if state["d"] > 0 else math.inf
-        return min(self.max_lr, eta), state
+        return eta, state
 
 
 POLICIES: dict[str, type[StepSize]] = {p.kind: p for p in (Constant, Drop, Edge, Cdat)}
