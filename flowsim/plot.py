@@ -493,8 +493,8 @@ def predicted_loss(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH
 
 def sigma(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH_WINDOW) -> Figure:
     """One panel per central-flow run: each eigenvalue of Σ (``sigma_eigs``, the predicted oscillation variance,
-    weight²) against the ``window``-step moving average of the shadow discrete run's squared displacement along
-    that eigenvector (``sigma_displacement_sq``), log scale."""
+    weight²) against the ``window``-step moving average of the shadow discrete run's squared oscillation
+    amplitude along that eigenvector (``sigma_oscillation_sq``), log scale."""
     _require(ds, "sigma_eigs")
     x = clock(ds, x)
     runs = _runs_with(ds, "sigma_eigs")
@@ -505,9 +505,9 @@ def sigma(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH_WINDOW) 
             if not has(r.isel(crit=i), "sigma_eigs"):
                 continue
             ax.plot(*_xy(r, r["sigma_eigs"].isel(crit=i), x), color=f"C{i}", label=f"Σ eigenvalue {i + 1}")
-            if has(r.isel(crit=i), "sigma_displacement_sq"):
-                ax.plot(*_moving_average(r, r["sigma_displacement_sq"].isel(crit=i), window, x), color=f"C{i}",
-                        linestyle="--", label=f"discrete displacement² ({window}-step average)")
+            if has(r.isel(crit=i), "sigma_oscillation_sq"):
+                ax.plot(*_moving_average(r, r["sigma_oscillation_sq"].isel(crit=i), window, x), color=f"C{i}",
+                        linestyle="--", label=f"discrete oscillation amplitude² ({window}-step average)")
         _mark_divergence(ax, ds, run, "k", x)
         ax.set_title(f"oscillation variance along Σ — {run}", fontsize=10)
         _finish(ax, x, "weight²", log=_positive(r, "sigma_eigs"))

@@ -28,8 +28,8 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "predicted_loss": ((), "loss", "central flow: L(w) + ½⟨H, Σ⟩, the predicted time-averaged loss of the discrete run"),
     "predicted_grad_norm_sq": ((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH), the predicted time-averaged ‖g‖²"),
     "sigma_eigs": (("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, descending"),
-    "sigma_displacement_sq": (("crit",), "weight²",
-                              "central flow: (e·(w_discrete − w))² along each unit eigenvector e of Σ"),
+    "sigma_oscillation_sq": (("crit",), "weight²", "central flow: ¼(e·(w_discrete(t+1) − w_discrete(t)))², the "
+                             "discrete run's period-two amplitude² along each unit eigenvector e of Σ"),
     "sharpness": ((), "loss/weight²", "λ_max of the Hessian of the loss (on record.curvature_examples)"),
     "eigs": (("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
     "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),

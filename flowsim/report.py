@@ -73,8 +73,8 @@ SECTIONS: tuple[Section, ...] = (
             f"loss and its {plot.SMOOTH_WINDOW}-step moving average."),
     Section("Central flow: oscillation variance", ("sigma_eigs",), lambda ds, ref: plot.sigma(ds),
             "Eigenvalues of the central flow's Σ (the predicted variance of the oscillation, solid) against the "
-            f"{plot.SMOOTH_WINDOW}-step average of the discrete run's squared displacement from the flow along "
-            "each eigenvector (dashed)."),
+            f"{plot.SMOOTH_WINDOW}-step average of the discrete run's squared oscillation amplitude along each "
+            "eigenvector, ¼(e·Δw)² from its step Δw (dashed)."),
     Section("Step size", ("step_size",), lambda ds, ref: plot.step_size(ds),
             "The step size η used at each step."),
 )

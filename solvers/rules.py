@@ -9,8 +9,9 @@ threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum
 
 The continuous processes read a rule through these same functions only: the stable flow's state ODE is
 ``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) differentiates
-``advance_state`` and ``precond`` in forward mode. ``central_flow`` is each rule's declaration of whether the
-central flow applies to it: None when it does, else the reason why not.
+``advance_state`` and ``precond`` in forward mode, and passes the oscillation's correction to the gradient
+through ``direction_gain``: a momentum settles to direction_gain·g under a gradient held fixed. ``central_flow`` is each rule's declaration of whether the central flow
+applies to it: None when it does, else the reason why not.
 Rules know nothing about processes, problems or storage.
 """
 from __future__ import annotations
@@ -28,17 +29,20 @@ State = dict[str, Tensor]
 @dataclass(frozen=True)
 class Rule:
     name: ClassVar[str]
-    # None: the central flow applies. That declares the update is w ← w − η P̃(s)⁻¹ g (``direction`` is not
-    # overridden), ``precond`` is diagonal and differentiable in s (where it is not, e.g. √ν at ν = 0, the flow
-    # holds it still), and ``advance_state`` is affine in s with a nonzero diagonal coefficient
-    # (s' = β ⊙ s + A(g, 0)) and quadratic in g. Otherwise: the reason why not, one line.
+    # None: the central flow applies. That declares the update is w ← w − η P̃(s)⁻¹ d with a direction d that
+    # is g, or a momentum linear in the gradients that settles to ``direction_gain``·g under a gradient held
+    # fixed; ``precond`` is diagonal and differentiable in s (where it is not, e.g. √ν at ν = 0, the flow holds
+    # it still), and
+    # ``advance_state`` is affine in s with a nonzero diagonal coefficient (s' = β ⊙ s + A(g, 0)) and quadratic
+    # in g. Otherwise: the reason why not, one line.
     central_flow: ClassVar[Optional[str]] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "direction" in cls.__dict__ and cls.central_flow is None:
-            raise TypeError(f"{cls.__name__}: overrides direction, so it must declare central_flow (why it has "
-                            f"none): the central flow is derived for direction(g, state) = g")
+        if "direction" in cls.__dict__ and "direction_gain" not in cls.__dict__ and cls.central_flow is None:
+            raise TypeError(f"{cls.__name__}: overrides direction, so it must declare direction_gain (what its "
+                            f"direction settles to under a fixed gradient, over g) or central_flow (why it has "
+                            f"none)")
 
     def init(self, w: Tensor, g0: Tensor) -> State:
         """Initial state, given the weights and the gradient at the first step."""
@@ -60,6 +64,11 @@ class Rule:
     def precond(self, state: State) -> Optional[Tensor]:
         """Diagonal preconditioner P̃ (without η), or None for the identity."""
         return None
+
+    def direction_gain(self, state: State) -> float | Tensor:
+        """κ: held at a gradient g from ``state`` on, the direction settles to κ·g (1 for the rules that step
+        along g). The central flow passes the oscillation's correction to the gradient through it."""
+        return 1.0
 
     def threshold_coefficient(self) -> float:
         """c such that λ_max(P̃⁻¹H) = c/η is the stability threshold on a quadratic."""
@@ -83,13 +92,6 @@ class Rule:
             raise ValueError(f"eps: must be ≥ 0, got {self.eps}")
 
 
-def no_central_flow(name: str) -> str:
-    """The reason a rule that steps along a momentum m has no central flow (its ``central_flow``)."""
-    return (f"{name!r} has no central flow: it steps along its momentum m, not g, so w and m oscillate together, "
-            "which is not the period-two flip along generalized eigenvectors of (H, P) that the central flow's SDCP "
-            "models (it is derived for updates −η P̃⁻¹ g)")
-
-
 @dataclass(frozen=True)
 class GD(Rule):
     """Gradient descent: w ← w − η g."""
@@ -103,7 +105,6 @@ class Momentum(Rule):
     Stability threshold on a quadratic: ηλ < 2(1 + β1)/(1 − β1) (EMA), ηλ < 2(1 + β1) (heavy ball).
     """
     name: ClassVar[str] = "momentum"
-    central_flow: ClassVar[Optional[str]] = no_central_flow("momentum")
     beta1: float = field(default=0.9, metadata={"description": "EMA coefficient of the gradient (heavy ball: the "
                                                 "decay of m), in [0, 1)"})
     heavy_ball: bool = field(default=False, metadata={"description": "m ← β1·m + g instead of the EMA "
@@ -118,6 +119,10 @@ class Momentum(Rule):
 
     def direction(self, g, state):
         return state["m"]
+
+    def direction_gain(self, state):
+        """m settles to g (EMA) or g/(1 − β1) (heavy ball)."""
+        return 1.0 / (1.0 - self.beta1) if self.heavy_ball else 1.0
 
     def threshold_coefficient(self):
         c = 2.0 * (1.0 + self.beta1)
@@ -161,7 +166,6 @@ class Adam(Rule):
     Written as w ← w − η P̃⁻¹ m with P̃ = (1 − β1ᵗ)(√v̂ + ε): the m̂ correction is folded into P̃.
     """
     name: ClassVar[str] = "adam"
-    central_flow: ClassVar[Optional[str]] = no_central_flow("adam")
     beta1: float = field(default=0.9, metadata={"description": "EMA coefficient of the gradient, in [0, 1)"})
     beta2: float = field(default=0.999, metadata={"description": "EMA coefficient of g² (elementwise), in [0, 1)"})
     eps: float = field(default=1e-8, metadata={"description": "added to √v̂, the bias-corrected √v (gradient "
@@ -177,6 +181,10 @@ class Adam(Rule):
 
     def direction(self, g, state):
         return state["m"]
+
+    def direction_gain(self, state):
+        """m settles to (1 − β1ᵗ)·g (m̂ to g): the factor P̃ holds, so the settled step is −η g/(√v̂ + ε)."""
+        return 1 - self.beta1 ** state["t"].clamp(min=1)
 
     def precond(self, state):
         t = state["t"].clamp(min=1)

@@ -53,8 +53,8 @@ BAD = [  # (scenario document or raw text, text the one-line error must contain)
     (with_("device", "tpu"), "device:"),
     (with_("runs.gd.step_size", {"drop": {"at": 10, "lr_after": 0.01}}), "runs.gd.step_size.drop.at:"),
     (with_("record", {"every": 0}), "record.every:"),
-    (with_("runs.gd.process", "central", with_("runs.gd.rule", "adam")), "runs.gd.rule: 'adam' has no central "
-     "flow"),
+    (with_("runs.gd.process", "central", with_("runs.gd.batch_size", 10)), "runs.gd.batch_size: does not apply to "
+     "the central process"),
 ]
 
 

@@ -50,7 +50,7 @@ def synthetic() -> xr.Dataset:
 
     data = {v: [] for v in ("loss", "step_size", "time", "wall_time", "sharpness", "eigs", "precond_sharpness",
                             "threshold", "noise_kernel_norm", "predicted_loss", "w_proj", "sigma_eigs",
-                            "sigma_displacement_sq", "batch_sharpness", "second_moment_contraction")}
+                            "sigma_oscillation_sq", "batch_sharpness", "second_moment_contraction")}
     for i, (name, (process, rule, lr, bs)) in enumerate(runs.items()):
         base = np.exp(-k / 80) * (1 + 0.3 * (-1.0) ** k * (process == "discrete"))
         sharp = at_curv(1 + 3.2 * k / N)
@@ -68,14 +68,14 @@ def synthetic() -> xr.Dataset:
         data["predicted_loss"].append(base * 1.1 if process == "central" else nan)
         sig = np.stack([0.01 * np.exp(-k / 100), nan], axis=-1) if process == "central" else np.stack([nan, nan], -1)
         data["sigma_eigs"].append(sig)
-        data["sigma_displacement_sq"].append(sig * (1 + 0.5 * (-1.0) ** k)[:, None])
+        data["sigma_oscillation_sq"].append(sig * (1 + 0.5 * (-1.0) ** k)[:, None])
         data["w_proj"].append(np.outer(np.where(curv, k * i / 2, np.nan), np.ones(4)))
     sgd = list(runs).index("sgd")
     for v in data:
         data[v][sgd][121:] = np.nan
     data["loss"][sgd][120] = 1e9
     dims = {"eigs": ("run", "step", "eig"), "w_proj": ("run", "step", "proj"), "sigma_eigs": ("run", "step", "crit"),
-            "sigma_displacement_sq": ("run", "step", "crit")}
+            "sigma_oscillation_sq": ("run", "step", "crit")}
     ds = xr.Dataset({v: (dims.get(v, ("run", "step")), np.stack(a)) for v, a in data.items()},
                     coords={"run": list(runs), "step": k,
                             **{c: ("run", [r[j] for r in runs.values()])
@@ -197,7 +197,7 @@ def test_sections_appear_only_with_their_variables():
         "Step size"]
 
 
-def test_sigma_figure_sets_each_eigenvalue_against_the_averaged_displacement():
+def test_sigma_figure_sets_each_eigenvalue_against_the_averaged_oscillation():
     ds = synthetic()
     (ax,) = plot.sigma(ds, x="time").axes
     assert ax.get_title().endswith("central")

@@ -44,8 +44,8 @@ def test_simulate_names_a_bad_argument_in_one_line():
     problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
     with pytest.raises(flowsim.ScenarioError, match=r"^lr: does not apply with step_size edge"):
         flowsim.simulate(problem, "gd", "discrete", "edge", 5, lr=0.1)
-    with pytest.raises(flowsim.ScenarioError, match=r"^rule: 'momentum' has no central flow"):
-        flowsim.simulate(problem, "momentum", "central", 0.1, 5)
+    with pytest.raises(flowsim.ScenarioError, match=r"^beta1: must be in \[0, 1\), got 1.5$"):
+        flowsim.simulate(problem, "adam", "central", 0.1, 5, beta1=1.5)
     with pytest.raises(flowsim.ScenarioError, match=r"^process: unknown process 'ode'"):
         flowsim.simulate(problem, "gd", "ode", 0.1, 5)
     with pytest.raises(flowsim.ScenarioError, match=r"^record.curvature_evry: unknown key \(did you mean "

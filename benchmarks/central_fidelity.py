@@ -1,0 +1,132 @@
+"""The ``central-fidelity`` benchmark: how closely the central flow of a rule follows its discrete run at the edge,
+on bundled scenarios that run the discrete rule, its stable flow (``flow``) and its central flow (``central``)
+side by side, and what one unit of its time costs against GD's central flow on the same problem.
+
+Per scenario, against the targets of the momentum/Adam central flows (the GD flow's own, in its test):
+  edge       largest |λ/threshold − 1| of the central run over its curvature measurements with Σ ≠ 0
+             (λ_max(P̃⁻¹H) for a preconditioned rule; target ≤ 0.02);
+  distance   ‖w − w_discrete‖ over the discrete run's travel at the last kept step, central and stable flow
+             (target: central ≤ 0.10 and ≥ 1.5x closer than the stable flow);
+  loss       mean |predicted loss − discrete loss averaged over 20 steps| / that average, over the steps with
+             Σ ≠ 0 (target ≤ 0.10);
+  variance   the discrete run's mean squared oscillation amplitude along Σ's top eigenvector (¼(e·Δw)² from its
+             step Δw) over Σ's mean top eigenvalue, over the steps with Σ ≠ 0 (target within 2x);
+  cost       one step of the central run at the edge (median over its steps with Σ ≠ 0, the discrete shadow
+             included), in gradient-equivalents (one full-batch loss and gradient), against GD's central flow on
+             the same problem at its edge.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import xarray as xr
+
+import flowsim
+from benchmarks.bench import best_of, bundled, parser
+from flowsim.curvature import hessian_operator, precond_eigenpairs
+from flowsim.models import build_problem
+
+SCENARIOS = ("central-momentum-mlp", "central-adam-mlp", "central-momentum-cnn", "central-adam-cnn")
+WINDOW = 20  # steps in the discrete loss's moving average
+
+
+def _moving_average(x: np.ndarray, m: int = WINDOW) -> np.ndarray:
+    out = np.full(len(x), np.nan)
+    if len(x) >= m:
+        out[m // 2:m // 2 + len(x) - m + 1] = np.convolve(x, np.ones(m) / m, mode="valid")
+    return out
+
+
+def _distance(ds: xr.Dataset, run: str, ref: str) -> float:
+    """‖w_run − w_ref‖/‖w_ref − w_ref(0)‖ at the last step where both full weights were kept."""
+    w, w_ref = ds["w"].sel(run=run), ds["w"].sel(run=ref)
+    kept = np.isfinite(w).all("param") & np.isfinite(w_ref).all("param")
+    step = int(ds.step[kept.values][-1])
+    return float(np.linalg.norm(w.sel(step=step) - w_ref.sel(step=step))
+                 / np.linalg.norm(w_ref.sel(step=step) - w_ref.isel(step=0)))
+
+
+def checks(ds: xr.Dataset, ref: str) -> dict:
+    """The four fidelity figures of the module docstring from a run of the scenario."""
+    central = ds.sel(run="central")
+    active = np.nan_to_num(central["sigma_eigs"].isel(crit=0).values) > 0
+    name = "precond_sharpness" if "precond_sharpness" in ds and np.isfinite(central["precond_sharpness"]).any() \
+        else "sharpness"
+    ratio = (central[name] / central["threshold"]).values
+    measured = np.isfinite(ratio) & active
+    average = _moving_average(ds["loss"].sel(run=ref).values)
+    ok = active & np.isfinite(average)
+    predicted = central["predicted_loss"].values
+    sigma = central["sigma_eigs"].isel(crit=0).values
+    disp = central["sigma_oscillation_sq"].isel(crit=0).values
+    return {"edge steps": int(active.sum()), "steps": int(ds.sizes["step"]),
+            "edge": float(np.abs(ratio[measured] - 1).max()) if measured.any() else math.nan,
+            "central": _distance(ds, "central", ref), "stable": _distance(ds, "flow", ref),
+            "loss": float(np.mean(np.abs(predicted[ok] - average[ok]) / average[ok])) if ok.any() else math.nan,
+            "variance": float(disp[active].mean() / sigma[active].mean()) if active.any() else math.nan}
+
+
+def _edge_step_time(ds: xr.Dataset) -> float:
+    """Median wall time of one step of the central run at the edge (Σ ≠ 0), from its ``wall_time`` (seconds; the
+    median leaves out the steps that also measure curvature)."""
+    central = ds.sel(run="central")
+    active = np.nan_to_num(central["sigma_eigs"].isel(crit=0).values) > 0
+    dt = np.diff(central["wall_time"].values, prepend=0.0)
+    return float(np.median(dt[active]))
+
+
+def costs(doc: dict, ds: xr.Dataset, tmp: str) -> tuple[float, float]:
+    """One step of the scenario's central flow at the edge and of GD's central flow on the same problem (30 steps
+    from the start at η = 2.05/λ_max(w0), so at its edge from the first step), in gradient-equivalents (one
+    full-batch loss and gradient)."""
+    problem = build_problem(doc["problem"], dtype=doc.get("dtype", "float64"), device="cpu")
+    w = problem.w0
+    t_grad = best_of(lambda: problem.loss_and_grad(w), repeats=20)
+    top = precond_eigenpairs(hessian_operator(problem, w), None, w, 1, tol=1e-8).vals[0].item()
+    gd = {**doc, "name": f"{doc['name']}-gd", "steps": 30, "compare": {"reference": "central"},
+          "runs": {"central": {"process": "central", "rule": "gd", "lr": 2.05 / top}}}
+    ds_gd = flowsim.run(gd, f"{tmp}/{gd['name']}.zarr", progress=False)
+    return _edge_step_time(ds) / t_grad, _edge_step_time(ds_gd) / t_grad
+
+
+def fidelity(names: tuple[str, ...], steps: Optional[int] = None) -> int:
+    print(f"central-fidelity: {', '.join(names)}; {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            doc = bundled(name)
+            ref = doc["compare"]["reference"]
+            t0 = time.perf_counter()
+            ds = flowsim.run(doc, f"{tmp}/{name}.zarr", steps=steps, progress=False)
+            c = checks(ds, ref)
+            rule_cost, gd_cost = costs(doc, ds, tmp)
+            rows.append((name, c, rule_cost, gd_cost))
+            print(f"  {name}: {c['edge steps']}/{c['steps']} steps at the edge; edge {c['edge']:.1e}; distance "
+                  f"{c['central']:.3f} (stable flow {c['stable']:.3f}, {c['stable'] / c['central']:.2f}x); loss "
+                  f"{c['loss']:.3f}; variance {c['variance']:.2f}; one step at the edge {rule_cost:.0f} "
+                  f"gradient-equivalents (GD's central flow {gd_cost:.0f}); {time.perf_counter() - t0:.0f} s", flush=True)
+    print("\n| scenario | steps at the edge | edge (≤ 0.02) | distance (≤ 0.10) | stable flow | closer (≥ 1.5x) "
+          "| loss (≤ 0.10) | variance (0.5-2) | unit cost | GD's |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, c, rule_cost, gd_cost in rows:
+        print(f"| {name} | {c['edge steps']}/{c['steps']} | {c['edge']:.1e} | {c['central']:.3f} | "
+              f"{c['stable']:.3f} | {c['stable'] / c['central']:.2f}x | {c['loss']:.3f} | {c['variance']:.2f} | "
+              f"{rule_cost:.0f} | {gd_cost:.0f} |")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = parser("central-fidelity", "The central flow of momentum and Adam against their discrete runs and stable "
+               "flows at the edge: the four fidelity figures and the cost of a unit of time.",
+               quick="central-momentum-mlp for 60 steps")
+    p.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=f"bundled scenarios (default: "
+                   f"{' '.join(SCENARIOS)}); each runs discrete, flow and central runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        return fidelity(("central-momentum-mlp",), 60)
+    return fidelity(tuple(args.scenarios))
