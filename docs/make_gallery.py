@@ -7,8 +7,8 @@ Each entry of ENTRIES runs one bundled scenario (store in a temporary directory)
 :mod:`flowsim.plot` (panels of several figures stacked), and computes its headline numbers from the returned
 Dataset; every number in gallery.md comes from that computation in the same run. ``--steps N`` caps every
 scenario at N steps (for quick checks; the claims need the full runs), ``--out DIR`` writes DIR/gallery.md and
-DIR/gallery/ instead of docs/. The full run takes ≈ 15 min (903 s measured) on one CPU thread
-(OMP_NUM_THREADS=1), 11 of them in the three central-flow scenarios.
+DIR/gallery/ instead of docs/. The full run takes ≈ 16 min (931 s measured) on one CPU thread
+(OMP_NUM_THREADS=1), 10 of them in the five central-flow scenarios.
 """
 from __future__ import annotations
 
@@ -255,6 +255,14 @@ ENTRIES = [
           "The central flow of RMSProp holds λ_max(P̃⁻¹H) at 2/η, its ν flowing with the oscillation, and follows the "
           "discrete run's time average, far closer than the stable flow.",
           ("central",), (_by_step(plot.precond_sharpness), distance_figure), central),
+    Entry("central-momentum-mlp", "Central flow of EMA momentum (derived here)",
+          "At momentum's edge (2 + 2β1)/((1 − β1)η) the weights and the momentum flip together; the central flow "
+          "(docs/central-momentum.md) holds η·λ_max there and follows momentum closer than its stable flow.",
+          ("cohen22", "central"), (_by_step(plot.sharpness), distance_figure), central),
+    Entry("central-adam-mlp", "Central flow of Adam (derived here)",
+          "The central flow of Adam holds λ_max(P̃⁻¹H) at 38/η with its v flowing with the oscillation; it ends "
+          "closer to Adam than Adam's stable flow, but not within a tenth of the travel (docs/central-momentum.md).",
+          ("cohen22", "central"), (_by_step(plot.precond_sharpness), distance_figure), central),
     Entry("seos-mlp", "Stochastic edge of stability: the noise kernel norm",
           "With small batches the noise kernel norm K, not η·λ_max/2, controls stability: SGD is pushed back below "
           "K = 1 and settles just inside it while λ_max stays far below 2/η (conservative sharpening).",
@@ -301,8 +309,8 @@ def section(entry: Entry, measures: Measures, steps: int, seconds: float, diverg
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Duration: ≈ 15 min on one CPU "
-                                     "thread (OMP_NUM_THREADS=1), 11 of them in the three central-flow scenarios; "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Duration: ≈ 16 min on one CPU "
+                                     "thread (OMP_NUM_THREADS=1), 10 of them in the five central-flow scenarios; "
                                      "it prints each scenario's wall time as it goes.")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="scenarios to run (default: all entries)")
     parser.add_argument("--steps", type=int, help="cap every scenario at this many steps")
