@@ -142,7 +142,7 @@ class Central(Process):
         lam = eigs[:k]
         half_c = self.rule.threshold_coefficient() / 2
         ds0, scale = state_rate(self.rule, g, state)
-        dw0 = self._drift(g, state, lr, ds0, dt)
+        dw0 = self._velocity(g, state, lr, _axpy(state, dt, ds0))
         out = {"loss": loss, "g": g, "eigs": eigs, "U": U, "P": P, "X": g.new_zeros(k, k), "dw": dw0, "ds": ds0,
                "dw0": dw0, "ds0": ds0}
         if k == 0:
@@ -171,12 +171,12 @@ class Central(Process):
             out["ds"] = {key: ds0[key] + (x @ ds_X[key].reshape(k * k, -1)).reshape(ds0[key].shape) for key in ds0}
         return out
 
-    def _drift(self, g: Tensor, state: State, lr: float, ds0: State, dt: float) -> Tensor:
-        """dw/dt without Σ as the substep's forecast: the rule's own step −η P̃(s)⁻¹ d(g, s⁺), its direction read
-        at the state advanced over the substep, s⁺ = s + dt·ds0, as the discrete rule advances its state before it
-        steps (for GD and the RMSProps d = g and s⁺ does not matter)."""
+    def _velocity(self, g: Tensor, state: State, lr: float, direction_state: Optional[State] = None) -> Tensor:
+        """dw/dt without Σ: the rule's own step −η P̃(s)⁻¹ d(g, s'), s' = ``direction_state`` (default s). The
+        field's forecast of a substep reads d at the state advanced over it, as the discrete rule advances its
+        state before it steps (for GD and the RMSProps d = g and s' does not matter)."""
         Pt = self.rule.precond(state)
-        d = self.rule.direction(g, _axpy(state, dt, ds0))
+        d = self.rule.direction(g, state if direction_state is None else direction_state)
         return -lr * (d if Pt is None else d / Pt)
 
     @staticmethod
@@ -244,9 +244,8 @@ class Central(Process):
 
         def rate(w_, s_, g=None):
             g = self.problem.grad(w_) if g is None else g
-            Pt, d = self.rule.precond(s_), self.rule.direction(g, s_)
             ds, _ = state_rate(self.rule, g, s_)
-            return -lr * (d if Pt is None else d / Pt) + sigma_dw, {key: ds[key] + sigma_ds[key] for key in s_}
+            return self._velocity(g, s_, lr) + sigma_dw, {key: ds[key] + sigma_ds[key] for key in s_}
 
         k1 = rate(w, state, f["g"])
         k2 = rate(w + 0.5 * dt * k1[0], _axpy(state, 0.5 * dt, k1[1]))
