@@ -33,7 +33,11 @@ as ``output``), every step: ``wall_time``, ``step_size`` (η of the step taken f
 only) and ``loss`` (NaN between the evaluations of minibatch tasks); run coordinates ``task``, ``half``, ``method``,
 ``process``, ``rule``, ``policy``, ``lr`` (NaN where the controller sets η), ``max_lr``, ``batch_size`` (0 = full),
 ``seed``, ``options`` (the method's settings, as text), ``target`` (loss), ``steps_to_target`` and
-``wall_to_target`` (s; NaN where the run never reaches its target); a diverged run ends at its ``diverged_at``. The
+``wall_to_target`` (s; NaN where the run never reaches its target), ``timed`` (True); a diverged run ends at its
+``diverged_at``. Beside them, per task, the controller's settings of ``EDGE`` run once more at seed 0 with the
+curvature measured (:func:`theory_runs`; methods ``<name>.measured`` and, in full batch, ``<name>.central``: the
+central flow under the same controller), untimed (``timed`` False, no target), with ``precond_sharpness`` and
+``threshold`` every 10 steps: the report draws η·S/θ from them, and the tables leave them out. The
 store is written with ``flowsim.store`` (no public writer of single runs exists). The printed table is
 :func:`benchmarks.report.target_summary` of that dataset, as is the report's (``python -m benchmarks.report
 STORE``).
@@ -151,6 +155,11 @@ CDAT: dict[str, Method] = {
 }
 """CDAT (``step_size: cdat``, its defaults: σ = 2, "on edge", EMA 0.9, one difference product per step) over GD
 and over Adam: the published step-size policy that the edge controller is measured against."""
+THEORY_SEED = 0
+THEORY_EVERY = 10
+"""The controller's runs of ``EDGE`` are made once more at seed ``THEORY_SEED`` with λ_max(P̃⁻¹H) on all examples
+measured every ``THEORY_EVERY`` steps (:func:`theory_runs`): untimed, since the measurement would count in their wall
+time."""
 BASELINE = "gd-best"
 """The method the ratios are taken against: GD/SGD at the step size of its grid with the lowest mean final loss."""
 
@@ -222,6 +231,24 @@ def flowsim_curve(task: dict, seed: int, method: Method) -> tuple[Curve, dict]:
     if curve.diverged_at is None and bool(ds["diverged"]):
         curve.diverged_at = int(ds["diverged_at"])
     return curve, {**coords, "options": _settings(method)}
+
+
+def theory_runs(task: dict, methods: dict[str, Method]) -> dict[str, xr.Dataset]:
+    """For each controller setting of ``methods``, at seed ``THEORY_SEED``: the discrete run again with
+    ``precond_sharpness`` S = λ_max(P̃⁻¹H) and ``threshold`` θ/η recorded every ``THEORY_EVERY`` steps (method
+    ``<name>.measured``), and on a full-batch task the central flow driven by the same controller (``<name>.central``;
+    the central flow is a full-batch process). Their ratio is η·S/θ: the controller's c where its estimates hold,
+    1 at the edge of stability."""
+    record = {"every": task["eval_every"], "curvature_every": THEORY_EVERY, "precond": True, "projection_dim": 0}
+    processes = {"measured": "discrete"} if task["batch_size"] else {"measured": "discrete", "central": "central"}
+    runs = {}
+    for name, method in methods.items():
+        for suffix, process in processes.items():
+            runs[f"{name}.{suffix}"] = flowsim.simulate(
+                _problem(task, THEORY_SEED), method.rule, process, method.step_size, task["steps"],
+                batch_size=task["batch_size"], seed=THEORY_SEED, options=method.options or None,
+                record=record).isel(run=0)
+    return runs
 
 
 def _curve(task: dict, stepper: Callable[[int], float], evaluate: Callable[[], float],
@@ -355,7 +382,7 @@ def _write(root, name: str, task: dict, outcomes: dict[str, Outcome], targets: l
     for method, outcome in outcomes.items():
         for seed, curve, target in zip(seeds, outcome.curves, targets):
             steps, wall = _first_hit(curve, target)
-            coords = {"task": name, "half": task.get("half", ""), "method": method, **outcome.coords,
+            coords = {"task": name, "half": task.get("half", ""), "method": method, "timed": True, **outcome.coords,
                       "lr": float(outcome.coords["lr"]),
                       "max_lr": float(outcome.coords["max_lr"]), "batch_size": task["batch_size"] or 0,
                       "seed": seed, "target": float(target), "steps_to_target": steps, "wall_to_target": wall}
@@ -370,6 +397,29 @@ def _write(root, name: str, task: dict, outcomes: dict[str, Outcome], targets: l
             writer.finish(status="diverged" if diverged else "complete", diverged=diverged,
                           diverged_at=curve.diverged_at)
             order += 1
+    return order
+
+
+THEORY_VARIABLES = ("loss", "step_size", "wall_time", "sharpness", "precond_sharpness", "threshold")
+
+
+def _write_theory(root, name: str, task: dict, runs: dict[str, xr.Dataset], order: int) -> int:
+    """Write the runs of :func:`theory_runs` as ``name[method,seed=THEORY_SEED]`` with ``timed`` False (no target:
+    the table leaves them out); returns the next position."""
+    for method, ds in runs.items():
+        coords = {"task": name, "half": task.get("half", ""), "method": method, "timed": False,
+                  **{k: ds[k].item() for k in ("process", "rule", "policy")},
+                  **{k: float(ds[k]) for k in ("lr", "max_lr")}, "batch_size": task["batch_size"] or 0,
+                  "seed": THEORY_SEED, "options": "", "target": math.nan, "steps_to_target": math.nan,
+                  "wall_to_target": math.nan}
+        writer = store_mod.RunWriter(root, f"{name}[{method},seed={THEORY_SEED}]",
+                                     {"order": order, "coords": coords}, dims={})
+        writer.append({"step": ds.step.values.astype(np.int64),
+                       **{v: ds[v].values.astype(float) for v in THEORY_VARIABLES if v in ds}})
+        diverged = bool(ds["diverged"])
+        writer.finish(status="diverged" if diverged else "complete", diverged=diverged,
+                      diverged_at=int(ds["diverged_at"]) if diverged else None)
+        order += 1
     return order
 
 
@@ -413,6 +463,12 @@ def adaptive(tasks: Optional[dict[str, dict]] = None, output: Union[str, Path, N
             print(f"\n{name}: {task['steps']} steps, batch {task['batch_size'] or 'full'}, seeds {seeds}", flush=True)
             outcomes, targets = _methods(task, seeds, methods)
             order = _write(root, name, task, outcomes, targets, order, seeds)
+            edge = {n: m for n, m in methods.items() if n in EDGE}
+            t0 = time.perf_counter()
+            theory = theory_runs(task, edge)
+            print(f"  the controller's runs again, measured (seed {THEORY_SEED}): {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            order = _write_theory(root, name, task, theory, order)
             ds = flowsim.open(store)
             table = report.target_summary(ds.isel(run=(ds["task"] == name).values)).droplevel("task")
             print(table.to_string(float_format=lambda v: f"{v:.3g}"), flush=True)

@@ -28,6 +28,7 @@ import xarray as xr
 
 import flowsim
 from benchmarks.bench import best_of, bundled, parser
+from flowsim.compare import relative_distance
 from flowsim.curvature import hessian_operator, precond_eigenpairs
 from flowsim.models import build_problem
 
@@ -40,15 +41,6 @@ def _moving_average(x: np.ndarray, m: int = WINDOW) -> np.ndarray:
     if len(x) >= m:
         out[m // 2:m // 2 + len(x) - m + 1] = np.convolve(x, np.ones(m) / m, mode="valid")
     return out
-
-
-def _distance(ds: xr.Dataset, run: str, ref: str) -> float:
-    """‖w_run − w_ref‖/‖w_ref − w_ref(0)‖ at the last step where both full weights were kept."""
-    w, w_ref = ds["w"].sel(run=run), ds["w"].sel(run=ref)
-    kept = np.isfinite(w).all("param") & np.isfinite(w_ref).all("param")
-    step = int(ds.step[kept.values][-1])
-    return float(np.linalg.norm(w.sel(step=step) - w_ref.sel(step=step))
-                 / np.linalg.norm(w_ref.sel(step=step) - w_ref.isel(step=0)))
 
 
 def checks(ds: xr.Dataset, ref: str) -> dict:
@@ -66,7 +58,7 @@ def checks(ds: xr.Dataset, ref: str) -> dict:
     disp = central["sigma_oscillation_sq"].isel(crit=0).values
     return {"edge steps": int(active.sum()), "steps": int(ds.sizes["step"]),
             "edge": float(np.abs(ratio[measured] - 1).max()) if measured.any() else math.nan,
-            "central": _distance(ds, "central", ref), "stable": _distance(ds, "flow", ref),
+            "central": relative_distance(ds, "central", ref), "stable": relative_distance(ds, "flow", ref),
             "loss": float(np.mean(np.abs(predicted[ok] - average[ok]) / average[ok])) if ok.any() else math.nan,
             "variance": float(disp[active].mean() / sigma[active].mean()) if active.any() else math.nan}
 

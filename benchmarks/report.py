@@ -36,12 +36,19 @@ def final(ds: xr.Dataset, name: str = "loss") -> np.ndarray:
     return out
 
 
+def timed(ds: xr.Dataset) -> xr.Dataset:
+    """The runs compared in the tables (``timed``; all of them in a store without that coordinate): not the
+    controller's untimed runs with curvature measured (``benchmarks.adaptive.theory_runs``)."""
+    return ds if "timed" not in ds.coords else ds.isel(run=ds["timed"].values.astype(bool))
+
+
 def target_summary(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (task, method) of a benchmark dataset: lr, runs (seeds), hit (runs that reach their target),
+    """One row per (task, method) of a benchmark dataset's :func:`timed` runs: lr, runs (seeds), hit (runs that reach their target),
     the mean steps and wall seconds to the target over those runs (NaN: none does), the mean final loss (last
     finite), the diverged runs, and the ratios of the ``baseline`` method's (``ds.attrs``) steps and wall seconds
     on the same task to the method's (> 1: the method is faster); ``vs adam``: the final loss over
     :data:`TUNED_ADAM`'s on the same task (NaN where it did not run)."""
+    ds = timed(ds)
     runs = pd.DataFrame({
         "task": ds["task"].values, "method": ds["method"].values, "lr": ds["lr"].values,
         "steps": ds["steps_to_target"].values, "wall s": ds["wall_to_target"].values,
@@ -140,9 +147,10 @@ def summary(ds: xr.Dataset) -> tuple[pd.DataFrame, str]:
 
 
 def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:
-    """One panel per ``task``: ``name`` of each run of the task against steps, one colour per ``method`` with all
+    """One panel per ``task``: ``name`` of each :func:`timed` run of the task against steps, one colour per ``method`` with all
     its seeds, log scale where positive (a step size drawn as steps), a dotted line where a run diverged; on the
     loss panels the task's mean ``target`` (dashed)."""
+    ds = timed(ds)
     tasks = [str(t) for t in dict.fromkeys(ds["task"].values)
              if np.isfinite(ds[name].isel(run=(ds["task"] == t).values).values.astype(float)).any()]
     if not tasks:
@@ -180,6 +188,41 @@ def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:
     return fig
 
 
+def edge_measured(ds: xr.Dataset) -> Figure:
+    """Per task (one row), the controller's untimed runs (not :func:`timed`): left, η·S/θ against steps, with S =
+    λ_max(P̃⁻¹H) on all examples and θ the rule's threshold (recorded ``precond_sharpness`` / ``threshold``), the
+    discrete run solid and the central flow under the same controller dashed, the edge at 1 (grey); right, their full-batch loss."""
+    runs = ds.isel(run=~ds["timed"].values.astype(bool)) if "timed" in ds.coords else ds.isel(run=[])
+    runs = runs.isel(run=np.isfinite(runs["precond_sharpness"].values).any(axis=1)) if runs.sizes["run"] else runs
+    if runs.sizes["run"] == 0:
+        raise ValueError("the dataset has no measured controller runs (precond_sharpness) to plot")
+    tasks = [str(t) for t in dict.fromkeys(runs["task"].values)]
+    methods = list(dict.fromkeys(str(m).split(".")[0] for m in runs["method"].values))
+    fig = Figure(figsize=(9.0, 2.6 * len(tasks)), layout="constrained")
+    axes = fig.subplots(len(tasks), 2, squeeze=False)
+    for (ratio_ax, loss_ax), task in zip(axes, tasks):
+        sub = runs.isel(run=(runs["task"] == task).values)
+        for run in sub.run.values:
+            r = sub.sel(run=run)
+            colour = f"C{methods.index(str(r['method'].values).split('.')[0]) % 10}"
+            style = "--" if str(r["process"].values) == "central" else "-"
+            ratio = (r["precond_sharpness"] / r["threshold"]).dropna("step")
+            ratio_ax.plot(ratio.step.values, ratio.values, style, color=colour, marker=".", linewidth=1,
+                          label=str(r["method"].values))
+            loss = r["loss"].dropna("step")
+            loss_ax.plot(loss.step.values, loss.values, style, color=colour, linewidth=1,
+                         label=str(r["method"].values))
+        ratio_ax.axhline(1.0, color="0.5", linewidth=1, label="edge (η·S = θ)")
+        ratio_ax.set_title(f"η·λ_max(P̃⁻¹H)/θ — {task}", fontsize=10)
+        loss_ax.set_title(f"loss — {task}", fontsize=10)
+        loss_ax.set_yscale("log")
+        for ax in (ratio_ax, loss_ax):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return fig
+
+
 TASK_SECTIONS: tuple[Section, ...] = (
     Section("Loss per task", ("loss",), lambda ds, ref: per_task(ds, "loss"),
             "Full-batch training loss against optimizer steps, one colour per method (all seeds drawn); dashed: "
@@ -187,6 +230,12 @@ TASK_SECTIONS: tuple[Section, ...] = (
     Section("Step size per task", ("step_size",), lambda ds, ref: per_task(ds, "step_size"),
             "The step size η used at each recorded step, for the methods that have one (in the rule's own "
             "units: Adam's η is not GD's)."),
+    Section("The edge, measured", ("precond_sharpness",), lambda ds, ref: edge_measured(ds),
+            "The edge controller's runs once more at seed 0, untimed, with S = λ_max(P̃⁻¹H) on all examples measured "
+            "every 10 steps: η·S/θ (θ the rule's threshold: 2 for GD, 38 for Adam), which the controller sets to c "
+            "on its own estimate (0.5 by default; on minibatches that estimate is the step's batch's) and which is 1 "
+            "at the edge of stability; dashed, on full-batch tasks, the central flow driven by the same controller. "
+            "Right: the full-batch loss of the same runs."),
 )
 
 

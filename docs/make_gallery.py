@@ -28,7 +28,7 @@ from matplotlib.image import imsave
 
 import flowsim
 from flowsim import plot
-from flowsim.compare import default_reference
+from flowsim.compare import default_reference, relative_distance
 
 DPI = 90
 """Resolution of the gallery figures, dots per inch (each panel is 7 inches wide)."""
@@ -85,15 +85,6 @@ def last_finite(x: xr.DataArray) -> float:
     """The value of ``x`` at its last finite recorded step (NaN when none)."""
     v = x.values[np.isfinite(x.values)]
     return float(v[-1]) if v.size else float("nan")
-
-
-def relative_distance(ds: xr.Dataset, run: str, ref: str) -> float:
-    """‖w_run − w_ref‖/‖w_ref − w_ref(0)‖ at the last step where both full weights were kept (dimensionless)."""
-    w, w_ref = ds["w"].sel(run=run), ds["w"].sel(run=ref)
-    kept = np.isfinite(w).all("param") & np.isfinite(w_ref).all("param")
-    step = int(ds.step[kept.values][-1])
-    travel = float(np.linalg.norm(w_ref.sel(step=step) - w_ref.isel(step=0)))
-    return float(np.linalg.norm(w.sel(step=step) - w_ref.sel(step=step))) / travel
 
 
 def edge_medians(ds: xr.Dataset, frac: float = TAIL) -> Measures:

@@ -8,6 +8,7 @@ so runs at equal step are compared at equal time):
 - ``loss_gap(run, step)`` = L − L_ref and, when curvature was recorded, ``sharpness_gap`` = S − S_ref;
 - ``function_distance(run, step)``: √(mean over probe inputs of ‖f(x; w) − f(x; w_ref)‖²) where full weights
   were kept (networks only; probe = the first ``probe`` training inputs);
+- :func:`relative_distance`: one run's ‖w − w_ref‖ over the reference's travel at the last step both kept w;
 - per run: ``final_distance``, ``max_distance``, ``final_loss_gap``, ``final_function_distance`` and the first
   step at which a gap exceeds its tolerance: ``loss_gap_exceeds_at`` (|L − L_ref| > rtol·|L_ref|),
   ``distance_exceeds_at`` (distance > rtol·‖w_ref(step) − w_ref(0)‖, the distance the reference has
@@ -138,6 +139,18 @@ def compare(ds: xr.Dataset, reference: Optional[str] = None, *, rtol: float = 0.
         if name in out:
             out[name].attrs.update(units="step", long_name=f"first step where the gap exceeds rtol={rtol}")
     return out
+
+
+def relative_distance(ds: xr.Dataset, run: str, reference: str) -> float:
+    """‖w_run − w_ref‖/‖w_ref − w_ref(0)‖ (dimensionless: the distance over the reference's travel) at the last
+    step where both runs' full weights were kept (``record.keep_weights``)."""
+    if "w" not in ds:
+        raise ValueError("relative_distance: needs the full weights w (record.keep_weights)")
+    distance, travel = _distance(ds, "w", reference)
+    ratio = (distance.sel(run=run) / travel).dropna("step")
+    if ratio.size == 0:
+        raise ValueError(f"relative_distance: no step where both {run} and {reference} kept their weights")
+    return float(ratio[-1])
 
 
 def last_recorded(x: xr.DataArray, finite: bool = False) -> xr.DataArray:

@@ -128,7 +128,8 @@ class Edge(StepSize):
     """The edge controller: η_k = min(max_lr, s·c·θ/S), S = λ_max(P̃⁻¹H) re-estimated every ``every`` steps.
 
     θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so η·S = c·θ: c = 1 sits at the
-    edge of stability. P̃ is the preconditioner of the step η is set for. s is the divergence guard's scale. S is
+    edge of stability. P̃ is the preconditioner of the step η is set for. s is the divergence guard's scale: 1 from
+    each regular estimate on, × ``shrink`` at each loss spike until the next one. S is
     measured on each estimating step's own batch by warm-started Lanczos (products by ``hvp``).
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
@@ -140,9 +141,8 @@ class Edge(StepSize):
     every: PositiveInt = Field(10, description="re-estimate S every this many steps")
     early: bool = Field(True, description="also re-estimate at steps 1, 2, 4, … below every")
     guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
-                         "shrinks the step")
+                         "re-estimates S and shrinks the step until the next regular estimate")
     shrink: float = Field(0.5, gt=0, lt=1, description="factor applied to the step by the guard")
-    recover: float = Field(1.25, ge=1, description="factor by which a shrunk step recovers per re-estimate (≤ 1×)")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate")
     eig_tol: PositiveFloat = Field(1e-2, description="eigensolver tolerance: relative eigenvalue error")
     max_products: Optional[PositiveInt] = Field(4, description="Hessian-vector products per re-estimate after "
@@ -181,10 +181,7 @@ class Edge(StepSize):
     def _estimate(self, ctx: StepContext, state: PolicyState, first: bool = False, spike: bool = False) -> None:
         S = state["S"] = self.sharpness(ctx, state, first)
         target = self.c * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
-        if spike:
-            state["scale"] *= self.shrink
-        elif not first:
-            state["scale"] = min(1.0, state["scale"] * self.recover)
+        state["scale"] = state["scale"] * self.shrink if spike else 1.0  # a regular estimate starts afresh
         eta = state["scale"] * target
         if not first:
             eta = min(eta, self.growth * state["eta"])

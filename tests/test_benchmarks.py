@@ -77,10 +77,17 @@ def gd_losses(task: dict, seed: int, lr: float) -> list[float]:
     return losses
 
 
+MEASURED = {"tiny-full": ["edge-gd-c1.measured", "edge-gd-c1.central"], "tiny-mini": ["edge-gd-c1.measured"]}
+"""The controller's untimed runs per task: the central flow only in full batch."""
+
+
 def test_bench_stores_one_run_per_task_method_and_seed(bench_store):
     ds = flowsim.open(bench_store[0])
-    expected = [f"{t}[{m},seed={s}]" for t in TASKS for m in METHODS for s in SEEDS]
+    expected = [name for t in TASKS for name in [f"{t}[{m},seed={s}]" for m in METHODS for s in SEEDS]
+                + [f"{t}[{m},seed=0]" for m in MEASURED[t]]]
     assert list(ds.run.values) == expected
+    assert list(ds["timed"].values) == [not any(m in r for ms in MEASURED.values() for m in ms) for r in expected]
+    ds = report.timed(ds)
     mini = ds.isel(run=(ds["task"] == "tiny-mini").values)
     assert mini.sizes["run"] == len(METHODS) * len(SEEDS)
     assert set(mini["method"].values) == set(METHODS) and list(mini["seed"].values) == list(SEEDS) * len(METHODS)
@@ -133,8 +140,28 @@ def test_step_size_is_recorded_where_the_method_has_one(bench_store):
             assert np.isnan(ds["step_size"].sel(run=f"{task}[{method},seed=0]")).all()
 
 
-def test_target_coordinates_follow_from_the_stored_curves(bench_store):
+def test_the_measured_controller_runs_hold_eta_s_at_c(bench_store):
+    """The untimed runs are the controller's seed-0 runs (the same losses to the bit); in full batch, at a step
+    where the controller re-estimated S (step 10), η·λ_max/θ measured to 1e-3 is its c = 1 within its own
+    tolerance (1e-2), for the discrete run and for the central flow under the same controller."""
     ds = flowsim.open(bench_store[0])
+    for task, methods in MEASURED.items():
+        timed = ds.sel(run=f"{task}[edge-gd-c1,seed=0]")
+        for method in methods:
+            run = ds.sel(run=f"{task}[{method},seed=0]")
+            assert str(run["process"].values) == ("central" if method.endswith("central") else "discrete")
+            ratio = (run["precond_sharpness"] / run["threshold"]).dropna("step")
+            assert list(ratio.step.values) == [10, 20]
+            if method.endswith("measured"):
+                loss = run["loss"].dropna("step")
+                np.testing.assert_array_equal(loss.values, timed["loss"].sel(step=loss.step).values)
+            if task == "tiny-full":
+                assert float(ratio.sel(step=10)) == pytest.approx(1.0, abs=1e-2)
+    assert report.target_summary(ds).index.get_level_values("method").isin(METHODS).all()
+
+
+def test_target_coordinates_follow_from_the_stored_curves(bench_store):
+    ds = report.timed(flowsim.open(bench_store[0]))
     outcomes = set()
     for run in ds.run.values:
         r = ds.sel(run=run)
@@ -192,9 +219,9 @@ def test_bench_prints_the_table_and_report_renders_it(bench_store, tmp_path):
         values = [table[column].iloc[i] for column in table.columns]
         assert re.findall(r"<td>([^<]*)</td>", cells) == [
             str(v) if not isinstance(v, float) else "–" if np.isnan(v) else f"{v:.4g}" for v in values]
-    for title in ("Loss per task", "Step size per task", "Benchmark settings"):
+    for title in ("Loss per task", "Step size per task", "The edge, measured", "Benchmark settings"):
         assert f"<h2>{title}</h2>" in html
-    assert "<h2>Loss</h2>" not in html and html.count("data:image/png;base64,") == 2
+    assert "<h2>Loss</h2>" not in html and html.count("data:image/png;base64,") == 3
 
 
 def test_a_method_that_does_not_apply_to_a_task_is_left_out_with_its_reason(capsys):

@@ -40,6 +40,19 @@ def test_distance_is_exact_where_weights_were_kept_and_projected_elsewhere(ds):
     assert (c.distance.sel(run="gd") == 0).all()
 
 
+def test_relative_distance_is_over_the_reference_travel_at_the_last_kept_step(ds):
+    from flowsim.compare import relative_distance
+    w = ds.w.sel(step=12).values  # step 12 = the last step, where every run's weights are kept
+    travel = np.linalg.norm(w[0] - ds.w.sel(run="gd", step=0).values)
+    assert relative_distance(ds, "flow", "gd") == pytest.approx(np.linalg.norm(w[1] - w[0]) / travel, rel=1e-12)
+    early = ds.sel(step=slice(0, 10))  # kept at 0, 3, 6, 9: the last is 9
+    w9 = early.w.sel(step=9).values
+    assert relative_distance(early, "sgd", "gd") == pytest.approx(
+        np.linalg.norm(w9[2] - w9[0]) / np.linalg.norm(w9[0] - early.w.sel(run="gd", step=0).values), rel=1e-12)
+    with pytest.raises(ValueError, match="keep_weights"):
+        relative_distance(ds.drop_vars("w"), "flow", "gd")
+
+
 def test_loss_gap_and_first_exceedance(ds):
     c = flowsim.compare(ds, "gd", rtol=0.05)
     loss = ds.loss.values

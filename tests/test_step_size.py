@@ -116,16 +116,17 @@ def test_mlp_holds_eta_times_preconditioned_sharpness_at_its_target_for_gd_and_a
 
 def test_guard_recovers_from_a_forced_loss_spike():
     """A first estimate S = 1.2 of λ_max = 4 forces η0·λ_max = 0.9·2·4/1.2 = 6 (unstable: the top mode grows 25× in loss):
-    the guard shrinks the next step to η·λ_max = 0.9, the run converges, and η·λ_max is back at 2c = 1.8
-    after the recoveries."""
+    the guard shrinks the next steps to η·λ_max = 0.9, and from the next regular estimate (step 10) on η·λ_max is
+    back at 2c = 1.8: the guard's shrink lasts until then, so spikes cannot compound over a long run."""
     problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
     policy = scripted([1.2] + [4.0] * 20, c=0.9, every=10)
     rows, _, traj = drive(problem, "gd", policy, 80)
     etas = np.array([rows[k]["step_size"] for k in range(80)])
     losses = np.array([rows[k]["loss"] for k in range(80)])
     products = etas * SPECTRUM[0]
-    assert products[0] == pytest.approx(6.0) and products[1] == pytest.approx(0.9)
-    assert products[-1] == pytest.approx(1.8)
+    assert products[0] == pytest.approx(6.0)
+    np.testing.assert_allclose(products[1:10], 0.9, rtol=1e-12)
+    np.testing.assert_allclose(products[10:], 1.8, rtol=1e-12)
     assert losses.max() < 25 * losses[0]
     factors = np.prod([(1 - etas * lam) ** 2 for lam in SPECTRUM], axis=1)
     assert 0.5 * np.dot(SPECTRUM, factors) == pytest.approx(0.5 * np.dot(SPECTRUM, traj.w.numpy() ** 2), rel=1e-9)
