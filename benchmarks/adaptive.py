@@ -146,8 +146,8 @@ EDGE: dict[str, Method] = {
     "edge-adam": Method("adam", "edge"),  # the defaults: the headline setting
     "edge-gd": Method("gd", "edge"),
 }
-"""The edge controller's settings compared, the same on every task: its defaults (c = 0.5, S on each estimating
-step's own batch by at most 4 warm difference products) over Adam and over GD. What each option is worth is the
+"""The edge controller's settings compared, the same on every task: its defaults (c = 0.5 over Adam and 1.5 over
+GD, S on each estimating step's own batch by at most 4 warm difference products) over Adam and over GD. What each option is worth is the
 ``options`` benchmark (benchmarks/options.py), run against this benchmark's store."""
 CDAT: dict[str, Method] = {
     "cdat-gd": Method("gd", {"cdat": {}}),

@@ -233,8 +233,9 @@ TASK_SECTIONS: tuple[Section, ...] = (
     Section("The edge, measured", ("precond_sharpness",), lambda ds, ref: edge_measured(ds),
             "The edge controller's runs once more at seed 0, untimed, with S = λ_max(P̃⁻¹H) on all examples measured "
             "every 10 steps: η·S/θ (θ the rule's threshold: 2 for GD, 38 for Adam), which the controller sets to c "
-            "on its own estimate (0.5 by default; on minibatches that estimate is the step's batch's) and which is 1 "
-            "at the edge of stability; dashed, on full-batch tasks, the central flow driven by the same controller. "
+            "on its own estimate (by default 0.5 over Adam, 1.5 over GD; on minibatches that estimate is the step's "
+            "batch's) and which is 1 at the edge of stability; dashed, on full-batch tasks, the central flow driven "
+            "by the same controller. "
             "Right: the full-batch loss of the same runs."),
 )
 

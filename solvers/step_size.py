@@ -124,19 +124,27 @@ class Drop(StepSize):
         return (self.lr_after if k >= self.at else self.lr), state
 
 
+DEFAULT_C = {"gd": 1.5}
+"""The edge controller's c where a scenario gives none, per rule name (0.5 for the rules not named), each chosen on
+the tuning half of the adaptive benchmark's suite (docs/step-size.md): 0.5 over Adam; 1.5 over GD, above GD's edge,
+where its self-stabilization holds the run."""
+
+
 class Edge(StepSize):
     """The edge controller: η_k = min(max_lr, s·c·θ/S), S = λ_max(P̃⁻¹H) re-estimated every ``every`` steps.
 
     θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so η·S = c·θ: c = 1 sits at the
-    edge of stability. P̃ is the preconditioner of the step η is set for. s is the divergence guard's scale: 1 from
-    each regular estimate on, × ``shrink`` at each loss spike until the next one. S is
-    measured on each estimating step's own batch by warm-started Lanczos (products by ``hvp``).
+    edge of stability; c's default is the rule's entry of :data:`DEFAULT_C`. P̃ is the preconditioner of the step η
+    is set for. s is the divergence guard's scale: 1 from each regular estimate on, × ``shrink`` at each loss spike
+    until the next one. S is measured on each estimating step's own batch by warm-started Lanczos (products by
+    ``hvp``).
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
     """
     kind: ClassVar[str] = "edge"
     curvature: ClassVar[bool] = True
-    c: float = Field(0.5, gt=0, lt=2, description="target η·S as a fraction of the rule's threshold θ")
+    c: Optional[float] = Field(None, gt=0, lt=2, description="target η·S as a fraction of the rule's threshold θ "
+                               "(absent: 1.5 for gd, 0.5 for the other rules)")
     max_lr: PositiveFloat = Field(math.inf, description="the largest η the controller may set")
     every: PositiveInt = Field(10, description="re-estimate S every this many steps")
     early: bool = Field(True, description="also re-estimate at steps 1, 2, 4, … below every")
@@ -152,6 +160,10 @@ class Edge(StepSize):
 
     def coords(self):
         return {"policy": self.kind, "lr": math.nan, "max_lr": self.max_lr}
+
+    def fraction(self, rule: Rule) -> float:
+        """c for ``rule``: the scenario's, else :data:`DEFAULT_C`'s entry for the rule (0.5 where it has none)."""
+        return self.c if self.c is not None else DEFAULT_C.get(rule.name, 0.5)
 
     def init(self) -> PolicyState:
         return {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
@@ -180,7 +192,7 @@ class Edge(StepSize):
 
     def _estimate(self, ctx: StepContext, state: PolicyState, first: bool = False, spike: bool = False) -> None:
         S = state["S"] = self.sharpness(ctx, state, first)
-        target = self.c * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
+        target = self.fraction(ctx.rule) * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
         state["scale"] = state["scale"] * self.shrink if spike else 1.0  # a regular estimate starts afresh
         eta = state["scale"] * target
         if not first:

@@ -58,6 +58,14 @@ def test_quadratic_step_size_is_c_times_two_over_lambda_max_and_matches_gd_at_th
     torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-12)
 
 
+def test_c_defaults_to_the_rules_entry():
+    """Without c, GD's first step is η0·λ_max = 1.5·2 = 3 (estimate to 1e-3); Adam's c is 0.5; a given c wins."""
+    etas, _, _ = quadratic_run(1)
+    assert etas[0] * SPECTRUM[0] == pytest.approx(3.0, rel=1e-3)
+    assert Edge().fraction(make_rule("adam")) == 0.5 and Edge().fraction(make_rule("gd")) == 1.5
+    assert Edge(c=0.7).fraction(make_rule("gd")) == 0.7
+
+
 def test_step_size_is_capped_by_max_lr():
     etas, _, _ = quadratic_run(5, max_lr=0.1, c=0.9)
     assert (etas == 0.1).all()
