@@ -47,7 +47,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                        "a 16-run sweep on a LocalCluster of 2 workers against in process (dist extra)"),
     "batched": Benchmark("benchmarks.sweep:main_batched", "10 s | 5 s",
                          "8 step sizes as one vmapped pass against 8 sequential runs"),
-    "adaptive": Benchmark("benchmarks.adaptive:main", "25 min | 1 min",
+    "adaptive": Benchmark("benchmarks.adaptive:main", "25 min | 5 min",
                           "the edge step-size controller against tuned GD/Adam, CDAT, schedulefree, prodigy on 10 "
                           "tasks, a tuning and a held-out half (bench extra)"),
     "options": Benchmark("benchmarks.options:main", "≈ 5 min/half | 1 min",
