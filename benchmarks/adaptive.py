@@ -147,8 +147,8 @@ EDGE: dict[str, Method] = {
     "edge-gd": Method("gd", "edge"),
 }
 """The edge controller's settings compared, the same on every task: its defaults (c = 0.5 over Adam and 1.5 over
-GD, S on each estimating step's own batch by at most 4 warm difference products) over Adam and over GD. What each option is worth is the
-``options`` benchmark (benchmarks/options.py), run against this benchmark's store."""
+GD, S on each estimating step's own batch by at most 4 warm difference products) over Adam and over GD. What each
+option is worth is the ``options`` benchmark (benchmarks/options.py), run against this benchmark's store."""
 CDAT: dict[str, Method] = {
     "cdat-gd": Method("gd", {"cdat": {}}),
     "cdat-adam": Method("adam", {"cdat": {}}),
@@ -247,7 +247,7 @@ def theory_runs(task: dict, methods: dict[str, Method]) -> dict[str, xr.Dataset]
             runs[f"{name}.{suffix}"] = flowsim.simulate(
                 _problem(task, THEORY_SEED), method.rule, process, method.step_size, task["steps"],
                 batch_size=task["batch_size"], seed=THEORY_SEED, options=method.options or None,
-                record=record).isel(run=0)
+                record=record).isel(run=0).assign_coords(options=_settings(method))
     return runs
 
 
@@ -408,9 +408,9 @@ def _write_theory(root, name: str, task: dict, runs: dict[str, xr.Dataset], orde
     the table leaves them out); returns the next position."""
     for method, ds in runs.items():
         coords = {"task": name, "half": task.get("half", ""), "method": method, "timed": False,
-                  **{k: ds[k].item() for k in ("process", "rule", "policy")},
+                  **{k: ds[k].item() for k in ("process", "rule", "policy", "options")},
                   **{k: float(ds[k]) for k in ("lr", "max_lr")}, "batch_size": task["batch_size"] or 0,
-                  "seed": THEORY_SEED, "options": "", "target": math.nan, "steps_to_target": math.nan,
+                  "seed": THEORY_SEED, "target": math.nan, "steps_to_target": math.nan,
                   "wall_to_target": math.nan}
         writer = store_mod.RunWriter(root, f"{name}[{method},seed={THEORY_SEED}]",
                                      {"order": order, "coords": coords}, dims={})

@@ -43,11 +43,11 @@ def timed(ds: xr.Dataset) -> xr.Dataset:
 
 
 def target_summary(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (task, method) of a benchmark dataset's :func:`timed` runs: lr, runs (seeds), hit (runs that reach their target),
-    the mean steps and wall seconds to the target over those runs (NaN: none does), the mean final loss (last
-    finite), the diverged runs, and the ratios of the ``baseline`` method's (``ds.attrs``) steps and wall seconds
-    on the same task to the method's (> 1: the method is faster); ``vs adam``: the final loss over
-    :data:`TUNED_ADAM`'s on the same task (NaN where it did not run)."""
+    """One row per (task, method) of a benchmark dataset's :func:`timed` runs: lr, runs (seeds), hit (runs that reach
+    their target), the mean steps and wall seconds to the target over those runs (NaN: none does), the mean final loss
+    (last finite), the diverged runs, and the ratios of the ``baseline`` method's (``ds.attrs``) steps and wall seconds
+    on the same task to the method's (> 1: the method is faster); ``vs adam``: the final loss over :data:`TUNED_ADAM`'s
+    on the same task (NaN where it did not run)."""
     ds = timed(ds)
     runs = pd.DataFrame({
         "task": ds["task"].values, "method": ds["method"].values, "lr": ds["lr"].values,
@@ -147,9 +147,9 @@ def summary(ds: xr.Dataset) -> tuple[pd.DataFrame, str]:
 
 
 def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:
-    """One panel per ``task``: ``name`` of each :func:`timed` run of the task against steps, one colour per ``method`` with all
-    its seeds, log scale where positive (a step size drawn as steps), a dotted line where a run diverged; on the
-    loss panels the task's mean ``target`` (dashed)."""
+    """One panel per ``task``: ``name`` of each :func:`timed` run of the task against steps, one colour per ``method``
+    with all its seeds, log scale where positive (a step size drawn as steps), a dotted line where a run diverged; on
+    the loss panels the task's mean ``target`` (dashed)."""
     ds = timed(ds)
     tasks = [str(t) for t in dict.fromkeys(ds["task"].values)
              if np.isfinite(ds[name].isel(run=(ds["task"] == t).values).values.astype(float)).any()]
@@ -191,7 +191,8 @@ def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:
 def edge_measured(ds: xr.Dataset) -> Figure:
     """Per task (one row), the controller's untimed runs (not :func:`timed`): left, η·S/θ against steps, with S =
     λ_max(P̃⁻¹H) on all examples and θ the rule's threshold (recorded ``precond_sharpness`` / ``threshold``), the
-    discrete run solid and the central flow under the same controller dashed, the edge at 1 (grey); right, their full-batch loss."""
+    discrete run solid and the central flow under the same controller dashed, the edge at 1 (grey); right, their full-
+    batch loss."""
     runs = ds.isel(run=~ds["timed"].values.astype(bool)) if "timed" in ds.coords else ds.isel(run=[])
     runs = runs.isel(run=np.isfinite(runs["precond_sharpness"].values).any(axis=1)) if runs.sizes["run"] else runs
     if runs.sizes["run"] == 0:

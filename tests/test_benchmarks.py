@@ -150,6 +150,7 @@ def test_the_measured_controller_runs_hold_eta_s_at_c(bench_store):
         for method in methods:
             run = ds.sel(run=f"{task}[{method},seed=0]")
             assert str(run["process"].values) == ("central" if method.endswith("central") else "discrete")
+            assert (str(run["policy"].values), str(run["options"].values)) == ("edge", "c=1.0")
             ratio = (run["precond_sharpness"] / run["threshold"]).dropna("step")
             assert list(ratio.step.values) == [10, 20]
             if method.endswith("measured"):

@@ -52,32 +52,37 @@ def scenario_file(tmp_path_factory):
     return path
 
 
-def wait_for_store(proc, store) -> float:
-    """Wait until the subprocess is past start-up (its store has a runs group); returns that moment."""
-    while not (store / "runs").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    return time.perf_counter()
+def wait_for_checkpoint(proc, store) -> None:
+    """Wait until the subprocess is computing: a checkpoint of this launch is on disk, or it has ended."""
+    folder = store / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("*.pt")} if folder.exists() else {}
+    while proc.poll() is None and not any(before.get(p) != p.stat().st_mtime_ns for p in list(folder.glob("*.pt"))
+                                          if p.exists()):
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
-def reference_and_duration(scenario_file):
-    """The uninterrupted run, in a subprocess with the same environment as the killed ones, and the seconds it
-    took from start-up to the end (so kill moments scale with how loaded the machine is)."""
+def reference_and_compute(scenario_file):
+    """The uninterrupted run, in a subprocess with the same environment as the killed ones, and its runs' own
+    computing time (the sum of their recorded wall times), which kill moments scale with (so they follow how
+    loaded the machine is)."""
     store = scenario_file.parent / "reference.zarr"
     proc = flowsim_run(scenario_file, store)
-    started = wait_for_store(proc, store)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    return flowsim.open(store), time.perf_counter() - started
+    ds = flowsim.open(store)
+    return ds, float(sum(ds.wall_time.sel(run=run).dropna("step")[-1] for run in ds.run.values))
 
 
 @pytest.fixture(scope="module")
-def reference(reference_and_duration):
-    return reference_and_duration[0]
+def reference(reference_and_compute):
+    return reference_and_compute[0]
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(scenario_file, reference_and_duration, tmp_path):
-    reference, duration = reference_and_duration
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(scenario_file, reference_and_compute, tmp_path):
+    """Five launches are each killed at a random moment once they are computing (a checkpoint of theirs is on
+    disk): up to 0.3 of the runs' computing time later, so that the work is not done before the fifth kill."""
+    reference, compute = reference_and_compute
     store, rng = tmp_path / "killed.zarr", random.Random(6)
     kills, resumed_from_checkpoint = 0, 0
     for _ in range(20):
@@ -85,8 +90,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(scenario_fil
             break
         resumed_from_checkpoint += any((store / "checkpoints").glob("*.pt")) if store.exists() else 0
         proc = flowsim_run(scenario_file, store, "--resume")
-        wait_for_store(proc, store)
-        time.sleep(rng.uniform(0.0, 0.6) * duration)
+        wait_for_checkpoint(proc, store)
+        time.sleep(rng.uniform(0.0, 0.3) * compute)
         if proc.poll() is None:
             proc.kill()
             kills += 1

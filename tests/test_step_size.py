@@ -123,9 +123,9 @@ def test_mlp_holds_eta_times_preconditioned_sharpness_at_its_target_for_gd_and_a
 
 
 def test_guard_recovers_from_a_forced_loss_spike():
-    """A first estimate S = 1.2 of λ_max = 4 forces η0·λ_max = 0.9·2·4/1.2 = 6 (unstable: the top mode grows 25× in loss):
-    the guard shrinks the next steps to η·λ_max = 0.9, and from the next regular estimate (step 10) on η·λ_max is
-    back at 2c = 1.8: the guard's shrink lasts until then, so spikes cannot compound over a long run."""
+    """A first estimate S = 1.2 of λ_max = 4 forces η0·λ_max = 0.9·2·4/1.2 = 6 (unstable: the top mode grows 25×
+    in loss): the guard shrinks the next steps to η·λ_max = 0.9, and from the next regular estimate (step 10) on
+    η·λ_max is back at 2c = 1.8: the guard's shrink lasts until then, so spikes cannot compound over a long run."""
     problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
     policy = scripted([1.2] + [4.0] * 20, c=0.9, every=10)
     rows, _, traj = drive(problem, "gd", policy, 80)
