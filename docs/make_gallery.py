@@ -251,8 +251,9 @@ ENTRIES = [
           "(docs/central-momentum.md) holds η·λ_max there and follows momentum closer than its stable flow.",
           ("cohen22", "central"), (_by_step(plot.sharpness), distance_figure), central),
     Entry("central-adam-mlp", "Central flow of Adam (derived here)",
-          "The central flow of Adam holds λ_max(P̃⁻¹H) at 38/η with its v flowing with the oscillation; it ends "
-          "closer to Adam than Adam's stable flow, but not within a tenth of the travel (docs/central-momentum.md).",
+          "The central flow of Adam holds λ_max(P̃⁻¹H) at 38/η with its v flowing with the oscillation. Started, "
+          "like the stable flow, from Adam's state after its first 1/(1 − β1) steps, it ends within a tenth of "
+          "Adam's travel and closer to Adam than the stable flow (docs/central-momentum.md).",
           ("cohen22", "central"), (_by_step(plot.precond_sharpness), distance_figure), central),
     Entry("seos-mlp", "Stochastic edge of stability: the noise kernel norm",
           "With small batches the noise kernel norm K, not η·λ_max/2, controls stability: SGD is pushed back below "

@@ -24,7 +24,9 @@ image of the discrete average, plus the oscillation's time average D²_g A[HΣH]
 :func:`state_rate_sigma`; RMSProp: (2(1 − β2)/(1 + β2))[g² + diag(HΣH) − ν], scalar RMSProp: ‖g‖² + tr(HΣH)),
 and the preconditioner's drift dP = ∂P/∂s · ds enters the SDCP (:func:`precond_drift`). It applies to the rules
 that declare it (``Rule.central_flow`` None); the others raise with their reason. With no critical direction the
-flow is the stable flow (gradient flow for GD).
+flow is the stable flow (gradient flow for GD). With ``discrete_start`` n the first n steps are the discrete
+rule's own and the flow starts at step n from the weights and state they reach: no first-order flow follows
+Adam's bias-corrected first 1/(1 − β1) steps (``docs/central-momentum.md``).
 
 Integration: ``substeps`` substeps per unit of time (default 4, the reference setting), each solving the SDCP
 once. For a rule that steps along g a substep is forward Euler, which keeps the linearized stability exactly at
@@ -58,22 +60,21 @@ from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 from torch import Tensor
 from torch.autograd import forward_ad as fwAD
 from torch.func import jvp, vmap
 
 from flowsim.curvature import LossGraph, precond_eigenpairs
-from flowsim.solvers.processes import Discrete, Process, Trajectory
+from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.sdcp import SDCPError, solve_sdcp
 
 CRIT_DIM = 4  # Σ eigenvalues recorded per step (the ``crit`` dimension), largest first, NaN-padded
 
 
-class CentralOptions(BaseModel):
+class CentralOptions(DiscreteStart):
     """The central process's own scenario keys."""
-    model_config = ConfigDict(extra="forbid")
     substeps: PositiveInt = Field(4, description="integration substeps per unit of time (one step)")
     method: Literal["euler", "heun"] = Field("euler", description="forward Euler (the Σ-free part of a momentum "
                                              "rule by Runge-Kutta), or Heun's 2nd-order method")
@@ -99,12 +100,12 @@ class Central(Process):
         self._vecs: Optional[Tensor] = None  # warm start of the eigensolver
         self._k = 2  # eigenpairs requested
         self._shadow: Optional[Trajectory] = None
-        self._discrete = Discrete(problem, rule, seed) if self.options.shadow else None
+        self._discrete = Discrete(problem, rule, seed)  # the shadow run's steps and the discrete_start steps
         self._steps_along_momentum = type(rule).direction is not Rule.direction
         self.last: dict = {}  # the field evaluation at the start of the last step (for inspection)
 
     def start(self, w0: Tensor) -> Trajectory:
-        if self._discrete is not None:
+        if self.options.shadow:
             self._shadow = Trajectory(w=w0.clone())
         return Trajectory(w=w0.clone())
 
@@ -190,17 +191,26 @@ class Central(Process):
         return torch.as_tensor(X, dtype=A0.dtype, device=A0.device)
 
     # ---- stepping ---------------------------------------------------------------------------------------
-    def _initial_state(self, w: Tensor, g: Tensor) -> State:
-        """The state the first discrete step's preconditioner is made of: init, then one advance at g0."""
-        return self.rule.advance_state(g, self.rule.init(w, g))
+    def _initial_state(self, w: Tensor, g: Tensor, state: Optional[State]) -> State:
+        """The flow's state at its start, the one the next discrete step's preconditioner is made of: the rule's
+        ``state`` before that step (init at w0), advanced at g."""
+        return self.rule.advance_state(g, state if state is not None else self.rule.init(w, g))
 
     def precond_state(self, traj: Trajectory):
-        """The flow's preconditioner is made of its current state (at the start: the first discrete step's)."""
-        return lambda g: traj.state if traj.state is not None else self._initial_state(traj.w, g)
+        """The flow's preconditioner is made of its current state (at its start: the next discrete step's); the
+        discrete run's convention over the ``discrete_start`` steps."""
+        if traj.step < self.discrete_start:
+            return None
+        return lambda g: traj.state if traj.step > self.discrete_start else self._initial_state(traj.w, g,
+                                                                                                 traj.state)
 
     def step(self, traj: Trajectory, lr: float, measure: bool, ctx=None) -> dict:
-        if traj.state is None:
-            traj.state = self._initial_state(traj.w, self.problem.grad(traj.w))
+        if traj.step < self.discrete_start:
+            return self._discrete.step(traj, lr, measure, ctx)
+        if traj.step == self.discrete_start:  # the flow starts here, from the discrete run's weights and state
+            if self.options.shadow:
+                self._shadow = Trajectory(w=traj.w.clone(), state=traj.state)
+            traj.state = self._initial_state(traj.w, self.problem.grad(traj.w), traj.state)
         try:
             w, state, first = self._advance(traj.w, traj.state, lr)
         except SDCPError as e:  # the flow has left the domain where it is defined: a result, like divergence
@@ -209,7 +219,7 @@ class Central(Process):
         out = {"step_loss": first["loss"].item(), "step_size": lr}
         self.last = first
         shadow_step = None
-        if self._discrete is not None:
+        if self.options.shadow:
             before = self._shadow.w
             self._discrete.step(self._shadow, lr, measure=False)
             shadow_step = self._shadow.w - before
@@ -277,13 +287,13 @@ class Central(Process):
 
     def checkpoint_state(self) -> dict:
         out = {"k": self._k, "vecs": self._vecs}
-        if self._shadow is not None:
+        if self.options.shadow:
             out.update(shadow_w=self._shadow.w, shadow_state=self._shadow.state)
         return out
 
     def restore(self, state: dict) -> None:
         self._k, self._vecs = state["k"], state["vecs"]
-        if self._discrete is not None:
+        if self.options.shadow:
             self._shadow = Trajectory(w=state["shadow_w"], state=state["shadow_state"])
 
 

@@ -29,7 +29,7 @@ from torchdiffeq import odeint
 
 from flowsim.curvature import hessian_operator, precond_eigenpairs
 from flowsim.problem import Problem
-from flowsim.solvers.processes import Process, Trajectory
+from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import Rule, State
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
@@ -144,7 +144,7 @@ class StepCount(BaseModel):
                           "huge although the flow is not stiff there; use dopri5 for such rules)")
 
 
-class FlowOptions(StepCount):
+class FlowOptions(StepCount, DiscreteStart):
     """Scenario keys of the stable and modified flows."""
     method: Literal["euler", "rk4", "dopri5"] = Field(
         "rk4", description="integrator: euler or rk4 (fixed substeps), or dopri5 (adaptive, to rtol and atol)")
@@ -161,10 +161,11 @@ class FlowOptions(StepCount):
 class Stable(Process):
     """The stable flow of the rule (gradient flow for GD), one unit of time per ``step``.
 
-    The rule state starts at ``rule.init(w0, ∇L(w0))`` like the discrete run. With fixed-step methods and no
-    ``substeps``, the number of substeps is max(4, ⌈2 S_eff⌉) with S_eff = η λ_max(P̃⁻¹H) (the stiffness of
-    the flow in units of one step; explicit Euler is stable for S_eff/substeps < 2), estimated every
-    ``sharpness_every`` steps by warm-started Lanczos.
+    The rule state starts at ``rule.init(w0, ∇L(w0))`` like the discrete run, or, with ``discrete_start`` n, the
+    flow starts at step n from the discrete run's weights and state (its first n steps are the rule's own).
+    With fixed-step methods and no ``substeps``, the number of substeps is max(4, ⌈2 S_eff⌉) with
+    S_eff = η λ_max(P̃⁻¹H) (the stiffness of the flow in units of one step; explicit Euler is stable for
+    S_eff/substeps < 2), estimated every ``sharpness_every`` steps by warm-started Lanczos.
     """
     name: ClassVar[str] = "stable"
     Options: ClassVar[type[BaseModel]] = FlowOptions
@@ -173,12 +174,18 @@ class Stable(Process):
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, seed, batch_size, options)
         self._sharpness, self._eigvec = None, None
+        self._discrete = Discrete(problem, rule, seed)
 
     def precond_state(self, traj: Trajectory):
-        """The flow's preconditioner is made of its current state (the rule's initial state at the start)."""
+        """The flow's preconditioner is made of its current state (the rule's initial state at the start); the
+        discrete run's convention over the ``discrete_start`` steps."""
+        if traj.step < self.discrete_start:
+            return None
         return lambda g: traj.state if traj.state is not None else self.rule.init(traj.w, g)
 
     def step(self, traj: Trajectory, lr: float, measure: bool, ctx=None) -> dict:
+        if traj.step < self.discrete_start:
+            return self._discrete.step(traj, lr, measure, ctx)
         ctx = self.context(traj) if ctx is None else ctx
         loss, g = ctx.loss_and_grad()
         out = {"step_loss": loss.item(), "step_size": lr}

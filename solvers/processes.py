@@ -6,8 +6,9 @@ returning what it measured at step k — and ``measure(traj)`` for the current p
 :class:`~flowsim.solvers.step_size.StepContext` of the point, shared with the policy so that the step's gradient
 is computed once.
 Measurements are ``loss`` (full batch) and ``grad_norm`` (‖∇L‖₂, full batch); ``step_loss`` is whatever loss
-the step itself evaluated (full or minibatch), used to detect divergence. Processes never know which network
-they run on, and never touch storage.
+the step itself evaluated (full or minibatch), used to detect divergence. A flow may begin with the discrete
+rule's own steps (its option ``discrete_start``, :class:`DiscreteStart`) and start from the weights and state
+they reach. Processes never know which network they run on, and never touch storage.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from torch import Tensor
 
 from flowsim.problem import Problem
@@ -79,6 +80,13 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DiscreteStart(NoOptions):
+    """The flows' option ``discrete_start`` (stable, modified and central flows)."""
+    discrete_start: NonNegativeInt = Field(
+        0, description="steps the discrete rule takes itself before the flow starts from the weights and state they "
+                       "reach (0: the flow starts at w0); for Adam, its bias-corrected first 1/(1 − β1) steps")
+
+
 class DiscreteOptions(NoOptions):
     sampling: Literal["epoch", "iid"] = Field(
         "epoch", description="epoch: reshuffled each epoch; iid: an independent random batch every step")
@@ -101,6 +109,12 @@ class Process:
 
     def start(self, w0: Tensor) -> Trajectory:
         return Trajectory(w=w0.clone())
+
+    @property
+    def discrete_start(self) -> int:
+        """Steps 0 … discrete_start − 1 are the discrete rule's own (:class:`DiscreteStart`; 0 for a process
+        without the option)."""
+        return getattr(self.options, "discrete_start", 0)
 
     def context(self, traj: Trajectory) -> StepContext:
         """The step context at traj (full batch; the preconditioner of the rule state at traj)."""

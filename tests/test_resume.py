@@ -187,6 +187,8 @@ PROCESSES_DOC = {
     "runs": {"sde": {"process": "sde", "rule": "gd", "lr": 0.3, "batch_size": 6},
              "stable": {"process": "stable", "rule": "gd", "lr": 0.3},
              "central": {"process": "central", "rule": "gd", "lr": 1.0},  # S0 = 10.4: 1–2 critical directions
+             # its discrete steps end at step 4, where a checkpoint is taken (chunk 4)
+             "late": {"process": "central", "rule": "adam", "lr": 0.05, "eps": 1e-3, "discrete_start": 4},
              "iid": {"process": "discrete", "rule": "gd", "lr": 0.3, "batch_size": 6, "sampling": "iid"}},
     "record": {"every": 1, "projection_dim": 2, "chunk": 4, "curvature_every": 3},
 }
@@ -194,7 +196,8 @@ PROCESSES_DOC = {
 
 def test_every_process_and_the_curvature_probe_resume_bitwise(tmp_path, monkeypatch):
     """Interrupted right after a chunk is stored (rows past the checkpoint exist) in every run in turn:
-    Brownian motion, iid sampler, flow substeps, central-flow warm starts and Lanczos warm starts all resume."""
+    Brownian motion, iid sampler, flow substeps, central-flow warm starts, a flow's start after its discrete steps
+    and Lanczos warm starts all resume."""
     from flowsim.store import RunWriter
     reference = flowsim.run(PROCESSES_DOC, tmp_path / "ref.zarr", progress=False)
     append, calls, kills = RunWriter.append, [], []

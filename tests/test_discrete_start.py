@@ -1,0 +1,61 @@
+"""A flow's ``discrete_start``: its first n steps are the discrete rule's own, bit for bit, and from step n it is the
+same flow started from the discrete run's weights and state there (stable and central flows, Adam)."""
+import pytest
+import torch
+
+import flowsim
+from flowsim.models import build_problem
+from flowsim.solvers import Central, Discrete, Stable, make_rule
+from flowsim.solvers.processes import Trajectory
+
+N, STEPS = 3, 6
+
+
+def _problem():
+    spec = {"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2],
+            "n_train": 40, "loss": "mse"}
+    return build_problem(spec, dtype="float64", device="cpu")
+
+
+def _discrete(p, rule, lr, steps):
+    """The discrete run's trajectories after 0 … steps steps."""
+    d = Discrete(p, rule)
+    traj = d.start(p.w0)
+    path = [Trajectory(w=traj.w)]
+    for _ in range(steps):
+        d.step(traj, lr, measure=False)
+        path.append(Trajectory(w=traj.w, state=dict(traj.state)))
+    return path
+
+
+@pytest.mark.parametrize("process", [Stable, Central])
+def test_the_flow_after_discrete_start_is_the_flow_started_from_the_discrete_state(process):
+    """Bit for bit: the discrete run up to step N, then the flow started there; the central flow's shadow stays
+    the discrete run throughout."""
+    p, rule, lr = _problem(), make_rule("adam", beta1=0.9, beta2=0.99, eps=1e-3), 0.05
+    path = _discrete(p, rule, lr, STEPS)
+    late = process(p, rule, options=process.Options(discrete_start=N))
+    traj = late.start(p.w0)
+    for k in range(STEPS):
+        if k == N:  # the flow's state at its start: the central flow's is the next discrete step's (advanced)
+            state = late.precond_state(traj)(p.grad(traj.w))
+            expected = path[N + 1 if process is Central else N].state
+            assert all(torch.equal(state[key], expected[key]) for key in expected)
+        late.step(traj, lr, measure=True)
+        if k < N:
+            assert torch.equal(traj.w, path[k + 1].w)
+    fresh = process(p, rule, options=process.Options())
+    other = Trajectory(w=path[N].w.clone(), state=path[N].state)  # the flow from the discrete state at step N
+    for _ in range(STEPS - N):
+        fresh.step(other, lr, measure=False)
+    assert torch.equal(traj.w, other.w)
+    assert traj.step == STEPS and traj.time == pytest.approx(STEPS * lr)
+    if process is Central:
+        assert torch.equal(late._shadow.w, path[STEPS].w)
+
+
+def test_discrete_start_is_a_flow_option():
+    with pytest.raises(ValueError, match="discrete_start"):
+        flowsim.simulate(_problem(), "adam", "discrete", 0.05, steps=2, options={"discrete_start": 2})
+    with pytest.raises(ValueError, match="discrete_start"):
+        flowsim.simulate(_problem(), "gd", "stable", 0.05, steps=2, options={"discrete_start": -1})
