@@ -25,8 +25,8 @@ image of the discrete average, plus the oscillation's time average D²_g A[HΣH]
 and the preconditioner's drift dP = ∂P/∂s · ds enters the SDCP (:func:`precond_drift`). It applies to the rules
 that declare it (``Rule.central_flow`` None); the others raise with their reason. With no critical direction the
 flow is the stable flow (gradient flow for GD). With ``discrete_start`` n the first n steps are the discrete
-rule's own and the flow starts at step n from the weights and state they reach: no first-order flow follows
-Adam's bias-corrected first 1/(1 − β1) steps (``docs/central-momentum.md``).
+rule's own and the flow starts at step n from the weights and state they reach: the flows do not follow Adam's
+bias-corrected first 1/(1 − β1) steps (``docs/central-momentum.md``).
 
 Integration: ``substeps`` substeps per unit of time (default 4, the reference setting), each solving the SDCP
 once. For a rule that steps along g a substep is forward Euler, which keeps the linearized stability exactly at
