@@ -59,3 +59,15 @@ def test_discrete_start_is_a_flow_option():
         flowsim.simulate(_problem(), "adam", "discrete", 0.05, steps=2, options={"discrete_start": 2})
     with pytest.raises(ValueError, match="discrete_start"):
         flowsim.simulate(_problem(), "gd", "stable", 0.05, steps=2, options={"discrete_start": -1})
+
+
+def test_a_policy_sees_the_discrete_runs_preconditioner_over_the_discrete_steps():
+    """The edge controller over the first n steps of a flow sets the discrete run's step sizes, to the bit (its
+    S uses P̃ of the state advanced by the step's gradient there, the flow's own state after)."""
+    p = _problem()
+    discrete = flowsim.simulate(p, "adam", "discrete", "edge", steps=N, eps=1e-3).squeeze()
+    for process in ("stable", "central"):
+        late = flowsim.simulate(p, "adam", process, "edge", steps=N + 2, eps=1e-3,
+                                options={"discrete_start": N}).squeeze()
+        assert (late.step_size.values[:N] == discrete.step_size.values[:N]).all()
+        assert late.loss.values[N] == discrete.loss.values[N]
