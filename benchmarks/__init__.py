@@ -36,7 +36,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                        "seconds per unit of time of every flow and the SDE against GD/SGD, on an MLP and a CNN"),
     "central": Benchmark("benchmarks.central:main", "10 s | 7 s",
                          "one unit of time of the central flow (1-3 critical directions) against one GD step"),
-    "central-fidelity": Benchmark("benchmarks.central_fidelity:main", "25 min | 40 s",
+    "central-fidelity": Benchmark("benchmarks.central_fidelity:main", "45 min | 40 s",
                                   "central flows of momentum and Adam against their discrete runs and stable flows "
                                   "at the edge (MLP, CNN): the four fidelity figures and the cost per step"),
     "central-speed": Benchmark("benchmarks.central_speed:main", "2 min | 15 s",

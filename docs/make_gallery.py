@@ -7,8 +7,8 @@ Each entry of ENTRIES runs one bundled scenario (store in a temporary directory)
 :mod:`flowsim.plot` (panels of several figures stacked), and computes its headline numbers from the returned
 Dataset; every number in gallery.md comes from that computation in the same run. ``--steps N`` caps every
 scenario at N steps (for quick checks; the claims need the full runs), ``--out DIR`` writes DIR/gallery.md and
-DIR/gallery/ instead of docs/. The full run takes ≈ 16 min (931 s measured) on one CPU thread
-(OMP_NUM_THREADS=1), 12 of them in the five central-flow scenarios.
+DIR/gallery/ instead of docs/. The full run takes ≈ 43 min on one CPU thread
+(OMP_NUM_THREADS=1), 28 of them in central-adam-mlp.
 """
 from __future__ import annotations
 
@@ -301,8 +301,8 @@ def section(entry: Entry, measures: Measures, steps: int, seconds: float, diverg
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Duration: ≈ 16 min on one CPU "
-                                     "thread (OMP_NUM_THREADS=1), 12 of them in the five central-flow scenarios; "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Duration: ≈ 43 min on one CPU "
+                                     "thread (OMP_NUM_THREADS=1), 28 of them in central-adam-mlp; "
                                      "it prints each scenario's wall time as it goes.")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="scenarios to run (default: all entries)")
     parser.add_argument("--steps", type=int, help="cap every scenario at this many steps")
