@@ -164,12 +164,14 @@ def noise_kernel(ds: xr.Dataset) -> Measures:
 
 
 def stochastic_edge(ds: xr.Dataset) -> Measures:
-    """Per run: median batch sharpness·η/2 and λ_max·η/2 over the last half of the steps."""
+    """Per run: median batch sharpness·η/2, λ_max·η/2 and second-moment contraction over the last half."""
     out = {}
     for run in runs(ds):
         out[f"{run}: median batch sharpness·η/2 over the last 50%"] = \
             tail_median(edge_ratio(ds, run, "batch_sharpness"), 0.5)
         out[f"{run}: median λ_max·η/2 over the last 50%"] = tail_median(edge_ratio(ds, run, "sharpness"), 0.5)
+        out[f"{run}: median E_B‖(I − ηH_B)u‖² over the last 50%"] = \
+            tail_median(ds.second_moment_contraction.sel(run=run), 0.5)
     return out
 
 

@@ -424,14 +424,15 @@ def noise_kernel_norm(ds: xr.Dataset, x: Optional[str] = None) -> Figure:
 
 def stochastic_edge(ds: xr.Dataset, x: Optional[str] = None) -> Figure:
     """The edge of stochastic stability per minibatch run: batch sharpness × η/2 against 1 (batch sharpness at
-    2/η, Andreyev & Beneventano 2024) and λ_max(E_B[(I − ηH_B)²]) against 1 (the second-moment edge)."""
+    2/η, Andreyev & Beneventano 2024) and E_B‖(I − ηH_B)u‖² along the top Hessian eigenvector u against 1 (the
+    second-moment edge along the sharpest direction)."""
     _require(ds, "batch_sharpness")
     x = clock(ds, x)
     fig, axes = _figure(2, height=2.6, sharex=True)
     look = looks(ds)
     scaled = ds.assign(batch_sharpness=ds.batch_sharpness * ds.step_size / 2)
     for ax, name, title in ((axes[0], "batch_sharpness", "batch sharpness × η/2"),
-                            (axes[1], "second_moment_contraction", "λ_max(E_B[(I − ηH_B)²])")):
+                            (axes[1], "second_moment_contraction", "E_B‖(I − ηH_B)u₁‖²")):
         for run in _runs_with(scaled, name):
             ax.plot(*series(scaled, name, run, x), marker=".", markersize=3, **look[run])
             _mark_divergence(ax, ds, run, look[run]["color"], x)

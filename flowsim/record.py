@@ -38,8 +38,9 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
                           "C outputs (minibatch runs; flowsim.curvature.noise_kernel_norm)"),
     "batch_sharpness": ((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same minibatch B, "
                         "over record.stochastic_edge_batches of the run's upcoming batches (minibatch runs)"),
-    "second_moment_contraction": ((), "1", "λ_max(E_B[(I − ηH_B)²]) over the same batches: > 1 where the mean "
-                                  "square of some direction grows under the step (minibatch runs)"),
+    "second_moment_contraction": ((), "1", "E_B‖(I − ηH_B)u‖² over the same batches, u the unit top eigenvector of "
+                                  "the Hessian: > 1 where the mean square of a perturbation along the sharpest "
+                                  "direction grows under the step (minibatch runs)"),
     "grad_noise_trace": ((), "(loss/weight)²", "trace of the per-example gradient covariance"),
 }
 
@@ -107,8 +108,8 @@ class CurvatureProbe(Probe):
     full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
     when None), K and tr Σ on the first ``noise_examples``. The stochastic edge (``edge_batches`` > 0, minibatch
     runs only) uses the batches of steps k, …, k + edge_batches − 1 as the run's sampler draws them: one
-    Hessian-vector product per batch for the batch sharpness, two per batch per Lanczos iteration for
-    λ_max(mean_B (I − η_k H_B)²). Eigenvectors are kept between calls as warm starts
+    Hessian-vector product per batch for the batch sharpness and one for mean_B ‖(I − η_k H_B)u‖² along the top
+    Hessian eigenvector u the sharpness measurement has just found. Eigenvectors are kept between calls as warm starts
     and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
     continues with the same warm starts.
     """
@@ -121,7 +122,6 @@ class CurvatureProbe(Probe):
         self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
         self._process = None
         self._warm: dict[str, Tensor] = {}
-        self.last_edge_hvps = 0  # Hessian-vector products of the last stochastic-edge measurement
 
     def checkpoint_state(self) -> dict:
         return dict(self._warm)
@@ -155,25 +155,17 @@ class CurvatureProbe(Probe):
                                                          problem.n_examples, problem.Y[0].numel())
             out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
         if self.edge_batches and getattr(process, "sampler", None) is not None:
-            out.update(self._stochastic_edge(problem, w, process.sampler, traj.step, lr))
+            out.update(self._stochastic_edge(problem, w, process.sampler, traj.step, lr, self._warm["H"][:, 0]))
         return out
 
-    def _stochastic_edge(self, problem, w: Tensor, sampler, step: int, lr: float) -> dict:
-        """batch_sharpness and second_moment_contraction on the batches of steps step, step + 1, …"""
+    def _stochastic_edge(self, problem, w: Tensor, sampler, step: int, lr: float, top: Tensor) -> dict:
+        """batch_sharpness and second_moment_contraction on the batches of steps step, step + 1, …; ``top`` the
+        Hessian's top eigenvector (docs/stochastic-edge.md: why along it and not λ_max over all directions)."""
+        top = top / top.norm()
         graphs = [LossGraph(problem, w, sampler.indices(step + i)) for i in range(self.edge_batches)]
         rayleigh = [(g.grad() @ g.hvp(g.grad()) / g.grad().pow(2).sum()).item() for g in graphs]
-
-        def contraction(v: Tensor) -> Tensor:  # v ↦ mean_B (I − ηH_B)² v
-            total = torch.zeros_like(v)
-            for g in graphs:
-                u = v - lr * g.hvp(v)
-                total += u - lr * g.hvp(u)
-            return total / len(graphs)
-
-        res = precond_eigenpairs(contraction, None, w, 1, v0=self._warm.get("E2"), tol=self.tol)
-        self._warm["E2"] = res.vecs
-        self.last_edge_hvps = len(graphs) * (1 + 2 * res.matvecs)
-        return {"batch_sharpness": float(np.mean(rayleigh)), "second_moment_contraction": res.vals[0].item()}
+        growth = [(top - lr * g.hvp(top)).pow(2).sum().item() for g in graphs]
+        return {"batch_sharpness": float(np.mean(rayleigh)), "second_moment_contraction": float(np.mean(growth))}
 
 
 class Recorder:

@@ -63,8 +63,8 @@ SECTIONS: tuple[Section, ...] = (
             "The noise kernel norm K of minibatch runs against 1, where stochastic training self-stabilizes."),
     Section("Stochastic edge", ("batch_sharpness",), lambda ds, ref: plot.stochastic_edge(ds),
             "Minibatch runs: the batch sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²] times η/2 against 1 (it sits at 2/η at the "
-            "edge of stochastic stability), and the second-moment contraction λ_max(E_B[(I − ηH_B)²]) against 1, "
-            "both over the run's own next batches."),
+            "edge of stochastic stability), and the second-moment contraction E_B‖(I − ηH_B)u‖² along the top "
+            "Hessian eigenvector u against 1, both over the run's own next batches."),
     Section("Distance and gaps to the reference run", tuple(plot.GAPS), lambda ds, ref: plot.gaps(ds, reference=ref),
             "Distance to the reference run in weight space ‖w − w_ref‖ (from the random projection unless full "
             "weights were kept) and in function space, and loss / sharpness differences, at equal step."),
