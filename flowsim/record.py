@@ -37,10 +37,10 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "noise_kernel_norm": ((), "1", "K = (κ/C) Σ ηλ/(2 − (1 − κ)ηλ), κ = (1/B − 1/D)·D/(D − 1), NTK eigenvalues λ, "
                           "C outputs (minibatch runs; flowsim.curvature.noise_kernel_norm)"),
     "batch_sharpness": ((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same minibatch B, "
-                        "over record.stochastic_edge_batches of the run's upcoming batches (minibatch runs)"),
+                        "over record.stochastic_edge_batches of the run's upcoming batches (minibatch SGD runs)"),
     "second_moment_contraction": ((), "1", "E_B‖(I − ηH_B)u‖² over the same batches, u the unit top eigenvector of "
                                   "the Hessian: > 1 where the mean square of a perturbation along the sharpest "
-                                  "direction grows under the step (minibatch runs)"),
+                                  "direction grows under the step (minibatch SGD runs)"),
     "grad_noise_trace": ((), "(loss/weight)²", "trace of the per-example gradient covariance"),
 }
 
@@ -107,7 +107,7 @@ class CurvatureProbe(Probe):
     preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
     full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
     when None), K and tr Σ on the first ``noise_examples``. The stochastic edge (``edge_batches`` > 0, minibatch
-    runs only) uses the batches of steps k, …, k + edge_batches − 1 as the run's sampler draws them: one
+    SGD runs only: the gd rule, whose step maps a perturbation by I − ηH_B) uses the batches of steps k, …, k + edge_batches − 1 as the run's sampler draws them: one
     Hessian-vector product per batch for the batch sharpness and one for mean_B ‖(I − η_k H_B)u‖² along the top
     Hessian eigenvector u the sharpness measurement has just found. Eigenvectors are kept between calls as warm starts
     and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
@@ -154,7 +154,7 @@ class CurvatureProbe(Probe):
             out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
                                                          problem.n_examples, problem.Y[0].numel())
             out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
-        if self.edge_batches and getattr(process, "sampler", None) is not None:
+        if self.edge_batches and getattr(process, "sampler", None) is not None and process.rule.name == "gd":
             out.update(self._stochastic_edge(problem, w, process.sampler, traj.step, lr, self._warm["H"][:, 0]))
         return out
 

@@ -151,7 +151,7 @@ class RecordSpec(Strict):
     noise_kernel_examples: PositiveInt = Field(128, description="K and grad_noise_trace use the first this many examples")
     stochastic_edge: bool = Field(
         False, description="also record batch_sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²] and second_moment_contraction "
-        "E_B‖(I − ηH_B)u‖², u the top Hessian eigenvector, with the curvature (minibatch discrete runs; not recorded in full batch)")
+        "E_B‖(I − ηH_B)u‖², u the top Hessian eigenvector, with the curvature (minibatch SGD runs: discrete, rule gd; not recorded for other runs)")
     stochastic_edge_batches: PositiveInt = Field(
         8, description="batches E_B averages over: those of the run's next this many steps, as its sampler draws them")
 
@@ -205,6 +205,10 @@ class Scenario(Strict):
                 if not (info.context or {}).get("preview"):
                     raise ValueError(message)
                 warnings.warn(f"{message}: the drop is not reached", stacklevel=2)
+        if self.record.stochastic_edge and not self.sweep and not any(
+                run.process == "discrete" and run.rule == "gd" and run.batch_size for run in self.runs.values()):
+            raise ValueError("record.stochastic_edge: needs a minibatch SGD run (process discrete, rule gd, a "
+                             "batch_size); there is none")
         if self.record.noise_kernel and getattr(self.problem, "loss", None) != "mse":
             raise ValueError("record.noise_kernel: the noise kernel norm K is defined for networks with the mse loss")
         return self

@@ -174,13 +174,15 @@ def test_stochastic_edge_costs_one_hessian_vector_product_per_batch_and_quantity
 
 def test_recorded_for_minibatch_runs_and_not_in_full_batch():
     doc = {"name": "se", "device": "cpu", "dtype": "float64", "problem": TINY, "steps": 6,
-           "runs": {"sgd": {"rule": "gd", "lr": 0.5, "batch_size": 4}, "gd": {"rule": "gd", "lr": 0.5}},
+           "runs": {"sgd": {"rule": "gd", "lr": 0.5, "batch_size": 4}, "gd": {"rule": "gd", "lr": 0.5},
+                    "momentum": {"rule": "momentum", "lr": 0.5, "batch_size": 4}},
            "record": {"projection_dim": 0, "curvature_every": 3, "stochastic_edge": True,
                       "stochastic_edge_batches": 2}}
     ds = flowsim.run(doc, progress=False)
     for name in ("batch_sharpness", "second_moment_contraction"):
         assert np.isfinite(ds[name].sel(run="sgd").sel(step=[0, 3]).values).all(), name
-        assert np.isnan(ds[name].sel(run="gd").values).all(), name
+        for other in ("gd", "momentum"):  # full batch; a step that is not I − ηH_B
+            assert np.isnan(ds[name].sel(run=other).values).all(), (name, other)
     fig = flowsim.plot.stochastic_edge(ds, x="step")
     top, bottom = fig.axes
     assert [line.get_label() for line in top.lines] == ["sgd", "edge"]  # the full-batch run has nothing to draw
@@ -190,3 +192,11 @@ def test_recorded_for_minibatch_runs_and_not_in_full_batch():
     assert top.lines[1].get_ydata()[0] == 1.0 and bottom.lines[-1].get_ydata()[0] == 1.0
     from flowsim.report import render
     assert "Stochastic edge" in render(ds)
+
+
+def test_stochastic_edge_without_a_minibatch_sgd_run_is_an_error():
+    doc = {"name": "se", "device": "cpu", "problem": TINY, "steps": 2,
+           "runs": {"gd": {"rule": "gd", "lr": 0.5}, "adam": {"rule": "adam", "lr": 0.01, "batch_size": 4}},
+           "record": {"curvature_every": 1, "stochastic_edge": True}}
+    with pytest.raises(ValueError, match="record.stochastic_edge: needs a minibatch SGD run"):
+        flowsim.run(doc, progress=False)
