@@ -106,10 +106,11 @@ class CurvatureProbe(Probe):
     state at step k; before the first step there is no state (it is NaN at step 0), and for rules without a
     preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
     full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
-    when None), K and tr Σ on the first ``noise_examples``. The stochastic edge (``edge_batches`` > 0, minibatch
-    SGD runs only: the gd rule, whose step maps a perturbation by I − ηH_B) uses the batches of steps k, …, k + edge_batches − 1 as the run's sampler draws them: one
-    Hessian-vector product per batch for the batch sharpness and one for mean_B ‖(I − η_k H_B)u‖² along the top
-    Hessian eigenvector u the sharpness measurement has just found. Eigenvectors are kept between calls as warm starts
+    when None), K and tr Σ on the first ``noise_examples``. The stochastic edge (``edge_batches`` > 0; minibatch
+    SGD runs only, the gd rule, whose step maps a perturbation by I − ηH_B) uses the batches of steps k, …,
+    k + edge_batches − 1 as the run's sampler draws them: one Hessian-vector product per batch for the batch
+    sharpness and one for mean_B ‖(I − η_k H_B)u‖² along the top Hessian eigenvector u that the sharpness
+    measurement has just found. Eigenvectors are kept between calls as warm starts
     and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
     continues with the same warm starts.
     """

@@ -151,7 +151,8 @@ class RecordSpec(Strict):
     noise_kernel_examples: PositiveInt = Field(128, description="K and grad_noise_trace use the first this many examples")
     stochastic_edge: bool = Field(
         False, description="also record batch_sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²] and second_moment_contraction "
-        "E_B‖(I − ηH_B)u‖², u the top Hessian eigenvector, with the curvature (minibatch SGD runs: discrete, rule gd; not recorded for other runs)")
+        "E_B‖(I − ηH_B)u‖², u the top Hessian eigenvector, with the curvature (minibatch SGD runs: discrete, "
+        "rule gd; not recorded for other runs)")
     stochastic_edge_batches: PositiveInt = Field(
         8, description="batches E_B averages over: those of the run's next this many steps, as its sampler draws them")
 

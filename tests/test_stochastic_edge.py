@@ -172,7 +172,7 @@ def test_stochastic_edge_costs_one_hessian_vector_product_per_batch_and_quantity
     assert len(calls) == 2 * 8
 
 
-def test_recorded_for_minibatch_runs_and_not_in_full_batch():
+def test_recorded_for_minibatch_sgd_runs_only():
     doc = {"name": "se", "device": "cpu", "dtype": "float64", "problem": TINY, "steps": 6,
            "runs": {"sgd": {"rule": "gd", "lr": 0.5, "batch_size": 4}, "gd": {"rule": "gd", "lr": 0.5},
                     "momentum": {"rule": "momentum", "lr": 0.5, "batch_size": 4}},
@@ -185,7 +185,7 @@ def test_recorded_for_minibatch_runs_and_not_in_full_batch():
             assert np.isnan(ds[name].sel(run=other).values).all(), (name, other)
     fig = flowsim.plot.stochastic_edge(ds, x="step")
     top, bottom = fig.axes
-    assert [line.get_label() for line in top.lines] == ["sgd", "edge"]  # the full-batch run has nothing to draw
+    assert [line.get_label() for line in top.lines] == ["sgd", "edge"]  # the other runs have nothing to draw
     x, y = top.lines[0].get_data()
     expected = (ds.batch_sharpness * ds.step_size / 2).sel(run="sgd").sel(step=[0, 3, 6]).values
     np.testing.assert_allclose(y, expected[np.isfinite(expected)])
