@@ -425,7 +425,7 @@ def noise_kernel_norm(ds: xr.Dataset, x: Optional[str] = None) -> Figure:
 def stochastic_edge(ds: xr.Dataset, x: Optional[str] = None) -> Figure:
     """The edge of stochastic stability per minibatch run: batch sharpness × η/2 against 1 (batch sharpness at
     2/η, Andreyev & Beneventano 2024) and E_B‖(I − ηH_B)u‖² along the top Hessian eigenvector u against 1 (the
-    second-moment edge along the sharpest direction)."""
+    second-moment edge along the sharpest direction; logarithmic axis)."""
     _require(ds, "batch_sharpness")
     x = clock(ds, x)
     fig, axes = _figure(2, height=2.6, sharex=True)
@@ -438,7 +438,8 @@ def stochastic_edge(ds: xr.Dataset, x: Optional[str] = None) -> Figure:
             _mark_divergence(ax, ds, run, look[run]["color"], x)
         ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="edge")
         ax.set_title(title)
-        _finish(ax, x, title)
+        # the contraction is a growth factor (≥ 0): on a linear axis a diverging run flattens the others
+        _finish(ax, x, title, log=name == "second_moment_contraction")
     return _key(fig, ds)
 
 
