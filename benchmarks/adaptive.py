@@ -34,9 +34,9 @@ only) and ``loss`` (NaN between the evaluations of minibatch tasks); run coordin
 ``process``, ``rule``, ``policy``, ``lr`` (NaN where the controller sets η), ``max_lr``, ``batch_size`` (0 = full),
 ``seed``, ``options`` (the method's settings, as text), ``target`` (loss), ``steps_to_target`` and
 ``wall_to_target`` (s; NaN where the run never reaches its target), ``timed`` (True); a diverged run ends at its
-``diverged_at``. Beside them, per task, the controller's settings of ``EDGE`` run once more at seed 0 with the
-curvature measured (:func:`theory_runs`; methods ``<name>.measured`` and, in full batch, ``<name>.central``: the
-central flow under the same controller), untimed (``timed`` False, no target), with ``precond_sharpness`` and
+``diverged_at``. Beside them, per task, the controller's settings of ``EDGE`` and tuned Adam (``adam-best``) run
+once more at seed 0 with the curvature measured (:func:`theory_runs`; methods ``<name>.measured`` and, for the
+controller in full batch, ``<name>.central``: the central flow under the same controller), untimed (``timed`` False, no target), with ``precond_sharpness`` and
 ``threshold`` every 10 steps: the report draws η·S/θ from them, and the tables leave them out. The
 store is written with ``flowsim.store`` (no public writer of single runs exists). The printed table is
 :func:`benchmarks.report.target_summary` of that dataset, as is the report's (``python -m benchmarks.report
@@ -157,9 +157,9 @@ CDAT: dict[str, Method] = {
 and over Adam: the published step-size policy that the edge controller is measured against."""
 THEORY_SEED = 0
 THEORY_EVERY = 10
-"""The controller's runs of ``EDGE`` are made once more at seed ``THEORY_SEED`` with λ_max(P̃⁻¹H) on all examples
-measured every ``THEORY_EVERY`` steps (:func:`theory_runs`): untimed, since the measurement would count in their wall
-time."""
+"""The controller's runs of ``EDGE`` and tuned Adam's are made once more at seed ``THEORY_SEED`` with λ_max(P̃⁻¹H)
+on all examples measured every ``THEORY_EVERY`` steps (:func:`theory_runs`): untimed, since the measurement would
+count in their wall time. Tuned Adam's η·S/θ is the fraction of its edge that the best constant step uses."""
 BASELINE = "gd-best"
 """The method the ratios are taken against: GD/SGD at the step size of its grid with the lowest mean final loss."""
 
@@ -233,14 +233,15 @@ def flowsim_curve(task: dict, seed: int, method: Method) -> tuple[Curve, dict]:
     return curve, {**coords, "options": _settings(method)}
 
 
-def theory_runs(task: dict, methods: dict[str, Method]) -> dict[str, xr.Dataset]:
-    """For each controller setting of ``methods``, at seed ``THEORY_SEED``: the discrete run again with
-    ``precond_sharpness`` S = λ_max(P̃⁻¹H) and ``threshold`` θ/η recorded every ``THEORY_EVERY`` steps (method
-    ``<name>.measured``), and on a full-batch task the central flow driven by the same controller (``<name>.central``;
-    the central flow is a full-batch process). Their ratio is η·S/θ: the controller's c where its estimates hold,
-    1 at the edge of stability."""
+def theory_runs(task: dict, methods: dict[str, Method], central: bool = True) -> dict[str, xr.Dataset]:
+    """For each setting of ``methods``, at seed ``THEORY_SEED``: the discrete run again with ``precond_sharpness``
+    S = λ_max(P̃⁻¹H) and ``threshold`` θ/η recorded every ``THEORY_EVERY`` steps (method ``<name>.measured``), and
+    with ``central`` on a full-batch task the central flow driven by the same step sizes (``<name>.central``; the
+    central flow is a full-batch process). Their ratio is η·S/θ: the controller's c where its estimates hold, the
+    fraction of its edge a constant step uses, 1 at the edge of stability."""
     record = {"every": task["eval_every"], "curvature_every": THEORY_EVERY, "precond": True, "projection_dim": 0}
-    processes = {"measured": "discrete"} if task["batch_size"] else {"measured": "discrete", "central": "central"}
+    processes = ({"measured": "discrete"} if task["batch_size"] or not central else
+                 {"measured": "discrete", "central": "central"})
     runs = {}
     for name, method in methods.items():
         for suffix, process in processes.items():
@@ -249,6 +250,12 @@ def theory_runs(task: dict, methods: dict[str, Method]) -> dict[str, xr.Dataset]
                 batch_size=task["batch_size"], seed=THEORY_SEED, options=method.options or None,
                 record=record).isel(run=0).assign_coords(options=_settings(method))
     return runs
+
+
+def _median_edge_fraction(ds: xr.Dataset) -> float:
+    """Median over the measured steps after step 0 of η·S/θ (``precond_sharpness`` / ``threshold``)."""
+    ratio = (ds["precond_sharpness"] / ds["threshold"]).dropna("step")
+    return float(np.median(ratio.sel(step=ratio.step > 0).values))
 
 
 def _curve(task: dict, stepper: Callable[[int], float], evaluate: Callable[[], float],
@@ -465,9 +472,12 @@ def adaptive(tasks: Optional[dict[str, dict]] = None, output: Union[str, Path, N
             order = _write(root, name, task, outcomes, targets, order, seeds)
             edge = {n: m for n, m in methods.items() if n in EDGE}
             t0 = time.perf_counter()
-            theory = theory_runs(task, edge)
-            print(f"  the controller's runs again, measured (seed {THEORY_SEED}): {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            tuned = {"adam-best": Method("adam", float(outcomes["adam-best"].coords["lr"]))}
+            theory = {**theory_runs(task, edge), **theory_runs(task, tuned, central=False)}
+            print(f"  the controller's runs and tuned Adam's again, measured (seed {THEORY_SEED}): "
+                  f"{time.perf_counter() - t0:.1f} s; median η·S/θ " + ", ".join(
+                      f"{m.removesuffix('.measured')} {_median_edge_fraction(ds):.2g}"
+                      for m, ds in theory.items() if m.endswith(".measured")), flush=True)
             order = _write_theory(root, name, task, theory, order)
             ds = flowsim.open(store)
             table = report.target_summary(ds.isel(run=(ds["task"] == name).values)).droplevel("task")

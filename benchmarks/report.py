@@ -38,7 +38,7 @@ def final(ds: xr.Dataset, name: str = "loss") -> np.ndarray:
 
 def timed(ds: xr.Dataset) -> xr.Dataset:
     """The runs compared in the tables (``timed``; all of them in a store without that coordinate): not the
-    controller's untimed runs with curvature measured (``benchmarks.adaptive.theory_runs``)."""
+    untimed runs with curvature measured (``benchmarks.adaptive.theory_runs``)."""
     return ds if "timed" not in ds.coords else ds.isel(run=ds["timed"].values.astype(bool))
 
 
@@ -189,10 +189,10 @@ def per_task(ds: xr.Dataset, name: str = "loss") -> Figure:
 
 
 def edge_measured(ds: xr.Dataset) -> Figure:
-    """Per task (one row), the controller's untimed runs (not :func:`timed`): left, η·S/θ against steps, with S =
-    λ_max(P̃⁻¹H) on all examples and θ the rule's threshold (recorded ``precond_sharpness`` / ``threshold``), the
-    discrete run solid and the central flow under the same controller dashed, the edge at 1 (grey); right, their full-
-    batch loss."""
+    """Per task (one row), the untimed runs (not :func:`timed`: the controller's and tuned Adam's): left, η·S/θ
+    against steps, with S = λ_max(P̃⁻¹H) on all examples and θ the rule's threshold (recorded ``precond_sharpness``
+    / ``threshold``), the discrete run solid and the central flow under the same controller dashed, the edge at 1
+    (grey); right, their full-batch loss."""
     runs = ds.isel(run=~ds["timed"].values.astype(bool)) if "timed" in ds.coords else ds.isel(run=[])
     runs = runs.isel(run=np.isfinite(runs["precond_sharpness"].values).any(axis=1)) if runs.sizes["run"] else runs
     if runs.sizes["run"] == 0:
@@ -236,7 +236,8 @@ TASK_SECTIONS: tuple[Section, ...] = (
             "every 10 steps: η·S/θ (θ the rule's threshold: 2 for GD, 38 for Adam), which the controller sets to c "
             "on its own estimate (by default 0.5 over Adam, 1.5 over GD; on minibatches that estimate is the step's "
             "batch's) and which is 1 at the edge of stability; dashed, on full-batch tasks, the central flow driven "
-            "by the same controller. "
+            "by the same controller; adam-best: tuned Adam's constant step, whose η·S/θ is the fraction of its edge "
+            "that the best constant step uses. "
             "Right: the full-batch loss of the same runs."),
 )
 

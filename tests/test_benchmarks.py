@@ -77,8 +77,9 @@ def gd_losses(task: dict, seed: int, lr: float) -> list[float]:
     return losses
 
 
-MEASURED = {"tiny-full": ["edge-gd-c1.measured", "edge-gd-c1.central"], "tiny-mini": ["edge-gd-c1.measured"]}
-"""The controller's untimed runs per task: the central flow only in full batch."""
+MEASURED = {"tiny-full": ["edge-gd-c1.measured", "edge-gd-c1.central", "adam-best.measured"],
+            "tiny-mini": ["edge-gd-c1.measured", "adam-best.measured"]}
+"""The untimed runs per task: the controller's (the central flow only in full batch) and tuned Adam's."""
 
 
 def test_bench_stores_one_run_per_task_method_and_seed(bench_store):
@@ -148,6 +149,8 @@ def test_the_measured_controller_runs_hold_eta_s_at_c(bench_store):
     for task, methods in MEASURED.items():
         timed = ds.sel(run=f"{task}[edge-gd-c1,seed=0]")
         for method in methods:
+            if method.startswith("adam-best"):
+                continue
             run = ds.sel(run=f"{task}[{method},seed=0]")
             assert str(run["process"].values) == ("central" if method.endswith("central") else "discrete")
             assert (str(run["policy"].values), str(run["options"].values)) == ("edge", "c=1.0")
@@ -159,6 +162,20 @@ def test_the_measured_controller_runs_hold_eta_s_at_c(bench_store):
             if task == "tiny-full":
                 assert float(ratio.sel(step=10)) == pytest.approx(1.0, abs=1e-2)
     assert report.target_summary(ds).index.get_level_values("method").isin(METHODS).all()
+
+
+def test_tuned_adam_measured_is_its_timed_run_with_its_edge_fraction(bench_store):
+    """Tuned Adam's untimed run is its seed-0 run (the same losses to the bit, the grid's best η), with S and
+    Adam's threshold θ/η = 38/η recorded every 10 steps."""
+    ds = flowsim.open(bench_store[0])
+    for task in MEASURED:
+        timed, run = ds.sel(run=f"{task}[adam-best,seed=0]"), ds.sel(run=f"{task}[adam-best.measured,seed=0]")
+        assert (str(run["rule"].values), float(run["lr"])) == ("adam", float(timed["lr"]))
+        loss = run["loss"].dropna("step")
+        np.testing.assert_array_equal(loss.values, timed["loss"].sel(step=loss.step).values)
+        ratio = (run["precond_sharpness"] / run["threshold"]).dropna("step")
+        assert list(ratio.step.values) == [10, 20] and (ratio > 0).all()
+        assert float(run["threshold"].sel(step=10)) == pytest.approx(38 / float(timed["lr"]), rel=1e-12)
 
 
 def test_target_coordinates_follow_from_the_stored_curves(bench_store):
