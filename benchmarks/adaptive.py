@@ -36,11 +36,11 @@ only) and ``loss`` (NaN between the evaluations of minibatch tasks); run coordin
 ``wall_to_target`` (s; NaN where the run never reaches its target), ``timed`` (True); a diverged run ends at its
 ``diverged_at``. Beside them, per task, the controller's settings of ``EDGE`` and tuned Adam (``adam-best``) run
 once more at seed 0 with the curvature measured (:func:`theory_runs`; methods ``<name>.measured`` and, for the
-controller in full batch, ``<name>.central``: the central flow under the same controller), untimed (``timed`` False, no target), with ``precond_sharpness`` and
-``threshold`` every 10 steps: the report draws η·S/θ from them, and the tables leave them out. The
-store is written with ``flowsim.store`` (no public writer of single runs exists). The printed table is
-:func:`benchmarks.report.target_summary` of that dataset, as is the report's (``python -m benchmarks.report
-STORE``).
+controller in full batch, ``<name>.central``: the central flow under the same controller), untimed (``timed``
+False, no target), with ``precond_sharpness`` and ``threshold`` every 10 steps: the report draws η·S/θ from them,
+and the tables leave them out. The store is written with ``flowsim.store`` (no public writer of single runs
+exists). The printed table is :func:`benchmarks.report.target_summary` of that dataset, as is the report's
+(``python -m benchmarks.report STORE``).
 """
 from __future__ import annotations
 
