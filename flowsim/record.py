@@ -161,8 +161,7 @@ class CurvatureProbe(Probe):
 
     def _stochastic_edge(self, problem, w: Tensor, sampler, step: int, lr: float, top: Tensor) -> dict:
         """batch_sharpness and second_moment_contraction on the batches of steps step, step + 1, …; ``top`` the
-        Hessian's top eigenvector (docs/stochastic-edge.md: why along it and not λ_max over all directions)."""
-        top = top / top.norm()
+        Hessian's unit top eigenvector (docs/stochastic-edge.md: why along it and not λ_max over all directions)."""
         graphs = [LossGraph(problem, w, sampler.indices(step + i)) for i in range(self.edge_batches)]
         rayleigh = [(g.grad() @ g.hvp(g.grad()) / g.grad().pow(2).sum()).item() for g in graphs]
         growth = [(top - lr * g.hvp(top)).pow(2).sum().item() for g in graphs]
