@@ -36,6 +36,15 @@ def default_reference(ds: xr.Dataset) -> str:
     return name if name in ds.run.values else str(ds.run.values[0])
 
 
+def require_steps(ds: xr.Dataset) -> None:
+    """A one-line ValueError when ``ds`` holds no recorded step: every run of its store was stopped before its
+    first write (:func:`flowsim.open` still reads it: the runs with their coordinates, an empty ``step``)."""
+    if ds.sizes.get("step", 0) == 0:
+        runs = ", ".join(map(str, ds.run.values)) or "none yet"
+        raise ValueError(f"nothing recorded yet (runs: {runs}): stopped before the first write; continue with "
+                         "flowsim run SCENARIO -o STORE --resume")
+
+
 def _norm(x: xr.DataArray, dim: str) -> xr.DataArray:
     """Euclidean norm along ``dim``, NaN where any entry is NaN (not recorded)."""
     return np.sqrt((x ** 2).sum(dim, skipna=False))
@@ -96,6 +105,7 @@ def compare(ds: xr.Dataset, reference: Optional[str] = None, *, rtol: float = 0.
     Problem the runs were made on (default: rebuilt from the stored scenario, needed only for
     ``function_distance`` and only when full weights were kept).
     """
+    require_steps(ds)
     reference = default_reference(ds) if reference is None else reference
     if reference not in ds.run.values:
         raise ValueError(f"reference: {reference!r} is not a run of this store (runs: {', '.join(map(str, ds.run.values))})")

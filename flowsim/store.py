@@ -2,14 +2,17 @@
 
 Layout (zarr v3): root attrs hold the scenario (YAML text), versions, device and dtype; each run group holds
 1-D/2-D arrays along ``step`` (with ``dimension_names``, so xarray reads them) and attrs with the run's
-coordinates under ``coords`` (process, rule, lr, batch_size, seed, …), its ``order`` and its status (running | complete | diverged).
-A killed run keeps every chunk it completed. :func:`open` returns one ``xarray.Dataset`` along ``run``. When all
-its runs are done the store's metadata is consolidated (:func:`consolidate`, for plain ``xarray.open_zarr``); a
-store reopened for writing drops it first (:func:`reopen`), and flowsim's own reads never use it.
+coordinates under ``coords`` (process, rule, lr, batch_size, seed, …), its ``order``, its status (running |
+complete | diverged) and its ``length`` (the rows stored). A killed run keeps every row it stored (its recorder
+writes every ``record.chunk`` rows and at least once a minute: :class:`flowsim.record.Recorder`). :func:`open`
+returns one ``xarray.Dataset`` along ``run``, however early the store was killed: a run with no row yet has an
+empty ``step``, a store with no run yet an empty ``run``. When all its runs are done the store's metadata is
+consolidated (:func:`consolidate`, for plain ``xarray.open_zarr``); a store reopened for writing drops it first
+(:func:`reopen`), and flowsim's own reads never use it.
 
 A store on disk also holds ``flowsim.lock`` (the pid and host of the process writing it; a lock left by a dead
 process on this host is taken over) and ``checkpoints/<run>.pt``: the latest checkpoint of each unfinished run,
-written atomically right after a chunk is flushed (see :func:`save_checkpoint`).
+written atomically right after its rows are written (see :func:`save_checkpoint`).
 """
 from __future__ import annotations
 
@@ -229,8 +232,11 @@ def drop_checkpoint(store: StoreLike, name: str) -> None:
 
 
 def _open_group(group: zarr.Group) -> xr.Dataset:
-    """A run group's first ``attrs['length']`` rows (the completed chunks) as a Dataset indexed by step."""
+    """A run group's first ``attrs['length']`` rows (those stored before any kill) as a Dataset indexed by step;
+    a group killed before its first write has no rows (an empty ``step``)."""
     arrays = dict(group.arrays())
+    if "step" not in arrays:
+        return xr.Dataset(coords={"step": np.zeros(0, dtype=np.int64)})
     n = group.attrs.get("length", min((a.shape[0] for a in arrays.values()), default=0))
     variables = {name: xr.Variable(arr.metadata.dimension_names, arr[:n], attrs=dict(arr.attrs))
                  for name, arr in arrays.items()}
@@ -241,8 +247,12 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
     """Read a store as one Dataset with dims (run, step, …); runs of different lengths are NaN-padded."""
     if isinstance(store, (str, Path)) and not Path(store).exists():
         raise FileNotFoundError(f"store {store} does not exist")
+    if isinstance(store, (str, Path)) and not is_store(store):
+        raise FileNotFoundError(f"{store} is not a flowsim store (it has no zarr.json: a run killed before it "
+                                "wrote anything, or another folder)")
     root = zarr.open_group(store, mode="r", use_consolidated=False)
-    names = sorted(root["runs"].group_keys(), key=lambda n: root[f"runs/{n}"].attrs.get("order", 0))
+    names = sorted(root["runs"].group_keys() if "runs" in root else (),
+                   key=lambda n: root[f"runs/{n}"].attrs.get("order", 0))
     parts = []
     for name in names:
         attrs = dict(root[f"runs/{name}"].attrs)
@@ -253,8 +263,8 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
         ds["diverged_at"] = ("run", [float("nan") if attrs.get("diverged_at") is None else attrs["diverged_at"]],
                              DIVERGED_AT_ATTRS)
         parts.append(ds)
-    if not parts:
-        raise ValueError(f"store {store} holds no runs")
+    if not parts:  # killed before its first run began
+        parts = [xr.Dataset(coords={"run": np.zeros(0, dtype=object), "step": np.zeros(0, dtype=np.int64)})]
     ds = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts", fill_value=np.nan,
                    data_vars="all", coords="different", compat="equals")
     if "time" in ds:
