@@ -98,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsim", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a scenario and store the results", description=(
-        "Run a scenario and store the results, with a progress bar per run on a terminal. Duration: the "
+        "Run a scenario and store the results, with a progress bar per run on a terminal (elsewhere a line on "
+        "stderr at most every 30 s). Duration: the "
         "quickstart takes about 20 s on 2 CPU cores; a discrete step of the bundled models takes milliseconds, a "
         "flow's unit of time 10-250x that and a central flow's 50-750x (README: Processes and what they cost), "
         "so try a flow with a short --steps first."))
@@ -111,7 +112,8 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the unfinished runs of an existing store from their checkpoints; skip finished ones")
     r.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each (sweep point, run) on dask.distributed: 'local' starts a LocalCluster")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
+    r.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress (a bar per run on a terminal, else a line on stderr at most every 30 s)")
     r.add_argument("--report", action="store_true", help="also write the HTML report next to the store (.html)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="write a self-contained HTML report of a store")

@@ -1,4 +1,5 @@
-"""What is measured per recorded step, buffered in memory and handed to the store in chunks.
+"""What is measured per recorded step, buffered in memory and handed to the store in chunks, at least once a
+minute (:class:`Recorder`).
 
 ``VARIABLES`` is the one table of recorded variables: extra dims beyond ``step``, units and a description —
 the store writes them as attrs, so every stored array says what it is. Probes compute measurements at a
@@ -7,6 +8,8 @@ This module never opens files: the writer it is given does.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Optional
 
 import numpy as np
@@ -169,22 +172,28 @@ class CurvatureProbe(Probe):
 
 
 class Recorder:
-    """Buffers one run's recorded steps and flushes them to ``writer.append`` every ``chunk`` rows.
+    """Buffers one run's recorded steps and hands them to ``writer.append``: the first row at once (a store shows
+    every run from its first step on), then whenever ``chunk`` rows are buffered or ``seconds`` of wall time have
+    passed since the last hand-over.
 
-    Rows are added with :meth:`add`; a value not given in a row is NaN (not measured at that step).
+    Rows are added with :meth:`add`; a value not given in a row is NaN (not measured at that step). The time
+    bound (a minute by default, checked as each row is added) makes the writes follow the run's cost: a fast run
+    writes whole chunks, a slow one (a central flow at seconds per step) holds no more than about a minute of
+    work, or the steps between two recorded rows when they take longer, only in memory, where a kill loses it.
     """
 
-    def __init__(self, writer, dims: dict[str, int], chunk: int = 500):
-        self.writer, self.dims, self.chunk = writer, dims, chunk
+    def __init__(self, writer, dims: dict[str, int], chunk: int = 500, seconds: float = 60.0):
+        self.writer, self.dims, self.chunk, self.seconds = writer, dims, chunk, seconds
         self.rows: list[dict] = []
+        self.written = -math.inf
 
     def add(self, step: int, values: dict) -> bool:
-        """Buffer one row; returns whether a chunk was handed to the writer."""
+        """Buffer one row; returns whether the rows were handed to the writer."""
         unknown = set(values) - set(VARIABLES)
         if unknown:
             raise KeyError(f"not a recorded variable: {sorted(unknown)}")
         self.rows.append({"step": step, **values})
-        if len(self.rows) >= self.chunk:
+        if len(self.rows) >= self.chunk or time.monotonic() - self.written >= self.seconds:
             self.flush()
             return True
         return False
@@ -204,4 +213,4 @@ class Recorder:
                     col[i] = r[name]
             columns[name] = col
         self.writer.append(columns)
-        self.rows = []
+        self.rows, self.written = [], time.monotonic()

@@ -4,10 +4,12 @@ Everything that can fail on bad input (the scenario, the data, files, batch size
 store is created, so a bad scenario writes nothing. A diverging run is recorded (``diverged``,
 ``diverged_at``) and the other runs still complete. Every run — alone, in a vmapped batch, on a Dask worker —
 is advanced by the one loop, ``flowsim.solvers.loop.advance``; this module sets up its writers, recorders,
-probes and checkpoints.
+probes, checkpoints and progress (a bar on a terminal; elsewhere a plain line on stderr at most every
+``PROGRESS_SECONDS``, none for a run shorter than that).
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +32,8 @@ from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.central import CRIT_DIM
 from flowsim.solvers.loop import Member, Single, advance, restore
 from flowsim.sweep import Task, problem_key
+
+PROGRESS_SECONDS = 30.0  # at most one progress line per this many seconds where stderr is not a terminal
 
 
 def build(sc: Scenario) -> Problem:
@@ -96,14 +100,16 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
 
 
 def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = False,
-                problem: Optional[Problem] = None, progress: bool = False) -> list[str]:
+                problem: Optional[Problem] = None, progress: Optional[str] = None) -> list[str]:
     """Simulate one job of :func:`flowsim.batching.jobs` — one task, or a group run as one vmapped pass — into
     groups ``runs/<task.name>`` of an existing store; returns their statuses. Used in process and, unchanged, as
-    the task a Dask worker runs.
+    the task a Dask worker runs. ``progress``: ``"bar"`` (tqdm, one run), ``"lines"`` (:class:`ProgressLines`)
+    or None.
 
-    The job checkpoints after each chunk its runs store (``checkpoints/<name>.pt``, named after its first run,
-    ``<name>.group`` for a group); with ``resume`` it continues from there (rows stored after it are cut off
-    first), or starts over when it has none.
+    Whenever a run's recorder writes (``record.chunk`` rows, or a minute of work: :class:`flowsim.record.Recorder`)
+    every run of the job writes what it holds and the job checkpoints (``checkpoints/<name>.pt``, named after its
+    first run, ``<name>.group`` for a group); with ``resume`` it continues from there (rows stored after it are
+    cut off first), or starts over when it has none.
     """
     sc = tasks[0].scenario
     problem = build(sc) if problem is None else problem
@@ -125,7 +131,10 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
         if saved is not None:
             writer.truncate(saved[task.name]["length"])
         recorder = Recorder(writer, dims, chunk=sc.record.chunk)
-        members.append(Member(spec.policy, recorder.add, make_probes(problem, task.scenario), t0=t0))
+        sink = recorder.add
+        if progress == "lines" and not members:
+            sink = ProgressLines(task.name if group is None else group, sc.steps, sink)
+        members.append(Member(spec.policy, sink, make_probes(problem, task.scenario), t0=t0))
         writers.append(writer)
         recorders.append(recorder)
     engine = _engine(tasks, problem, group is not None)
@@ -134,11 +143,13 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
         traj, start = restore(engine, members, [saved[t.name] for t in tasks], problem.device)
 
     def save(checkpoints: list[Optional[dict]]) -> None:
+        for recorder in recorders:  # the checkpoint continues after this step: every run's rows up to it are stored
+            recorder.flush()
         store_mod.save_checkpoint(store, name, {t.name: {**c, "length": w.length} for t, c, w
                                                 in zip(tasks, checkpoints, writers) if c is not None})
     advance(engine, traj, members, sc.steps, start=start, every=sc.record.every,
             divergence_factor=sc.record.divergence_factor, on_checkpoint=save,
-            progress=progress and group is None, label=tasks[0].name)
+            progress=progress == "bar" and group is None, label=tasks[0].name)
     statuses = []
     for m, writer, recorder in zip(members, writers, recorders):
         recorder.flush()
@@ -148,6 +159,27 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
         statuses.append(status)
     store_mod.drop_checkpoint(store, name)
     return statuses
+
+
+class ProgressLines:
+    """A run's sink (``sink(k, row)``) that also reports its progress as a plain line on stderr, ``flowsim:
+    <label>: step k/N (p%), s elapsed, about s left``: at most one every ``PROGRESS_SECONDS``, the first after as
+    long (a short run prints none). For stderr that is not a terminal (a log file, a pipe, a notebook)."""
+
+    def __init__(self, label: str, steps: int, sink):
+        self.label, self.steps, self.sink = label, steps, sink
+        self.t0 = self.last = time.monotonic()
+        self.first: Optional[int] = None
+
+    def __call__(self, k: int, row: dict) -> bool:
+        now = time.monotonic()
+        self.first = k if self.first is None else self.first
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            left = (now - self.t0) / max(k - self.first, 1) * (self.steps - k)
+            print(f"flowsim: {self.label}: step {k}/{self.steps} ({k / self.steps:.0%}), {now - self.t0:.0f} s, "
+                  f"about {left:.0f} s left", file=sys.stderr, flush=True)
+        return self.sink(k, row)
 
 
 def _engine(tasks: list[Task], problem: Problem, batched: bool):
@@ -184,7 +216,8 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
     ``overwrite``: replace an existing store. ``resume``: continue the unfinished runs of an existing store of
     the same scenario from their checkpoints and skip the finished ones. ``scheduler``: None runs in this
     process; ``"local"`` or a Dask scheduler address runs each (point, run) as a task on dask.distributed.
-    ``progress``: show progress bars (default: when stderr is a terminal).
+    ``progress``: True: a progress bar per run (tqdm); None (default): a bar where stderr is a terminal, else a
+    plain line on stderr at most every ``PROGRESS_SECONDS`` (none for a shorter run); False: none.
     """
     sc = prepare(scenario, steps, device)
     tasks = sweep_mod.expand(sc)
@@ -200,7 +233,10 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
         require()
     if overwrite and resume:
         raise ValueError("resume: --resume continues a store, --overwrite replaces it; give one of them")
-    progress = _isatty() if progress is None else progress
+    if progress is None:
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    else:
+        mode = "bar" if progress else None
     target = zarr.storage.MemoryStore() if store is None else store
     first = problems[problem_key(tasks[0].scenario)]
     with store_mod.lock(target):
@@ -213,6 +249,7 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
             root = store_mod.create(target, {
                 "scenario": sc.to_yaml(), "name": sc.name, "device": str(first.device), "dtype": sc.dtype,
                 "n_params": first.n_params, "n_examples": first.n_examples}, overwrite=overwrite)
+        root.require_group("runs")  # absent only in a store killed while being created
         done = {n for n in root["runs"].group_keys() if root[f"runs/{n}"].attrs.get("status") in ("complete", "diverged")}
         if resume:  # a run killed between finishing and dropping its checkpoint leaves an obsolete one
             for name in done:
@@ -220,10 +257,10 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
         todo = batching.jobs(tasks, sc.batch, done if resume else set())
         if scheduler is None:
             for group, job in todo:
-                execute_job(target, group, job, resume, problems[problem_key(job[0].scenario)], progress)
+                execute_job(target, group, job, resume, problems[problem_key(job[0].scenario)], mode)
         else:
             from flowsim.distributed import execute_all
-            execute_all(target, todo, scheduler, execute_job, resume=resume, progress=progress)
+            execute_all(target, todo, scheduler, execute_job, resume=resume, progress=mode == "bar")
         store_mod.consolidate(target)
     return store_mod.open(target)
 
@@ -269,10 +306,5 @@ def simulate(problem: Problem, rule="gd", process="discrete", step_size=0.1, ste
         make_process(sc.runs[process], problem, seed)
     except ValueError as e:
         raise ScenarioError(f"{e}") from None
-    execute_job(target, None, [task], problem=problem, progress=progress)
+    execute_job(target, None, [task], problem=problem, progress="bar" if progress else None)
     return store_mod.open(target)
-
-
-def _isatty() -> bool:
-    import sys
-    return sys.stderr.isatty()
