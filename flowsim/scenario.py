@@ -4,10 +4,12 @@ A scenario is YAML text or a dict (every key: docs/scenario-reference.md). Valid
 wrong type or an impossible value raises :class:`ScenarioError` with one line naming the key (every error found,
 in document order, joined by '; '; an unknown key gets the closest allowed key as a suggestion). Checks that need
 the data (batch larger than the data set, a missing file) happen when the problem is built, before any store
-is written. This module runs nothing.
+is written. A relative file path (``FILE_KEYS``) in a scenario file is taken from the file's folder, in YAML
+text or a dict from the working directory. This module runs nothing.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import types
@@ -135,7 +137,9 @@ class RecordSpec(Strict):
     projection_dim: NonNegativeInt = Field(256, description="size of the random projection w_proj (0 = none)")
     projection_every: PositiveInt = Field(10, description="record w_proj every this many steps")
     keep_weights: NonNegativeInt = Field(0, description="store the full weights w every this many steps (0 = never)")
-    chunk: PositiveInt = Field(500, description="recorded rows per write to the store")
+    chunk: PositiveInt = Field(500, description="recorded rows per write to the store (and per zarr chunk); a run "
+                               "writes sooner, its first row at once and then whenever a minute has passed since "
+                               "its last write, so that a kill loses at most about a minute of work")
     divergence_factor: PositiveFloat = Field(
         1e6, description="a run diverges when its loss is not finite or exceeds this × max(L(w0), 1)")
     curvature_every: Optional[PositiveInt] = Field(
@@ -302,6 +306,29 @@ def errors(err: ValidationError, doc, model: type[BaseModel], prefix: tuple = ()
     return [f"{where}: {msg}" for where, (_, msg) in sorted(found.items(), key=lambda item: item[1][0])]
 
 
+FILE_KEYS = ("problem.dataset.path", "problem.init.path")
+
+
+def _from_folder(doc: dict, folder: Path) -> dict:
+    """A scenario file's ``doc`` with its relative ``FILE_KEYS`` paths (set, or swept in ``sweep``) made absolute
+    from the file's ``folder``, so that the run and its stored scenario find them from any working directory."""
+    def join(value):
+        return str(folder / value) if isinstance(value, str) and not Path(value).is_absolute() else value
+    doc = copy.deepcopy(doc)
+    for key in FILE_KEYS:
+        *parents, last = key.split(".")
+        node = doc
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            node[last] = join(node[last])
+        sweep = doc.get("sweep")
+        swept = sweep.get(key) if isinstance(sweep, dict) else None
+        if isinstance(swept, list):
+            doc["sweep"][key] = [join(v) for v in swept]
+    return doc
+
+
 def bundled() -> dict[str, Path]:
     """Scenario name → path of the YAML files shipped in ``flowsim.scenarios`` (``flowsim list``)."""
     folder = resources.files("flowsim.scenarios")
@@ -311,9 +338,11 @@ def bundled() -> dict[str, Path]:
 def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Scenario:
     """Validate a scenario given as a YAML file path, the name of a bundled scenario (``"quickstart"``, from
     any directory), YAML text, a dict or a Scenario. ``preview``: a run shortened by ``--steps``, where a
-    step-size drop after the last step warns instead of failing."""
+    step-size drop after the last step warns instead of failing. Relative file paths in a file are taken from
+    its folder (:func:`_from_folder`), elsewhere from the working directory."""
     if isinstance(source, Scenario):
         return source
+    folder = None
     if isinstance(source, str) and "\n" not in source and ":" not in source:  # a path or a bundled name
         if Path(source).is_file():
             source = Path(source)
@@ -325,7 +354,7 @@ def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Sce
         path = Path(source)
         if not path.is_file():
             raise ScenarioError(f"scenario file not found: {path}")
-        source = path.read_text()
+        source, folder = path.read_text(), path.resolve().parent
     if isinstance(source, str):
         try:
             source = yaml.safe_load(source)
@@ -334,6 +363,8 @@ def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Sce
             raise ScenarioError(f"scenario is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(source, dict):
         raise ScenarioError("scenario: expected a mapping of keys (name, problem, steps, runs, …)")
+    if folder is not None:
+        source = _from_folder(source, folder)
     try:
         return Scenario.model_validate(source, context={"preview": preview})
     except ValidationError as e:

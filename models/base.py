@@ -19,8 +19,9 @@ from flowsim.problem import Problem
 
 class InitFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: Path = Field(description="a .npy file (relative to the working directory), read with numpy.load and "
-                       "flattened; it must hold as many values as the model has parameters")
+    path: Path = Field(description="a .npy file (relative: to the scenario file's folder, or to the working "
+                       "directory for YAML text or a dict), read with numpy.load and flattened; it must hold as "
+                       "many values as the model has parameters")
 
 
 class ModelConfig(BaseModel):

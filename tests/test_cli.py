@@ -161,3 +161,46 @@ def test_steps_shorter_than_a_drop_runs_without_it_and_warns_in_one_line(tmp_pat
     assert "runs.gd-drop.step_size.drop.at: 1000 is after the last step 3: the drop is not reached" in lines[0]
     ds = flowsim.open(store).sel(run="gd-drop")
     assert (ds.step_size.sel(step=slice(0, 2)).values == 0.7).all() and ds.policy.item() == "drop"
+
+
+def test_relative_paths_in_a_scenario_file_are_taken_from_its_folder(tmp_path, monkeypatch):
+    """A scenario file's relative dataset.path and init.path name files beside it, from any working directory
+    (the stored scenario names them absolutely, so compare finds them too); a dict's are the working directory's."""
+    from flowsim.models import build_problem
+    study, elsewhere = tmp_path / "study", tmp_path / "elsewhere"
+    (study / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(study / "data" / "d.npz", X=rng.normal(size=(20, 3)), Y=rng.integers(0, 2, 20))
+    problem = {"model": "mlp", "widths": [2], "loss": "ce", "dataset": {"path": "data/d.npz"}}
+    n = build_problem({**problem, "dataset": {"path": str(study / "data" / "d.npz")}}, device="cpu").n_params
+    np.save(study / "w0.npy", np.linspace(-1, 1, n))
+    doc = {**GOOD, "problem": {**problem, "init": {"path": "w0.npy"}}, "record": {"projection_dim": 2, "keep_weights": 3}}
+    (study / "s.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(study / "s.yaml"), "-o", "o.zarr", "-q"]) == 0
+    assert main(["compare", "o.zarr"]) == 0  # function distances: the problem is rebuilt from the stored scenario
+    stored = flowsim.load_scenario(flowsim.open("o.zarr").attrs["scenario"]).problem
+    assert stored.dataset.path == study / "data" / "d.npz" and stored.init.path == study / "w0.npy"
+    with pytest.raises(flowsim.ScenarioError, match="problem.dataset.path: file not found: data/d.npz"):
+        flowsim.run(doc, progress=False)
+    monkeypatch.chdir(study)
+    expected = flowsim.open(elsewhere / "o.zarr").loss.values
+    assert flowsim.run(doc, progress=False).loss.values.tobytes() == expected.tobytes()
+
+
+def test_progress_reaches_a_non_terminal_as_plain_lines_and_a_short_run_prints_none(monkeypatch, capsys):
+    """Where stderr is not a terminal (here: captured) a run prints a plain line at most every PROGRESS_SECONDS
+    (none for a run shorter than that); with the interval at 0, one per recorded step."""
+    import re
+    from flowsim import runner
+    doc = {**GOOD, "steps": 6, "runs": {"gd": {"lr": 0.1}, "gd2": {"lr": 0.2}}}
+    flowsim.run(doc)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(runner, "PROGRESS_SECONDS", 0.0)
+    flowsim.run(doc)
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.fullmatch(r"flowsim: (gd2?): step (\d)/6 \(\d+%\), \d+ s, about \d+ s left", line).groups()
+            for line in lines] == [(run, str(k)) for run in ("gd", "gd2") for k in range(7)]
+    flowsim.run(doc, progress=False)
+    assert capsys.readouterr().err == ""
