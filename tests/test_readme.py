@@ -44,7 +44,9 @@ def test_setup_commands_are_the_documented_ones():
     """The user's command installs the package, the developer's the editable checkout and runs the suite."""
     user, developer = re.findall(r"^    (python -m venv .*)$", README, flags=re.M)[:2]
     assert "pip install . &&" in user and "flowsim run quickstart" in user
-    assert 'pip install -e ".[test,dist]"' in developer and developer.endswith("python -m pytest -q")
+    assert 'pip install -e ".[test,dist,bench]"' in developer and developer.endswith("python -m pytest -q")
+    ci = (ROOT / ".ci" / "run").read_text()  # CI installs the same extras and runs the same test command
+    assert '-e ".[test,dist,bench]"' in ci and "\npython -m pytest -q\n" in ci
 
 
 @pytest.mark.skipif(shutil.which("pip") is None and shutil.which("pip3") is None, reason="needs pip")

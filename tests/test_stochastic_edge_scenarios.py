@@ -8,6 +8,8 @@ import torch
 
 import flowsim
 
+pytestmark = pytest.mark.slow  # full scale; tests/test_stochastic_edge.py checks the same quantities cheaply
+
 
 @pytest.fixture
 def one_thread():
