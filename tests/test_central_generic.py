@@ -25,8 +25,8 @@ NU_RULES = {"scalar_rmsprop": {"beta2": 0.99, "eps": 1e-3}, "rmsprop": {"beta2":
 
 @pytest.fixture
 def one_thread():
-    """data/central-golden.npz was recorded on one CPU thread: the thread count sets the order of BLAS reductions,
-    and a flow at the edge amplifies rounding, so the count is pinned here and restored."""
+    """data/central-golden.npz was recorded on one CPU thread, so it is pinned here (tests/conftest.py pins every
+    test to one thread already; this keeps the golden's condition visible where it is compared) and restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -37,11 +37,24 @@ def test_the_generic_flow_reproduces_the_hand_derived_one(one_thread):
     """data/central-golden.npz: 20 steps of the central flow as hand-derived per rule before it was made generic
     (the ν rate, its Σ term and dP/dν written out for scalar_rmsprop and rmsprop), on the 16-16 tanh MLP (100
     digits, float64), all 20 steps at the edge: gd at η = 1 (up to 3 critical directions), scalar_rmsprop at
-    η = 0.85 and rmsprop at η = 0.01 (2 each). Losses and final weights agree to 1e-10. (The ν rules' entries
-    were recorded again when the state rate's factor went from 1/β2 to the Tustin 2/(1 + β2): their losses moved
-    by at most 1.5e-4 relative, their final weights by 0.1 % of the distance travelled; gd's did not move.) (With many critical
-    directions the SDCP's solution X moves by up to ~1e-7 relative under a 1e-16 change of its input, so a
-    golden run there would pin the order of floating-point operations rather than the flow.)"""
+    η = 0.85 and rmsprop at η = 0.01 (2 each). Losses agree to 1e-8 relative and final weights to 1e-8 (|w| ≤ 0.38,
+    each run travels 0.17-0.26 in its largest weight). (The ν rules' entries were recorded again when the state
+    rate's factor went from 1/β2 to the Tustin 2/(1 + β2): their losses moved by at most 1.5e-4 relative, their
+    final weights by 0.1 % of the distance travelled; gd's did not move.) (With many critical directions the
+    SDCP's solution X moves by up to ~1e-7 relative under a 1e-16 change of its input, so a golden run there
+    would pin the order of floating-point operations rather than the flow.)
+
+    Why 1e-8, measured (torch 2.13.0 CPU, numpy 2.4.6 with OpenBLAS 0.3.31, a 2-core AVX2 x86 CPU): the golden is
+    reproduced there to the bit on one thread and on two, in repeated fresh processes, so it was recorded from
+    this code and configuration. Another machine runs other kernels, which round differently, and the flow
+    amplifies that in its first steps, while critical directions join (steps 1-7): emulating other CPUs on the
+    same one moved losses / final weights by up to 4.4e-10 / 2.1e-10 with torch's unvectorized kernels
+    (ATEN_CPU_CAPABILITY=default), 6.7e-10 / 2.2e-10 with MKL's reproducible mode (MKL_CBWR=COMPATIBLE), 1.1e-9 /
+    1.1e-9 with numpy's OpenBLAS on Sandybridge kernels (OPENBLAS_CORETYPE; the SDCP's eigh and solve), 1.2e-9 /
+    1.2e-9 with all three old (Prescott) paths, and 0 with MKL on SSE4.2 kernels. A fresh clone elsewhere
+    runs on another CPU and installs the newest numpy (unpinned), with its own OpenBLAS: the 1e-10 this test held
+    before (failing by 2.6e-10 on fresh clones) was inside that spread. 1e-8 is 8x the largest spread measured, and
+    four orders of magnitude below the last change of the flow this golden caught (the Tustin factor's, above)."""
     golden = np.load(GOLDEN)
     nu = {"beta2": 0.99, "eps": 0.001}
     ds = flowsim.run({"name": "central-golden", "seed": 0, "device": "cpu", "dtype": "float64", "problem": PROBLEM,
@@ -55,8 +68,8 @@ def test_the_generic_flow_reproduces_the_hand_derived_one(one_thread):
         w = ds.w.sel(run=run).dropna("step").values[-1]
         assert loss.shape == golden[f"{run}_loss"].shape
         assert np.isfinite(ds.sigma_eigs.sel(run=run).values[:20, 0]).all(), run  # every step at the edge
-        np.testing.assert_allclose(loss, golden[f"{run}_loss"], rtol=1e-10, atol=1e-10, err_msg=run)
-        np.testing.assert_allclose(w, golden[f"{run}_w"], rtol=1e-10, atol=1e-10, err_msg=run)
+        np.testing.assert_allclose(loss, golden[f"{run}_loss"], rtol=1e-8, atol=0, err_msg=run)
+        np.testing.assert_allclose(w, golden[f"{run}_w"], rtol=0, atol=1e-8, err_msg=run)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
