@@ -161,8 +161,9 @@ class FlowOptions(StepCount, DiscreteStart):
 class Stable(Process):
     """The stable flow of the rule (gradient flow for GD), one unit of time per ``step``.
 
-    The rule state starts at ``rule.init(w0, ∇L(w0))`` like the discrete run, or, with ``discrete_start`` n, the
-    flow starts at step n from the discrete run's weights and state (its first n steps are the rule's own).
+    The flow starts at step n = ``discrete_start`` (default: the rule's :meth:`~flowsim.solvers.rules.Rule.flow_start`,
+    0 but for Adam) from the discrete run's weights and state there (its first n steps are the rule's own); from
+    w0 (n = 0) the rule state starts at ``rule.init(w0, ∇L(w0))`` like the discrete run.
     With fixed-step methods and no ``substeps``, the number of substeps is max(4, ⌈2 S_eff⌉) with
     S_eff = η λ_max(P̃⁻¹H) (the stiffness of the flow in units of one step; explicit Euler is stable for
     S_eff/substeps < 2), estimated every ``sharpness_every`` steps by warm-started Lanczos.
@@ -174,13 +175,17 @@ class Stable(Process):
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, seed, batch_size, options)
         self._sharpness, self._eigvec = None, None
-        self._discrete = Discrete(problem, rule, seed)
+        self._discrete = Discrete(problem, rule, seed, batch_size)  # the discrete_start steps (the SDE's minibatch)
+
+    def context(self, traj: Trajectory):
+        """The discrete run's context over the ``discrete_start`` steps (its batch, its preconditioner), the
+        flow's after."""
+        if traj.step < self.discrete_start:
+            return self._discrete.context(traj)
+        return super().context(traj)
 
     def precond_state(self, traj: Trajectory):
-        """The flow's preconditioner is made of its current state (the rule's initial state at the start); the
-        discrete run's convention over the ``discrete_start`` steps."""
-        if traj.step < self.discrete_start:
-            return None
+        """The flow's preconditioner is made of its current state (the rule's initial state at the start)."""
         return lambda g: traj.state if traj.state is not None else self.rule.init(traj.w, g)
 
     def step(self, traj: Trajectory, lr: float, measure: bool, ctx=None) -> dict:

@@ -81,10 +81,20 @@ class NoOptions(BaseModel):
 
 
 class DiscreteStart(NoOptions):
-    """The flows' option ``discrete_start`` (stable, modified and central flows)."""
-    discrete_start: NonNegativeInt = Field(
-        0, description="steps the discrete rule takes itself before the flow starts from the weights and state they "
-                       "reach (0: the flow starts at w0); for Adam, its bias-corrected first 1/(1 − β1) steps")
+    """The flows' option ``discrete_start`` (stable, modified, central flows and the SDE)."""
+    discrete_start: Optional[NonNegativeInt] = Field(
+        None, description="steps the discrete rule takes itself before the flow starts from the weights and state "
+                          "they reach (0: the flow starts at w0); absent: the rule's own start, ⌈1/(1 − β1)⌉ for "
+                          "Adam (its bias-corrected first steps), 0 for the other rules")
+
+
+def discrete_start(options: BaseModel, rule: Rule) -> Optional[int]:
+    """The steps a flow with process ``options`` over ``rule`` takes as the discrete rule before it starts: the
+    option :class:`DiscreteStart` where given, else the rule's :meth:`~flowsim.solvers.rules.Rule.flow_start`;
+    None for a process without the option (the discrete run)."""
+    if "discrete_start" not in type(options).model_fields:
+        return None
+    return rule.flow_start() if options.discrete_start is None else options.discrete_start
 
 
 class DiscreteOptions(NoOptions):
@@ -112,9 +122,9 @@ class Process:
 
     @property
     def discrete_start(self) -> int:
-        """Steps 0 … discrete_start − 1 are the discrete rule's own (:class:`DiscreteStart`; 0 for a process
+        """Steps 0 … discrete_start − 1 are the discrete rule's own (:func:`discrete_start`; 0 for a process
         without the option)."""
-        return getattr(self.options, "discrete_start", 0)
+        return discrete_start(self.options, self.rule) or 0
 
     def context(self, traj: Trajectory) -> StepContext:
         """The step context at traj (full batch; the preconditioner of the rule state at traj)."""

@@ -16,6 +16,7 @@ Rules know nothing about processes, problems or storage.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional
 
@@ -73,6 +74,12 @@ class Rule:
     def threshold_coefficient(self) -> float:
         """c such that λ_max(P̃⁻¹H) = c/η is the stability threshold on a quadratic."""
         return 2.0
+
+    def flow_start(self) -> int:
+        """How the rule's flows begin by default: the number n of its own discrete steps they take before the flow
+        starts from the weights and state those steps reach (the processes' ``discrete_start``). 0 where the
+        flow is defined from the rule's initial state (GD, momentum from m = 0, the RMSProps from ν = g0²)."""
+        return 0
 
     def state_rate(self, g: Tensor, state: State) -> State:
         """d(state)/dt per unit time (one step) at gradient g, the stable flow's explicit state ODE: the
@@ -193,6 +200,12 @@ class Adam(Rule):
 
     def threshold_coefficient(self):
         return (2.0 + 2.0 * self.beta1) / (1.0 - self.beta1)
+
+    def flow_start(self):
+        """⌈1/(1 − β1)⌉, the averaging window of m: Adam's state starts degenerate (m = v = 0, t = 0) and its
+        bias-corrected averages are averages of a handful of gradients over its first ~1/(1 − β1) steps (the
+        first is a sign step, above the edge), which no flow of the rule follows (docs/central-momentum.md)."""
+        return math.ceil(1.0 / (1.0 - self.beta1) - 1e-9)  # β1 = 0.9: 10, not 11 from 1/(1 − 0.9) = 10.000…02
 
 
 RULES: dict[str, type[Rule]] = {r.name: r for r in (GD, Momentum, ScalarRMSProp, RMSProp, Adam)}

@@ -13,7 +13,9 @@ n-dimensional Brownian motion (torchsde ``general`` noise through ``f_and_g_prod
 matrix is formed: Gᵀv = Σᵢ (vᵢ − v̄) ∇ℓᵢ = ∇_w Σᵢ (vᵢ − v̄) ℓᵢ(w) is a vector–Jacobian product of the per-example
 losses, computed in the same backward pass as ∇L (two cotangents, vmapped).
 Isotropic noise is the seed proposal's σ dW, σ in weight units per √step, not preconditioned. Noise enters w
-only: a rule's state follows its stable-flow ODE on the full-batch gradient.
+only: a rule's state follows its stable-flow ODE on the full-batch gradient. With ``discrete_start`` n (default:
+the rule's ``flow_start``, 0 but for Adam) the first n steps are the discrete rule's own minibatch steps, and the
+SDE starts from the weights and state they reach.
 
 The Brownian motion of unit k is a ``torchsde.BrownianInterval`` on [0, 1] seeded with (seed, k), so a seed
 reproduces a path and resuming at any step is exact. :func:`ensemble` integrates many paths at once.
@@ -31,11 +33,11 @@ from torch.func import vjp, vmap
 
 from flowsim.problem import Problem
 from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field, velocity
-from flowsim.solvers.processes import step_seed
+from flowsim.solvers.processes import DiscreteStart, step_seed
 from flowsim.solvers.rules import Rule
 
 
-class SDEOptions(StepCount):
+class SDEOptions(StepCount, DiscreteStart):
     """Scenario keys of the SDE process."""
     noise: Literal["minibatch", "isotropic"] = Field(
         "minibatch", description="minibatch: SGD's gradient covariance at the run's batch_size; isotropic: σ dW")
@@ -141,11 +143,14 @@ def ensemble(problem: Problem, rule: Rule, lr: float, steps: int, paths: int, se
              batch_size: Optional[int] = None, options: Optional[dict] = None,
              w0: Optional[Tensor] = None) -> Tensor:
     """Weights (paths × P) of ``paths`` independent SDE paths after ``steps`` units, all from ``w0``
-    (default ``problem.w0``), integrated together. ``options``: :class:`SDEOptions` keys. Substeps are fixed
+    (default ``problem.w0``) and the rule's initial state (``discrete_start`` 0), integrated together. ``options``: :class:`SDEOptions` keys. Substeps are fixed
     at the start (from S_eff at w0 unless given). Path i is not the single run with seed i: unit k of the
     whole ensemble draws one Brownian motion of shape (paths, channels) seeded by (seed, k).
     """
     process = SDE(problem, rule, seed, batch_size, SDEOptions.model_validate(options or {}))
+    if process.discrete_start:
+        raise ValueError(f"discrete_start: the ensemble starts every path at w0 from the rule's initial state; "
+                         f"give discrete_start: 0 to run {rule.name}'s SDE from there")
     traj = process.start(problem.w0 if w0 is None else w0)
     traj.state = rule.init(traj.w, problem.grad(traj.w))
     layout = Layout(problem.n_params, traj.state)

@@ -137,15 +137,14 @@ def test_momentum_central_flow_tracks_momentum_at_its_edge():
 
 def test_adam_central_flow_holds_its_edge_tracks_adam_and_predicts_the_oscillation():
     """Adam (β1 = 0.9, β2 = 0.99, ε = 1e-3, η = 0.02) on the tanh MLP 32-32-10 (200 digits, MSE, float64)
-    reaches its edge η·λ_max(P̃⁻¹H) = 38 at step ≈ 140. Its central flow and its stable flow start after Adam's
-    first 1/(1 − β1) = 10 steps (``discrete_start``). Over 300 steps the central flow (4 Euler substeps) must
+    reaches its edge η·λ_max(P̃⁻¹H) = 38 at step ≈ 140. Its central flow and its stable flow start, by default,
+    after Adam's first ⌈1/(1 − β1)⌉ = 10 steps (``Rule.flow_start``). Over 300 steps the central flow (4 Euler substeps) must
     hold the edge within 2% — λ_max(P̃⁻¹H) at the flow's own state computed here by an independent Lanczos run
     every 20 steps with Σ ≠ 0 —, end within 0.10 of Adam's travel and ≥ 1.5x closer than the stable flow, and
     predict Adam's oscillation along Σ's top eigenvector within 2x (measured: 0.030 against 0.057, 1.01)."""
     p = _digits_mlp([32, 32], 200, classes=None)
     rule, lr = make_rule("adam", beta1=0.9, beta2=0.99, eps=1e-3), 0.02
-    cf = Central(p, rule, options=CentralOptions(discrete_start=10))
-    sf, d = Stable(p, rule, options=Stable.Options(discrete_start=10)), Discrete(p, rule)
+    cf, sf, d = Central(p, rule), Stable(p, rule), Discrete(p, rule)  # the flows' default start: step 10
     traj, t_sf, t_d = cf.start(p.w0), sf.start(p.w0), d.start(p.w0)
     sigma, osc, edges = [], [], []
     for k in range(300):

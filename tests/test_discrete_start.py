@@ -1,5 +1,6 @@
 """A flow's ``discrete_start``: its first n steps are the discrete rule's own, bit for bit, and from step n it is the
 same flow started from the discrete run's weights and state there (stable and central flows, Adam)."""
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,7 @@ def test_the_flow_after_discrete_start_is_the_flow_started_from_the_discrete_sta
         late.step(traj, lr, measure=True)
         if k < N:
             assert torch.equal(traj.w, path[k + 1].w)
-    fresh = process(p, rule, options=process.Options())
+    fresh = process(p, rule, options=process.Options(discrete_start=0))
     other = Trajectory(w=path[N].w.clone(), state=path[N].state)  # the flow from the discrete state at step N
     for _ in range(STEPS - N):
         fresh.step(other, lr, measure=False)
@@ -71,3 +72,29 @@ def test_a_policy_sees_the_discrete_runs_preconditioner_over_the_discrete_steps(
                                 options={"discrete_start": N}).squeeze()
         assert (late.step_size.values[:N] == discrete.step_size.values[:N]).all()
         assert late.loss.values[N] == discrete.loss.values[N]
+
+
+def test_adams_flows_start_after_the_averaging_window_of_m_and_the_others_at_w0():
+    """Rule.flow_start: ⌈1/(1 − β1)⌉ for Adam (β1 = 0.9 gives 10 although 1/(1 − 0.9) is 10.000…02 in floating
+    point), 0 for the rules whose flows are defined from their initial state."""
+    assert [make_rule("adam", beta1=b).flow_start() for b in (0.0, 0.5, 0.8, 0.9, 0.99)] == [1, 2, 5, 10, 100]
+    assert {name: make_rule(name).flow_start() for name in ("gd", "momentum", "scalar_rmsprop", "rmsprop")} == \
+        dict.fromkeys(("gd", "momentum", "scalar_rmsprop", "rmsprop"), 0)
+
+
+@pytest.mark.parametrize("process", ["stable", "modified", "central", "sde"])
+def test_every_flow_of_adam_starts_with_its_own_steps_by_default(process):
+    """From defaults (no ``discrete_start``) every flow of Adam at β1 = 0.5 takes Adam's first 2 steps itself, bit
+    for bit (the SDE on the discrete run's minibatches), then moves off the discrete run; the stored coordinate
+    says where the flow started."""
+    batch = {"batch_size": 8} if process == "sde" else {}
+    adam = {"rule": "adam", "lr": 0.05, "beta1": 0.5, "eps": 1e-3, **batch}
+    doc = {"name": "start", "seed": 0, "dtype": "float64", "device": "cpu", "steps": 4,
+           "problem": {"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2],
+                       "n_train": 40, "loss": "mse"},
+           "runs": {"adam": {"process": "discrete", **adam}, "flow": {"process": process, **adam}},
+           "record": {"projection_dim": 0, "keep_weights": 1}}
+    ds = flowsim.run(doc, progress=False)
+    w = ds.w.sel(run="flow").values, ds.w.sel(run="adam").values
+    assert (w[0][:3] == w[1][:3]).all() and not (w[0][3:] == w[1][3:]).all()
+    assert int(ds.discrete_start.sel(run="flow")) == 2 and np.isnan(float(ds.discrete_start.sel(run="adam")))

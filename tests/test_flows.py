@@ -142,11 +142,11 @@ def test_bundled_flow_and_sde_scenarios_validate():
 
 
 def test_a_flow_whose_state_turns_non_finite_records_the_divergence():
-    """The modified flow of Adam starts from ν = 0, where λ_max(P̃⁻¹H) is ≈ 1e10: the capped substeps cannot hold
+    """The modified flow of Adam asked to start at w0 (``discrete_start: 0``) starts from ν = 0, where λ_max(P̃⁻¹H) is ≈ 1e10: the capped substeps cannot hold
     it, the state is NaN after step 0, and the next step's substep count (from a NaN S_eff) takes the cap instead
     of raising, so the run ends as diverged at step 1."""
     doc = {"problem": {"model": "mlp", "widths": [3], "dataset": "digits", "classes": [0, 1], "n_train": 12},
-           "steps": 2, "runs": {"a": {"rule": "adam", "lr": 0.01, "process": "modified"}},
+           "steps": 2, "runs": {"a": {"rule": "adam", "lr": 0.01, "process": "modified", "discrete_start": 0}},
            "record": {"projection_dim": 0}}
     ds = flowsim.run(doc, progress=False)
     assert bool(ds.diverged.sel(run="a")) and int(ds.diverged_at.sel(run="a")) == 1
