@@ -114,6 +114,7 @@ def _track(p, rule, lr, steps):
     return (eig, np.nan_to_num(sigma), predicted, loss, disp), (t_cf, t_sf, t_d)
 
 
+@pytest.mark.slow  # full scale (central-momentum-mlp, 300 steps; ~3 min of CPU); quick: benchmarks central-fidelity
 def test_momentum_central_flow_tracks_momentum_at_its_edge():
     """EMA momentum β1 = 0.3 at η = 1.0 (edge θ/η = 3.71) on the tanh MLP 64-32-32-4 of central-gd-mlp (400 digits,
     MSE, float64) reaches the edge at step ≈ 20 and oscillates about it to step ≈ 270. The central flow must hold
@@ -135,6 +136,7 @@ def test_momentum_central_flow_tracks_momentum_at_its_edge():
     assert 0.5 <= disp[edge].mean() / sigma[edge].mean() <= 2.0
 
 
+@pytest.mark.slow  # 300 steps, over 2 min of CPU on one thread
 def test_adam_central_flow_holds_its_edge_tracks_adam_and_predicts_the_oscillation():
     """Adam (β1 = 0.9, β2 = 0.99, ε = 1e-3, η = 0.02) on the tanh MLP 32-32-10 (200 digits, MSE, float64)
     reaches its edge η·λ_max(P̃⁻¹H) = 38 at step ≈ 140. Its central flow and its stable flow start, by default,
