@@ -31,7 +31,6 @@ from flowsim.solvers import PROCESSES
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.central import CRIT_DIM
 from flowsim.solvers.loop import Member, Single, advance, restore
-from flowsim.solvers.processes import discrete_start
 from flowsim.sweep import Task, problem_key
 
 PROGRESS_SECONDS = 30.0  # at most one progress line per this many seconds where stderr is not a terminal
@@ -69,12 +68,10 @@ def make_process(run: RunSpec, problem: Problem, seed: int):
 def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
     """Run-group attrs: its place among the runs, its coordinates — what ran: process, rule, the step-size
     ``policy`` with its ``lr`` (NaN where a controller sets η) and ``max_lr`` (a controller's cap, else NaN),
-    batch_size (0 = full batch), seed, a flow's ``discrete_start`` (the discrete rule's own steps before it; NaN
-    for a discrete run) — and the rule's and the policy's settings."""
+    batch_size (0 = full batch), seed — and the rule's and the policy's settings."""
     coords = {"process": run.process, "rule": run.rule, **run.policy.coords(),
               "batch_size": run.batch_size if run.batch_size is not None else 0,
-              "seed": run.seed if run.seed is not None else sc.seed,
-              "discrete_start": discrete_start(run.options, run.make_rule())}
+              "seed": run.seed if run.seed is not None else sc.seed}
     return {"order": order, "coords": coords, "hyperparameters": run.make_rule().hyperparameters(),
             "step_size": run.policy.model_dump(mode="json")}
 
@@ -109,10 +106,10 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
     the task a Dask worker runs. ``progress``: ``"bar"`` (tqdm, one run), ``"lines"`` (:class:`ProgressLines`)
     or None.
 
-    Whenever a run's recorder writes (``record.chunk`` rows, or a minute of work: :class:`flowsim.record.Recorder`)
-    every run of the job writes what it holds and the job checkpoints (``checkpoints/<name>.pt``, named after its
-    first run, ``<name>.group`` for a group); with ``resume`` it continues from there (rows stored after it are
-    cut off first), or starts over when it has none.
+    Whenever a run's recorder writes (its first row, then ``record.chunk`` rows or a minute of work:
+    :class:`flowsim.record.Recorder`) every run of the job writes what it holds and the job checkpoints
+    (``checkpoints/<name>.pt``, named after its first run, ``<name>.group`` for a group); with ``resume`` it
+    continues from there (rows stored after it are cut off first), or starts over when it has none.
     """
     sc = tasks[0].scenario
     problem = build(sc) if problem is None else problem

@@ -68,16 +68,18 @@ def reference(scenario_file):
 
 def kill(scenario_file, store, seconds: float, where: str, run: str, step: int = 0) -> None:
     """Run the scenario in a child process that stops where told, and SIGKILL it there."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(seconds), where, run, str(step),
-                             "run", str(scenario_file), "-o", str(store), "-q"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline() == "stopped\n", proc.stderr.read()
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    err = store.with_suffix(".stderr")
+    with err.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(seconds), where, run, str(step),
+                                 "run", str(scenario_file), "-o", str(store), "-q"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            stopped = proc.stdout.readline() == "stopped\n"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert stopped and proc.returncode == -signal.SIGKILL, err.read_text()
 
 
 # (moment, the Recorder's time bound, where the child stops, its run and step, rows of gd and adam then stored)
