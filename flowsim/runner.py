@@ -31,6 +31,7 @@ from flowsim.solvers import PROCESSES
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.central import CRIT_DIM
 from flowsim.solvers.loop import Member, Single, advance, restore
+from flowsim.solvers.processes import discrete_start
 from flowsim.sweep import Task, problem_key
 
 PROGRESS_SECONDS = 30.0  # at most one progress line per this many seconds where stderr is not a terminal
@@ -68,10 +69,12 @@ def make_process(run: RunSpec, problem: Problem, seed: int):
 def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
     """Run-group attrs: its place among the runs, its coordinates — what ran: process, rule, the step-size
     ``policy`` with its ``lr`` (NaN where a controller sets η) and ``max_lr`` (a controller's cap, else NaN),
-    batch_size (0 = full batch), seed — and the rule's and the policy's settings."""
+    batch_size (0 = full batch), seed, a flow's ``discrete_start`` (the discrete rule's own steps before it; NaN
+    for a discrete run) — and the rule's and the policy's settings."""
     coords = {"process": run.process, "rule": run.rule, **run.policy.coords(),
               "batch_size": run.batch_size if run.batch_size is not None else 0,
-              "seed": run.seed if run.seed is not None else sc.seed}
+              "seed": run.seed if run.seed is not None else sc.seed,
+              "discrete_start": discrete_start(run.options, run.make_rule())}
     return {"order": order, "coords": coords, "hyperparameters": run.make_rule().hyperparameters(),
             "step_size": run.policy.model_dump(mode="json")}
 
