@@ -175,13 +175,17 @@ def test_relative_paths_in_a_scenario_file_are_taken_from_its_folder(tmp_path, m
     problem = {"model": "mlp", "widths": [2], "loss": "ce", "dataset": {"path": "data/d.npz"}}
     n = build_problem({**problem, "dataset": {"path": str(study / "data" / "d.npz")}}, device="cpu").n_params
     np.save(study / "w0.npy", np.linspace(-1, 1, n))
-    doc = {**GOOD, "problem": {**problem, "init": {"path": "w0.npy"}}, "record": {"projection_dim": 2, "keep_weights": 3}}
+    doc = {**GOOD, "problem": {**problem, "init": {"path": "w0.npy"}},
+           "record": {"projection_dim": 2, "keep_weights": 3}}
     (study / "s.yaml").write_text(yaml.safe_dump(doc))
     monkeypatch.chdir(elsewhere)
     assert main(["run", str(study / "s.yaml"), "-o", "o.zarr", "-q"]) == 0
     assert main(["compare", "o.zarr"]) == 0  # function distances: the problem is rebuilt from the stored scenario
     stored = flowsim.load_scenario(flowsim.open("o.zarr").attrs["scenario"]).problem
     assert stored.dataset.path == study / "data" / "d.npz" and stored.init.path == study / "w0.npy"
+    (study / "sweep.yaml").write_text(yaml.safe_dump({**doc, "sweep": {"problem.init.path": ["w0.npy", "/w1.npy"]}}))
+    swept = flowsim.load_scenario(study / "sweep.yaml").sweep["problem.init.path"]
+    assert swept == [str(study / "w0.npy"), "/w1.npy"]  # swept paths too; absolute ones as they are
     with pytest.raises(flowsim.ScenarioError, match="problem.dataset.path: file not found: data/d.npz"):
         flowsim.run(doc, progress=False)
     monkeypatch.chdir(study)
