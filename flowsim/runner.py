@@ -220,7 +220,8 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
     the same scenario from their checkpoints and skip the finished ones. ``scheduler``: None runs in this
     process; ``"local"`` or a Dask scheduler address runs each (point, run) as a task on dask.distributed.
     ``progress``: True: a progress bar per run (tqdm); None (default): a bar where stderr is a terminal, else a
-    plain line on stderr at most every ``PROGRESS_SECONDS`` (none for a shorter run); False: none.
+    plain line on stderr at most every ``PROGRESS_SECONDS`` (none for a shorter run); False: none. With a
+    scheduler the bar counts finished runs, and there are no lines.
     """
     sc = prepare(scenario, steps, device)
     tasks = sweep_mod.expand(sc)
