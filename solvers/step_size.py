@@ -138,6 +138,12 @@ class Edge(StepSize):
     is set for. s is the divergence guard's scale: 1 from each regular estimate on, × ``shrink`` at each loss spike
     until the next one. S is measured on each estimating step's own batch by warm-started Lanczos (products by
     ``hvp``).
+
+    The guard reads the loss, not S: at a spike η becomes at most ``shrink`` × the η taken before it, whatever the
+    new estimate says (S collapses where cross-entropy flattens, and a re-estimate there would raise η), and only
+    a regular estimate may raise η, by at most ``growth``. So η_k ≤ η_0 · growth^R_k · shrink^G_k, with R_k the
+    regular estimates and G_k the spikes before step k.
+
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
     """
@@ -150,7 +156,8 @@ class Edge(StepSize):
     early: bool = Field(True, description="also re-estimate at steps 1, 2, 4, … below every")
     guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
                          "re-estimates S and shrinks the step until the next regular estimate")
-    shrink: float = Field(0.5, gt=0, lt=1, description="factor applied to the step by the guard")
+    shrink: float = Field(0.5, gt=0, lt=1, description="the guard's factor: at a spike η is at most this × the "
+                          "η taken before it")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate")
     eig_tol: PositiveFloat = Field(1e-2, description="eigensolver tolerance: relative eigenvalue error")
     max_products: Optional[PositiveInt] = Field(4, description="Hessian-vector products per re-estimate after "
@@ -195,8 +202,8 @@ class Edge(StepSize):
         target = self.fraction(ctx.rule) * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
         state["scale"] = state["scale"] * self.shrink if spike else 1.0  # a regular estimate starts afresh
         eta = state["scale"] * target
-        if not first:
-            eta = min(eta, self.growth * state["eta"])
+        if not first:  # a spike shrinks the η taken, whatever S says; a regular estimate may raise it by growth
+            eta = min(eta, (self.shrink if spike else self.growth) * state["eta"])
         state["eta"] = min(self.max_lr, eta)
         state["ref"] = math.inf
 
