@@ -25,19 +25,28 @@ from flowsim.solvers import Edge, StepContext, make_rule
 from flowsim.solvers.rules import Rule
 
 NOT_IN_AN_OPTIMIZER = {"hvp": "products are differences of the closure's gradients"}
+NOT_A_STEP_SIZE = ("lr: the edge controller sets the step size itself; pass max_lr=... to cap it, or c=... to "
+                   "scale it (the fraction of the stability threshold)")
+"""Why ``lr`` is refused rather than read as the cap: a user who writes ``EdgeAdam(params, lr=1e-3)`` means a step
+size, and a cap of 1e-3 would run plain Adam at 1e-3 wherever the controller's η is larger, silently."""
 
 
 class _Closure:
     """The part of flowsim's Problem interface that the step context needs — (loss, flat gradient) at a flat w —
-    over the optimizer's parameters and the user's closure."""
+    over the optimizer's parameters and the user's closure. ``at`` is the flat point the parameters hold (the
+    step's w until a Hessian-vector product moves them to w + εv), so the step's own evaluation copies nothing."""
 
-    def __init__(self, params: list[Tensor], closure: Callable[[], Tensor]):
-        self.params, self.closure = params, closure
+    def __init__(self, params: list[Tensor], closure: Callable[[], Tensor], w: Tensor):
+        self.params, self.closure, self.at = params, closure, w
+        self.sizes = [p.numel() for p in params]
 
     def load(self, w: Tensor) -> None:
+        if w is self.at:
+            return
         with torch.no_grad():
-            for p, chunk in zip(self.params, torch.split(w, [p.numel() for p in self.params])):
+            for p, chunk in zip(self.params, torch.split(w, self.sizes)):
                 p.copy_(chunk.view_as(p))
+        self.at = w
 
     def loss_and_grad(self, w: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         self.load(w)
@@ -48,7 +57,7 @@ class _Closure:
             if all(p.grad is None for p in self.params) and loss.requires_grad:  # the closure did not backward
                 loss.backward()
         g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params])
-        return loss.detach(), g.detach().clone()
+        return loss.detach(), g
 
 
 class EdgeOptimizer(torch.optim.Optimizer):
@@ -57,6 +66,8 @@ class EdgeOptimizer(torch.optim.Optimizer):
     ``every``, …; docs/step-size.md). After each step ``param_groups[0]["lr"]`` is the η it took."""
 
     def __init__(self, params: Iterable, rule: Rule, **edge):
+        if "lr" in edge:
+            raise ValueError(NOT_A_STEP_SIZE)
         for key in NOT_IN_AN_OPTIMIZER.keys() & edge.keys():
             raise ValueError(f"{key}: does not apply to an optimizer ({NOT_IN_AN_OPTIMIZER[key]})")
         try:
@@ -80,23 +91,26 @@ class EdgeOptimizer(torch.optim.Optimizer):
         return self.state[first]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
         """One step of the rule at the controller's η; returns the closure's loss at the parameters before it."""
         if closure is None:
-            raise ValueError("closure: required (it evaluates the loss on the current batch, as for LBFGS)")
+            raise ValueError("closure: required, opt.step(closure) with a closure that evaluates the loss on the "
+                             "current batch and returns it (as for torch.optim.LBFGS)")
         params = self.param_groups[0]["params"]
         state = self._flat_state()
-        problem = _Closure(params, closure)
         w = torch.cat([p.detach().reshape(-1) for p in params])
+        problem = _Closure(params, closure, w)
         ctx = StepContext(problem, self.rule, state["step"], w, state["rule"])
         lr, state["policy"] = self.policy.update(state["step"], ctx, state["policy"])
         loss, g = ctx.loss_and_grad()
         if state["rule"] is None:
             state["rule"] = self.rule.init(w, g)
         delta, state["rule"] = self.rule.update(g, state["rule"], lr)
+        probed = problem.at is not w  # a Hessian-vector product left the parameters and their .grad elsewhere
         problem.load(w + delta)
-        for p, chunk in zip(params, torch.split(g, [p.numel() for p in params])):
-            p.grad = chunk.view_as(p).clone()  # the gradient of this step, not of a probe point
+        if probed:
+            for p, chunk in zip(params, torch.split(g, problem.sizes)):
+                p.grad = chunk.view_as(p)  # the gradient of this step, not of a probe point (g is not reused)
         state["step"] += 1
         self.param_groups[0]["lr"] = lr
         return loss

@@ -98,6 +98,20 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
         EdgeSGD(params, c=3.0)
     with pytest.raises(ValueError, match=r"^closure: required"):
         EdgeSGD(params).step(None)
+    with pytest.raises(ValueError, match=r"^closure: required") as missing:
+        EdgeAdam(params).step()
+    assert "\n" not in str(missing.value)
+
+
+@pytest.mark.parametrize("make", [EdgeAdam, EdgeSGD])
+def test_lr_is_refused_in_one_line_naming_max_lr(data, make):
+    """A step size would either be ignored or silently turn the controller into a constant step: refused, with
+    the keys that do bound and scale η."""
+    params = list(copy.deepcopy(data[2]).parameters())
+    with pytest.raises(ValueError, match=r"^lr: .*max_lr=") as refused:
+        make(params, lr=1e-3)
+    assert "\n" not in str(refused.value)
+    assert make(params, max_lr=1e-3).policy.max_lr == 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
