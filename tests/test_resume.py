@@ -61,6 +61,15 @@ def wait_for_checkpoint(proc, store) -> None:
         time.sleep(0.01)
 
 
+def stored_rows(store) -> int:
+    """The rows the store's runs hold (their groups' ``length``; 0 before there is any)."""
+    try:
+        runs = zarr.open_group(store, mode="r", use_consolidated=False)["runs"]
+        return sum(runs[name].attrs.get("length", 0) for name in runs.group_keys())
+    except (KeyError, FileNotFoundError, ValueError):
+        return 0
+
+
 @pytest.fixture(scope="module")
 def reference_and_compute(scenario_file):
     """The uninterrupted run, in a subprocess with the same environment as the killed ones, and its runs' own
@@ -81,7 +90,8 @@ def reference(reference_and_compute):
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(scenario_file, reference_and_compute, tmp_path):
     """Five launches are each killed at a random moment once they are computing (a checkpoint of theirs is on
-    disk): up to 0.3 of the runs' computing time later, so that the work is not done before the fifth kill."""
+    disk): up to 0.3 of the runs' computing time later, and before they store 60 more of the 482 rows, so that
+    the work is not done before the fifth kill however the machine's load changes."""
     reference, compute = reference_and_compute
     store, rng = tmp_path / "killed.zarr", random.Random(6)
     kills, resumed_from_checkpoint = 0, 0
@@ -91,7 +101,9 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(scenario_fil
         resumed_from_checkpoint += any((store / "checkpoints").glob("*.pt")) if store.exists() else 0
         proc = flowsim_run(scenario_file, store, "--resume")
         wait_for_checkpoint(proc, store)
-        time.sleep(rng.uniform(0.0, 0.3) * compute)
+        rows, deadline = stored_rows(store), time.monotonic() + rng.uniform(0.0, 0.3) * compute
+        while proc.poll() is None and time.monotonic() < deadline and stored_rows(store) < rows + 60:
+            time.sleep(0.01)
         if proc.poll() is None:
             proc.kill()
             kills += 1
