@@ -139,10 +139,11 @@ class Edge(StepSize):
     until the next one. S is measured on each estimating step's own batch by warm-started Lanczos (products by
     ``hvp``).
 
-    The guard reads the loss, not S: at a spike η becomes at most ``shrink`` × the η taken before it, whatever the
-    new estimate says (S collapses where cross-entropy flattens, and a re-estimate there would raise η), and only
-    a regular estimate may raise η, by at most ``growth``. So η_k ≤ η_0 · growth^R_k · shrink^G_k, with R_k the
-    regular estimates and G_k the spikes before step k.
+    The guard reads the loss, not S: at a spike η becomes at most ``shrink`` × the η set at the last regular
+    estimate, whatever the new estimate says (S collapses where cross-entropy flattens, and a re-estimate there
+    would raise η), and only a regular estimate may raise η, by at most ``growth`` × the η taken. With the defaults
+    (shrink × growth = 1) η cannot rise across an interval that had a spike, and spikes do not compound from one
+    interval to the next.
 
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
@@ -157,7 +158,7 @@ class Edge(StepSize):
     guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
                          "re-estimates S and shrinks the step until the next regular estimate")
     shrink: float = Field(0.5, gt=0, lt=1, description="the guard's factor: at a spike η is at most this × the "
-                          "η taken before it")
+                          "η set at the last regular estimate")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate")
     eig_tol: PositiveFloat = Field(1e-2, description="eigensolver tolerance: relative eigenvalue error")
     max_products: Optional[PositiveInt] = Field(4, description="Hessian-vector products per re-estimate after "
@@ -173,7 +174,7 @@ class Edge(StepSize):
         return self.c if self.c is not None else DEFAULT_C.get(rule.name, 0.5)
 
     def init(self) -> PolicyState:
-        return {"eta": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
+        return {"eta": math.nan, "base": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
 
     # ---- the controller ---------------------------------------------------------------------------------
     def update(self, k: int, ctx: StepContext, state: PolicyState) -> tuple[float, PolicyState]:
@@ -202,9 +203,13 @@ class Edge(StepSize):
         target = self.fraction(ctx.rule) * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
         state["scale"] = state["scale"] * self.shrink if spike else 1.0  # a regular estimate starts afresh
         eta = state["scale"] * target
-        if not first:  # a spike shrinks the η taken, whatever S says; a regular estimate may raise it by growth
-            eta = min(eta, (self.shrink if spike else self.growth) * state["eta"])
+        if spike:  # at most shrink × the η of the last regular estimate, whatever S says now
+            eta = min(eta, self.shrink * state["base"])
+        elif not first:
+            eta = min(eta, self.growth * state["eta"])
         state["eta"] = min(self.max_lr, eta)
+        if not spike:
+            state["base"] = state["eta"]
         state["ref"] = math.inf
 
 
