@@ -106,11 +106,12 @@ class EdgeOptimizer(torch.optim.Optimizer):
         if state["rule"] is None:
             state["rule"] = self.rule.init(w, g)
         delta, state["rule"] = self.rule.update(g, state["rule"], lr)
-        probed = problem.at is not w  # a Hessian-vector product left the parameters and their .grad elsewhere
-        problem.load(w + delta)
-        if probed:
+        if problem.at is w:  # the parameters hold w and .grad the step's gradient: step in place
+            torch._foreach_add_(params, [d.view_as(p) for p, d in zip(params, torch.split(delta, problem.sizes))])
+        else:  # a Hessian-vector product left the parameters and their .grad at a probe point
+            problem.load(w + delta)
             for p, chunk in zip(params, torch.split(g, problem.sizes)):
-                p.grad = chunk.view_as(p)  # the gradient of this step, not of a probe point (g is not reused)
+                p.grad = chunk.view_as(p)  # the gradient of this step (g is not reused)
         state["step"] += 1
         self.param_groups[0]["lr"] = lr
         return loss
