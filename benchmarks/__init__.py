@@ -50,6 +50,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "adaptive": Benchmark("benchmarks.adaptive:main", "25 min | 5 min",
                           "the edge step-size controller against tuned GD/Adam, CDAT, schedulefree, prodigy on 10 "
                           "tasks, a tuning and a held-out half (bench extra)"),
+    "optim": Benchmark("benchmarks.optim:main", "1 min | 10 s",
+                       "wall time per step of flowsim.optim.EdgeAdam against torch.optim.Adam, full batch and "
+                       "minibatches of 32 (goal ≤ 1.3x)"),
     "options": Benchmark("benchmarks.options:main", "≈ 5 min/half | 1 min",
                          "each option of the edge controller toggled from its defaults, on both halves of the "
                          "adaptive suite (needs an adaptive store)"),

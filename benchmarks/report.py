@@ -69,6 +69,9 @@ def target_summary(ds: xr.Dataset) -> pd.DataFrame:
 TUNED_ADAM = "adam-best"
 """The method whose final loss the column ``vs adam`` of :func:`target_summary` divides by: Adam at the step size
 of its grid that reaches the target on the most seeds, then in the fewest steps."""
+DEFAULT_ADAM = "adam-default"
+"""Adam at its default η = 1e-3, what a user gets without tuning: each half's summary counts the tasks where a
+headline method's final loss is below it."""
 HEADLINE = ("edge-adam", "edge-gd")
 """The methods each half's summary line is about: the edge controller's defaults over Adam and over GD."""
 PARAMETER_FREE = ("prodigy", "schedulefree-sgd")
@@ -93,7 +96,7 @@ def of_half(ds: xr.Dataset, half: str) -> xr.Dataset:
 def half_summary(ds: xr.Dataset, table: Optional[pd.DataFrame] = None) -> list[str]:
     """For each of :data:`HEADLINE` present in ``ds`` (the runs of one half), one line: on how many tasks it needs
     at least 1.5x fewer steps than the baseline (``steps x`` ≥ 1.5), on how many its final loss is at most 1.1x
-    tuned Adam's (``vs adam`` ≤ 1.1), its mean over the tasks of log10(final loss / other's final loss) for each of
+    tuned Adam's (``vs adam`` ≤ 1.1) and on how many below :data:`DEFAULT_ADAM`'s, its mean over the tasks of log10(final loss / other's final loss) for each of
     :data:`PARAMETER_FREE` and CDAT over the same rule (``cdat-<rule>``; < 0: lower loss; losses floored at
     :data:`LOSS_FLOOR`), and its diverged runs."""
     table = target_summary(ds) if table is None else table
@@ -108,6 +111,8 @@ def half_summary(ds: xr.Dataset, table: Optional[pd.DataFrame] = None) -> list[s
         rule = str(ds["rule"].values[(ds["method"] == method).values][0])
         fewer = int((rows["steps x"] >= 1.5).sum())
         close = int((rows["vs adam"] <= 1.1).sum())
+        below = int((rows["final loss"].to_numpy() < table.xs(DEFAULT_ADAM, level="method")["final loss"].reindex(
+            tasks).to_numpy()).sum()) if DEFAULT_ADAM in methods else 0
         versus = []
         for other in (*PARAMETER_FREE, f"cdat-{rule}"):
             if other not in methods:
@@ -116,7 +121,8 @@ def half_summary(ds: xr.Dataset, table: Optional[pd.DataFrame] = None) -> list[s
                 table.xs(other, level="method")["final loss"].reindex(tasks).to_numpy(), LOSS_FLOOR))
             versus.append(f"{other} {np.nanmean(ratio):+.2f}" if np.isfinite(ratio).any() else f"{other} –")
         lines.append(f"{method}: >= 1.5x fewer steps than {ds.attrs['baseline']} on {fewer}/{n} tasks; final loss "
-                     f"<= 1.1x {TUNED_ADAM}'s on {close}/{n}; mean log10 final loss vs "
+                     f"<= 1.1x {TUNED_ADAM}'s on {close}/{n}, below {DEFAULT_ADAM}'s on {below}/{n}; mean log10 "
+                     f"final loss vs "
                      f"{', '.join(versus) or '–'} (< 0: lower); diverged {int(rows['diverged'].sum())}/"
                      f"{int(rows['runs'].sum())} runs")
     return lines
