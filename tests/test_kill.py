@@ -21,7 +21,7 @@ SCENARIO = {
     "name": "kill", "seed": 2, "device": "cpu", "dtype": "float64",
     "problem": {"model": "mlp", "widths": [4], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2],
                 "n_train": 40, "loss": "mse"},
-    "steps": 30,
+    "steps": 20,
     "runs": {"gd": {"rule": "gd", "lr": 0.3}, "adam": {"rule": "adam", "lr": 0.01}},
     "record": {"projection_dim": 3, "projection_every": 4, "curvature_every": 5, "precond": True},
     "compare": {"reference": "gd"},
@@ -86,8 +86,8 @@ def kill(scenario_file, store, seconds: float, where: str, run: str, step: int =
 MOMENTS = [
     ("before-the-first-write", 60.0, "add", "gd", 0, {"gd": 0}),
     ("at-step-1", 60.0, "add", "gd", 1, {"gd": 1}),  # the first row is written at once
-    ("mid-chunk", 0.0, "add", "adam", 17, {"gd": 31, "adam": 17}),  # a write per row: rows 0-16 stored
-    ("at-the-end", 60.0, "finish", "adam", 0, {"gd": 31, "adam": 31}),  # every row written, not marked complete
+    ("mid-chunk", 0.0, "add", "adam", 11, {"gd": 21, "adam": 11}),  # a write per row: rows 0-10 stored
+    ("at-the-end", 60.0, "finish", "adam", 0, {"gd": 21, "adam": 21}),  # every row written, not marked complete
 ]
 
 
