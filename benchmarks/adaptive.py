@@ -2,14 +2,17 @@
 baselines, CDAT and parameter-free optimizers — steps and wall time to a target loss, mean over seeds (the seed sets
 the network's initialization and the minibatch order).
 
-The suite (``TASKS``) has ten tasks in two halves (``HALVES``), split before any tuning: the ``tuning`` half holds
+The suite (``TASKS``) has sixteen tasks in three halves (``HALVES``), split before any tuning: the ``tuning`` half holds
 the three tasks the controller's defaults were chosen on (a full-batch tanh MLP on digits, MSE; a ReLU CNN on
 MNIST-1D, minibatches of 100, MSE; a transformer on a Markov chain, minibatches of 100, cross-entropy) and two more
 (a ReLU ResNet-GN on digits, minibatches of 50, cross-entropy; a full-batch GELU MLP on a teacher-student
 regression, MSE); the ``held-out`` half (an LSTM on a Markov chain and a ViT on digits, minibatches of 50; a
 full-batch tanh CNN on digits; a ReLU MLP on a Gaussian mixture, minibatches of 25; a transformer on sorting,
-minibatches of 50; all cross-entropy) is never used to choose a setting. ``--half`` runs one half; the table is
-printed per half, each with a summary line for the headline methods (``benchmarks.report.half_summary``).
+minibatches of 50; all cross-entropy) is never used to choose a setting; the ``stress`` half (six offline tables
+as users bring them, ``STRESS_DATA``: raw digit pixels with and without label noise, Gaussian mixtures with features
+scaled 0.1–1000, separable, or with label noise; MLPs, cross-entropy, batches of 4–16 or full, mostly float32) is a
+check only. ``--half`` runs one half; the table is printed per half, each with a summary line for the headline
+methods (``benchmarks.report.half_summary``).
 
 Per task: GD/SGD over a log-spaced grid of 8 step sizes and Adam at its default η = 1e-3 and over a grid of 8; the
 target is the full-batch training loss that the best grid GD (lowest mean final loss) reaches at the budget, per
@@ -582,9 +585,9 @@ def adaptive(tasks: Optional[dict[str, dict]] = None, output: Union[str, Path, N
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = parser("adaptive", "The edge step-size controller against tuned GD/SGD and Adam grids, CDAT, schedulefree "
-               "and prodigy on a tuning and a held-out half of ten tasks: steps and wall time to the best grid GD's "
-               "final loss, final loss against tuned Adam's.",
+    p = parser("adaptive", "The edge step-size controller against tuned GD/SGD and Adam grids, Adam at 1e-3, CDAT, "
+               "schedulefree and prodigy on a tuning, a held-out and a stress half of sixteen tasks: steps and wall "
+               "time to the best grid GD's final loss, final loss against tuned Adam's and Adam at 1e-3's.",
                quick="60 steps, one seed, every other step size of each grid")
     p.add_argument("-o", "--output", help="a store (.zarr) to keep every curve in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")

@@ -307,8 +307,8 @@ def test_quick_shortens_every_task_and_halves_its_grids():
         assert task["half"] == adaptive.TASKS[name]["half"]
 
 
-def test_the_suite_is_split_into_a_tuning_and_a_held_out_half():
-    assert adaptive.HALVES == ("tuning", "held-out")
+def test_the_suite_is_split_into_a_tuning_a_held_out_and_a_stress_half():
+    assert adaptive.HALVES == ("tuning", "held-out", "stress")
     assert all(task["half"] in adaptive.HALVES for task in adaptive.TASKS.values())
     halves = {half: adaptive.select(half) for half in adaptive.HALVES}
     assert all(len(tasks) >= 5 for tasks in halves.values())
@@ -319,6 +319,25 @@ def test_the_suite_is_split_into_a_tuning_and_a_held_out_half():
         assert len(task["gd"]) == len(task["adam"]) == 8 and task["steps"] > 60
     with pytest.raises(ValueError, match="half: 'test'"):
         adaptive.select("test")
+
+
+def test_the_stress_tables_are_what_their_names_say():
+    """Features scaled 0.1 … 1000 (a spread of 10⁴ in standard deviation), raw pixels 0–16, and two classes that a
+    least-squares linear classifier separates exactly; 20 % of labels redrawn uniformly (about 18 % change)."""
+    stress = adaptive.select("stress")
+    assert len(stress) >= 6 and all(t["problem"]["loss"] == "ce" for t in stress.values())
+    assert {t["batch_size"] for t in stress.values()} - {None} <= set(range(4, 17))
+    X, _ = adaptive.STRESS_DATA["scaled-mixture"]()
+    assert X.std(0).max() / X.std(0).min() > 1e3
+    X, _ = adaptive.STRESS_DATA["digits-raw"]()
+    assert X.min() == 0 and X.max() == 16
+    X, y = adaptive.STRESS_DATA["separable"]()
+    A = np.c_[X, np.ones(len(X))]
+    w = np.linalg.lstsq(A, 2.0 * y - 1, rcond=None)[0]
+    assert ((A @ w > 0) == (y == 1)).all()
+    _, clean = adaptive.STRESS_DATA["digits-raw"]()
+    _, noisy = adaptive.STRESS_DATA["digits-raw-noisy"]()
+    assert 0.12 < (clean != noisy).mean() < 0.2
 
 
 def test_half_selects_the_tasks_of_one_half(capsys):
@@ -365,9 +384,11 @@ def test_each_half_is_summarized_from_its_own_table(bench_store, monkeypatch):
         versus = {m: np.log10(max(row["final loss"], floor) / max(table.loc[(task, m), "final loss"], floor))
                   for m in ("prodigy", "schedulefree-sgd", "cdat-gd")}
         [line] = report.half_summary(sub)
+        below = int(row["final loss"] < table.loc[(task, "adam-default"), "final loss"])
         assert line == (
             f"edge-gd-c1: >= 1.5x fewer steps than gd-best on {int(row['steps x'] >= 1.5)}/1 tasks; final loss "
-            f"<= 1.1x adam-best's on {int(row['vs adam'] <= 1.1)}/1; mean log10 final loss vs "
+            f"<= 1.1x adam-best's on {int(row['vs adam'] <= 1.1)}/1, below adam-default's on {below}/1; mean log10 "
+            f"final loss vs "
             + ", ".join(f"{m} {v:+.2f}" for m, v in versus.items()) + " (< 0: lower); diverged 0/2 runs")
         assert f"== {half} half: {task} ==\n" in report.by_half(ds)
         assert f"{half} half — {line}." in report.summary(ds)[1]
