@@ -7,9 +7,10 @@ and returns the loss (it may call ``backward`` itself; the optimizer clears and 
 calls it once for the step's gradient and once per Hessian-vector product it needs (forward differences of
 gradients, every ``every`` steps): all at the parameters of this step, on the batch the closure sees.
 
-Curvature is measured on the closure's batch, by differences of its gradients (the key ``hvp`` is not accepted:
-exact products would need the loss as a function of a flat parameter vector). All parameters form one
-flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device). The optimizer's state
+There is no ``lr``: the controller sets η at every step (``max_lr`` caps it, ``c`` scales it; ``lr`` is refused in
+one line that says so). Curvature is measured on the closure's batch, by differences of its gradients (the key
+``hvp`` is not accepted: exact products would need the loss as a function of a flat parameter vector). All
+parameters form one flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device). The optimizer's state
 (step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a resumed loop continues
 bit for bit on CPU. This module holds no model and no data.
 """
