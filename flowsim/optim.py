@@ -10,9 +10,9 @@ gradients, every ``every`` steps): all at the parameters of this step, on the ba
 There is no ``lr``: the controller sets η at every step (``max_lr`` caps it, ``c`` scales it; ``lr`` is refused in
 one line that says so). Curvature is measured on the closure's batch, by differences of its gradients (the key
 ``hvp`` is not accepted: exact products would need the loss as a function of a flat parameter vector). All
-parameters form one flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device). The optimizer's state
-(step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a resumed loop continues
-bit for bit on CPU. This module holds no model and no data.
+parameters form one flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device).
+The optimizer's state (step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a
+resumed loop continues bit for bit on CPU. This module holds no model and no data.
 """
 from __future__ import annotations
 
