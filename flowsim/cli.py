@@ -152,7 +152,8 @@ def main(argv=None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print("flowsim: interrupted; the rows written so far are kept in the store (continue with --resume)", file=sys.stderr)
+        print("flowsim: interrupted; the rows written so far are kept in the store (continue with --resume)",
+              file=sys.stderr)
         return 130
 
 

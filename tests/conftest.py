@@ -1,12 +1,12 @@
-"""Every test runs on one CPU thread, in this process and in the processes it starts (OMP_NUM_THREADS=1), unless
-FLOWSIM_TEST_THREADS says otherwise. Why: on a 2-core machine that is busy with another job, torch's OpenMP
-threads wait on each other (the golden run of tests/test_central_generic.py, at load 6-8: 70 s on one thread,
-808 s on two, with ten times the CPU time), and one thread fixes the order of floating-point reductions, so a
-test's numbers do not depend on the machine's core count."""
+"""Every test runs on one CPU thread, in this process and in the processes it starts (OMP_NUM_THREADS=1). Why: on
+a 2-core machine that is busy with another job, torch's OpenMP threads wait on each other (the golden run of
+tests/test_central_generic.py, at load 6-8: 70 s on one thread, 808 s on two, with ten times the CPU time), and
+one thread fixes the order of floating-point reductions, so a test's numbers do not depend on the machine's core
+count."""
 import os
 import time
 
-THREADS = int(os.environ.get("FLOWSIM_TEST_THREADS", "1"))
+THREADS = 1
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_name] = str(THREADS)
 
