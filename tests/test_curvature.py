@@ -79,6 +79,58 @@ def test_top_eigenvalue_of_an_indefinite_operator_dominated_by_a_negative_eigenv
         assert abs(res.vals[0].item() - 100.0) <= tol * 100.0
 
 
+@pytest.mark.parametrize("start", ["warm", "random"])
+def test_block_eigenpairs_match_dense_eigvalsh_to_their_residual_tolerance(mlp_and_hessian, start):
+    """LOBPCG on the MLP's Hessian, k = 3, from the dense eigenvectors perturbed by 1e-2 or from random vectors:
+    each residual ‖Hu − θu‖ ≤ tol·θ₁ (its stopping rule), so each θ is within tol·θ₁ of an eigenvalue — here of
+    the dense top three — and the vectors are orthonormal."""
+    from flowsim.curvature import block_eigenpairs
+    p, H = mlp_and_hessian
+    dense, vectors = torch.linalg.eigh(H)
+    dense, vectors = dense.flip(0)[:3], vectors.flip(1)[:, :3]
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(p.n_params, 3, generator=gen, dtype=torch.float64)
+    V0 = vectors + 1e-2 * noise / noise.norm(dim=0) if start == "warm" else noise
+    for tol in (1e-3, 1e-8):
+        res = block_eigenpairs(lambda v: H @ v, V0, 3, tol=tol)
+        assert (res.vals - dense).abs().max() <= tol * dense[0]
+        assert ((H @ res.vecs - res.vecs * res.vals).norm(dim=0) <= tol * dense[0]).all()
+        torch.testing.assert_close(res.vecs.T @ res.vecs, torch.eye(3, dtype=H.dtype), rtol=0, atol=1e-10)
+
+
+def test_a_converged_block_costs_one_product_per_pair_and_lanczos_finishes_what_lobpcg_does_not():
+    """From exact eigenvectors the block stops after its first k products; with max_iter = 1 on a random start
+    it has not converged, and warm-started Lanczos brings it to tol (its products counted too)."""
+    from flowsim.curvature import block_eigenpairs
+    n = 300
+    spectrum = torch.linspace(-1, 1, n, dtype=torch.float64)
+    spectrum[:4] = torch.tensor([5.0, 4.9, 4.0, 3.0], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    A = Q @ torch.diag(spectrum) @ Q.T
+    exact = block_eigenpairs(lambda v: A @ v, Q[:, :4], 4, tol=1e-10)
+    assert exact.matvecs == 4
+    torch.testing.assert_close(exact.vals, spectrum[:4], rtol=0, atol=1e-12)
+    start = torch.randn(n, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    res = block_eigenpairs(lambda v: A @ v, start, 4, tol=1e-8, max_iter=1)
+    assert res.matvecs > 8  # the block's 4 + 4, then Lanczos
+    assert (res.vals - spectrum[:4]).abs().max() <= 1e-8 * 5.0
+
+
+def test_precond_eigenpairs_by_lobpcg_and_by_lanczos_agree(mlp_and_hessian):
+    """The two methods of the one helper on P̃^{-1/2} H P̃^{-1/2}, k = 3, from the same warm start: the same
+    eigenvalues to the tolerance; an unknown method is a one-line error."""
+    from flowsim.curvature import hessian_operator, precond_eigenpairs
+    p, H = mlp_and_hessian
+    P = torch.rand(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-3
+    hvp = hessian_operator(p, p.w0)
+    cold = precond_eigenpairs(hvp, P, p.w0, 3, tol=1e-2)
+    pairs = [precond_eigenpairs(hvp, P, p.w0, 3, v0=cold.vecs, tol=1e-8, values_only=False, method=method)
+             for method in ("lanczos", "lobpcg")]
+    assert (pairs[0].vals - pairs[1].vals).abs().max() <= 2e-8 * pairs[0].vals[0]
+    with pytest.raises(ValueError, match="^method: must be 'lanczos' or 'lobpcg', got 'arnoldi'$"):
+        precond_eigenpairs(hvp, P, p.w0, 3, method="arnoldi")
+
+
 def test_hessian_operators_match_dense_hessian(mlp_and_hessian):
     from flowsim.curvature import hessian_operator
     p, H = mlp_and_hessian
