@@ -34,13 +34,13 @@ BENCHMARKS: dict[str, Benchmark] = {
                            "top Hessian eigenvalue: warm-started Lanczos against PyHessian (bench extra)"),
     "flows": Benchmark("benchmarks.flows:main", "1 min | 10 s",
                        "seconds per unit of time of every flow and the SDE against GD/SGD, on an MLP and a CNN"),
-    "central": Benchmark("benchmarks.central:main", "10 s | 7 s",
-                         "one unit of time of the central flow (1-3 critical directions) against one GD step"),
     "central-fidelity": Benchmark("benchmarks.central_fidelity:main", "45 min | 40 s",
                                   "central flows of momentum and Adam against their discrete runs and stable flows "
                                   "at the edge (MLP, CNN): the four fidelity figures and the cost per step"),
-    "central-speed": Benchmark("benchmarks.central_speed:main", "2 min | 15 s",
-                               "ms per step of the central flow at the edge (gd, rmsprop) against a baseline"),
+    "central-speed": Benchmark("benchmarks.central_speed:main", "5 min | 20 s",
+                               "the central flow's cost per step in GD steps, part by part (central-gd-mlp, "
+                               "-gd-cnn, -adam-mlp; targets ≤ 60 and 400 steps ≤ 5 min); --linear: against "
+                               "k = 1..8 critical directions"),
     "models": Benchmark("benchmarks.models:main", "7 s | 4 s",
                         "seconds per GD step and per HVP of each bundled network family"),
     "sweep": Benchmark("benchmarks.sweep:main_sweep", "10 s | 10 s",

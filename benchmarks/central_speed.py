@@ -1,58 +1,169 @@
-"""Wall time per step of the central flow at the edge of stability, for a guard against slowdowns of its field.
+"""Where the central flow's time goes, in gradient-step equivalents per unit of time, at the edge of stability.
 
-``python -m benchmarks central-speed [--quick]``: on one CPU thread, the float64 tanh MLP 64-32-32-4 on 400
-digits of classes 0-3 (MSE) runs the central flow (4 Euler substeps, no shadow discrete run) of gd at η = 0.5 and
-of rmsprop at η = 0.004 (β2 = 0.99, ε = 1e-3) for 150 steps into the edge of stability, then times 30 more steps
-one by one. It prints the median and minimum milliseconds per step, the number of critical directions at the
-last step, and the ratio of the median to ``BASELINE_MS`` (gd's median measured on the development machine before
-the central flow became generic over rules; a ratio above 1.10 flags a slowdown there). Timings on another
-machine, or on a busy one, are not comparable to the baseline. Uses only the public API; writes nothing.
+``python -m benchmarks central-speed [--quick] [--linear]``, on one CPU thread, float64, the central flow as the
+central-flows paper runs it (4 Euler substeps; no shadow run; every step measured, as a scenario that records
+every step does):
+
+- the cost table, on the problems of ``central-gd-mlp`` (gd, η = 0.5), ``central-gd-cnn`` (gd, η = 0.7) and
+  ``central-adam-mlp`` (Adam, its scenario's hyperparameters; the flow from its default start): ``WARMUP`` steps
+  into the edge, then ``TIMED`` steps timed. Per step: milliseconds, and that over the time of a plain GD step
+  (gradient and update) on the same problem measured in the same run — the GD-step equivalents per unit of
+  time; the share of the eigensolve (with its Hessian-vector products per solve), of the third derivatives, of
+  the SDCP, of the gradient and its graph, of the measurements at the step's start ("recording"), and the rest;
+  the tracked and critical directions at the last step. The targets: ≤ 60 GD-step equivalents on
+  central-gd-mlp's problem, and 400 steps of central-adam-mlp in ≤ 5 min.
+- ``--linear``: the cost of one unit of time against the number k = 1…8 of critical directions, on a tanh MLP
+  32-16 on 200 digits (4 classes) with η = 2.05/λ_k(H(w0)) from its dense Hessian, so that exactly k effective
+  eigenvalues are above the edge at w0 (the SDCP threshold set between λ_k and λ_{k+1}): every repetition
+  integrates the unit of time from w0, whose first substep brings the k directions to the edge, warm-started
+  from the last repetition. The target: a cost per step that grows at most linearly in k.
+
+The shares come from wrapping the engine's functions here (the engine keeps no timers). Timings on a busy
+machine are not comparable; the GD step is timed right before each case so that the ratio is. Writes nothing.
 """
 from __future__ import annotations
 
-import statistics
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
+import flowsim.solvers.central as central_module
+from flowsim.curvature import LossGraph
 from flowsim.models import build_problem
 from flowsim.solvers import Central, make_rule
 from flowsim.solvers.central import CentralOptions
 
-from benchmarks.bench import parser
+from benchmarks.bench import bundled, parser
 
-BASELINE_MS = {"gd": 122.9}
-PROBLEM = {"model": "mlp", "widths": [64, 32, 32], "activation": "tanh", "dataset": "digits",
-           "classes": [0, 1, 2, 3], "n_train": 400, "loss": "mse"}
-CASES = {"gd": (0.5, {}), "rmsprop": (0.004, {"beta2": 0.99, "eps": 1e-3})}
+CASES = {"central-gd-mlp": 150, "central-gd-cnn": 150, "central-adam-mlp": 150}  # scenario: warm-up steps
+TIMED = 20
+LINEAR_K = tuple(range(1, 9))
+LINEAR_PROBLEM = {"model": "mlp", "widths": [32, 16], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
+                  "n_train": 200, "loss": "mse"}
+PARTS = ("eigensolve", "third derivatives", "SDCP", "gradient", "recording")
 
 
-def time_steps(rule_name: str, warmup: int = 150, timed: int = 30) -> tuple[list[float], int]:
-    """Seconds per step of ``timed`` steps after ``warmup`` steps, and the critical directions at the end."""
-    problem = build_problem(PROBLEM, dtype="float64", device="cpu")
-    lr, hyper = CASES[rule_name]
-    process = Central(problem, make_rule(rule_name, **hyper), options=CentralOptions(substeps=4, shadow=False))
+class Timers:
+    """Wall time of the central flow's parts, by wrapping the functions that do them (restored on exit)."""
+
+    def __init__(self):
+        self.seconds: dict = defaultdict(float)
+        self.products = 0
+        self.solves = 0
+
+    @contextmanager
+    def installed(self):
+        saved = (central_module.precond_eigenpairs, LossGraph.third_derivatives, Central._solve,
+                 LossGraph.__init__, Central._predictions)
+
+        def timed(part, fn):
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.seconds[part] += time.perf_counter() - t0
+                return out
+            return wrapper
+
+        def eigensolve(*args, **kwargs):
+            out = saved[0](*args, **kwargs)
+            self.products += out.matvecs
+            self.solves += 1
+            return out
+
+        central_module.precond_eigenpairs = timed("eigensolve", eigensolve)
+        LossGraph.third_derivatives = timed("third derivatives", saved[1])
+        Central._solve = staticmethod(timed("SDCP", saved[2]))
+        LossGraph.__init__ = timed("gradient", saved[3])
+        Central._predictions = timed("recording", saved[4])
+        try:
+            yield self
+        finally:
+            (central_module.precond_eigenpairs, LossGraph.third_derivatives, Central._solve, LossGraph.__init__,
+             Central._predictions) = saved[0], saved[1], staticmethod(saved[2]), saved[3], saved[4]
+
+
+def gd_step_seconds(problem, steps: int = 50) -> float:
+    """Best of three: seconds per plain GD step (gradient and update) on ``problem``."""
+    best = float("inf")
+    for _ in range(3):
+        w = problem.w0.clone()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            w = w - 1e-3 * problem.grad(w)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def central_process(scenario: str, lr: Optional[float] = None):
+    """The problem, the central process (4 Euler substeps, no shadow) and η of ``scenario``'s central run."""
+    doc = bundled(scenario)
+    spec = dict(doc["runs"]["central"])
+    rule = make_rule(spec.pop("rule"), **{k: v for k, v in spec.items() if k not in ("process", "lr", "substeps")})
+    problem = build_problem(doc["problem"], dtype="float64", device="cpu", seed=doc.get("seed", 0))
+    return problem, Central(problem, rule, options=CentralOptions(substeps=4, shadow=False)), lr or spec["lr"]
+
+
+def measure(scenario: str, warmup: int, timed: int, lr: Optional[float] = None) -> dict:
+    """Warm up, then time ``timed`` steps of the central flow of ``scenario`` part by part."""
+    problem, process, lr = central_process(scenario, lr)
     traj = process.start(problem.w0)
     for _ in range(warmup):
         process.step(traj, lr, measure=False)
-    times = []
-    for _ in range(timed):
+    gd = gd_step_seconds(problem)
+    with Timers().installed() as timers:
         t0 = time.perf_counter()
-        process.step(traj, lr, measure=False)
-        times.append(time.perf_counter() - t0)
-    return times, process.last["X"].shape[0]
+        for _ in range(timed):
+            process.step(traj, lr, measure=True)
+        total = (time.perf_counter() - t0) / timed
+    crit = process.last["X"].shape[0] if "X" in process.last else 0
+    shares = {part: timers.seconds[part] / timed / total for part in PARTS}
+    return {"ms": 1e3 * total, "gd_eq": total / gd, "gd_ms": 1e3 * gd, "shares": shares,
+            "products": timers.products / max(timers.solves, 1), "tracked": process._k - 1, "critical": crit}
+
+
+def linear(ks: tuple[int, ...], repeats: int) -> None:
+    """The ``--linear`` table (see the module docstring)."""
+    problem = build_problem(LINEAR_PROBLEM, dtype="float64", device="cpu")
+    w = problem.w0
+    lam = torch.linalg.eigvalsh(torch.func.hessian(problem.loss)(w)).flip(0)
+    gd = gd_step_seconds(problem)
+    print(f"\n| k | η | ms/step | GD steps/step | GD steps per critical direction |  (MLP 32-16, {problem.n_params} "
+          f"parameters, GD step {1e3 * gd:.2f} ms)")
+    print("|---|---|---|---|---|")
+    for k in ks:
+        lr = 2.05 / lam[k - 1].item()
+        crit = min(0.5 * lr * (lam[k - 1] + lam[k]).item(), 1.95)
+        process = Central(problem, make_rule("gd"), options=CentralOptions(crit_threshold=crit, shadow=False))
+        process.step(process.start(w), lr, measure=False)  # a warm start for the timed repetitions
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            process.step(process.start(w), lr, measure=False)
+        seconds = (time.perf_counter() - t0) / repeats
+        assert process.last["X"].shape[0] == k, "the step size did not put k directions above the edge"
+        print(f"| {k} | {lr:.4f} | {1e3 * seconds:.1f} | {seconds / gd:.0f} | {seconds / gd / k:.0f} |")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parser("central-speed", "Milliseconds per step of the central flow at the edge (gd, rmsprop) against "
-                  "the baseline.", quick="20 warm-up steps, 5 timed").parse_args(argv)
+    p = parser("central-speed", "The central flow's cost per unit of time in GD-step equivalents, part by part.",
+               quick="central-gd-mlp only, 20 warm-up steps, 3 timed")
+    p.add_argument("--linear", action="store_true", help="also the cost per step against the number k = 1..8 of "
+                   "critical directions")
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
-    for name in CASES:
-        times, k = time_steps(name, 20, 5) if args.quick else time_steps(name)
-        median, best = 1e3 * statistics.median(times), 1e3 * min(times)
-        line = f"{name:8s} median {median:7.1f} ms/step  min {best:7.1f} ms/step  critical directions {k}"
-        if name in BASELINE_MS:
-            line += f"  ratio to baseline {median / BASELINE_MS[name]:.3f} (baseline {BASELINE_MS[name]} ms)"
-        print(line, flush=True)
+    cases = {"central-gd-mlp": 20} if args.quick else CASES
+    timed = 3 if args.quick else TIMED
+    print("| problem | ms/step | GD steps/step | " + " | ".join(PARTS) + " | other | products/solve | tracked | "
+          "critical |")
+    print("|---" * (len(PARTS) + 7) + "|")
+    for scenario, warmup in cases.items():
+        r = measure(scenario, warmup, timed)
+        other = 1 - sum(r["shares"].values())
+        print(f"| {scenario} | {r['ms']:.1f} | {r['gd_eq']:.0f} (GD step {r['gd_ms']:.2f} ms) | "
+              + " | ".join(f"{100 * r['shares'][part]:.0f} %" for part in PARTS)
+              + f" | {100 * other:.0f} % | {r['products']:.1f} | {r['tracked']} | {r['critical']} |")
+    if args.linear:
+        linear(LINEAR_K[:2] if args.quick else LINEAR_K, repeats=1 if args.quick else 3)
     return 0
