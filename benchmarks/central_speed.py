@@ -13,10 +13,12 @@ every step does):
   the tracked and critical directions at the last step. The targets: ≤ 60 GD-step equivalents on
   central-gd-mlp's problem, and 400 steps of central-adam-mlp in ≤ 5 min.
 - ``--linear``: the cost of one unit of time against the number k = 1…8 of critical directions, on a tanh MLP
-  32-16 on 200 digits (4 classes) with η = 2.05/λ_k(H(w0)) from its dense Hessian, so that exactly k effective
+  32-16 on 200 digits (10 classes) with η = 2.05/λ_k(H(w0)) from its dense Hessian, so that exactly k effective
   eigenvalues are above the edge at w0 (the SDCP threshold set between λ_k and λ_{k+1}): every repetition
   integrates the unit of time from w0, whose first substep brings the k directions to the edge, warm-started
-  from the last repetition. The target: a cost per step that grows at most linearly in k.
+  from the last repetition. The table gives the critical directions the flow found at w0 (fewer than k where
+  λ_k and λ_{k+1} are closer than the eigensolver's tolerance). The target: a cost per step that grows at most
+  linearly in k.
 
 The shares come from wrapping the engine's functions here (the engine keeps no timers). Timings on a busy
 machine are not comparable; the GD step is timed right before each case so that the ratio is. Writes nothing.
@@ -41,8 +43,8 @@ from benchmarks.bench import bundled, parser
 CASES = {"central-gd-mlp": 150, "central-gd-cnn": 150, "central-adam-mlp": 150}  # scenario: warm-up steps
 TIMED = 20
 LINEAR_K = tuple(range(1, 9))
-LINEAR_PROBLEM = {"model": "mlp", "widths": [32, 16], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
-                  "n_train": 200, "loss": "mse"}
+LINEAR_PROBLEM = {"model": "mlp", "widths": [32, 16], "activation": "tanh", "dataset": "digits", "n_train": 200,
+                  "loss": "mse"}
 PARTS = ("eigensolve", "third derivatives", "SDCP", "gradient", "recording")
 
 
@@ -130,20 +132,20 @@ def linear(ks: tuple[int, ...], repeats: int) -> None:
     w = problem.w0
     lam = torch.linalg.eigvalsh(torch.func.hessian(problem.loss)(w)).flip(0)
     gd = gd_step_seconds(problem)
-    print(f"\n| k | η | ms/step | GD steps/step | GD steps per critical direction |  (MLP 32-16, {problem.n_params} "
+    print(f"\n| critical | η | ms/step | GD steps/step | GD steps per critical direction |  (MLP 32-16, {problem.n_params} "
           f"parameters, GD step {1e3 * gd:.2f} ms)")
     print("|---|---|---|---|---|")
     for k in ks:
         lr = 2.05 / lam[k - 1].item()
-        crit = min(0.5 * lr * (lam[k - 1] + lam[k]).item(), 1.95)
+        crit = 0.5 * lr * (lam[k - 1] + lam[k]).item()  # exactly k effective eigenvalues above it at w0
         process = Central(problem, make_rule("gd"), options=CentralOptions(crit_threshold=crit, shadow=False))
         process.step(process.start(w), lr, measure=False)  # a warm start for the timed repetitions
         t0 = time.perf_counter()
         for _ in range(repeats):
             process.step(process.start(w), lr, measure=False)
         seconds = (time.perf_counter() - t0) / repeats
-        assert process.last["X"].shape[0] == k, "the step size did not put k directions above the edge"
-        print(f"| {k} | {lr:.4f} | {1e3 * seconds:.1f} | {seconds / gd:.0f} | {seconds / gd / k:.0f} |")
+        critical = process.last["X"].shape[0]  # k, unless λ_k and λ_{k+1} are too close for the tolerance
+        print(f"| {critical} | {lr:.4f} | {1e3 * seconds:.1f} | {seconds / gd:.0f} | {seconds / gd / critical:.0f} |")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

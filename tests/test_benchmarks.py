@@ -429,3 +429,16 @@ def test_central_fidelity_reads_its_figures_from_the_runs_it_makes(capsys):
     assert total == 61 and 35 <= at_edge <= 50
     assert float(cells[2]) < 1e-3
     assert 0 < float(cells[3]) < float(cells[4])
+
+
+def test_central_speed_splits_a_steps_time_into_parts_that_the_engine_still_has():
+    """`central-speed` times the central flow's parts by wrapping the engine's functions: each wrapped part took
+    time (none was renamed away), their shares add up to at most the step, the eigensolve counted its products,
+    and the wrappers are gone afterwards."""
+    from benchmarks import central_speed
+    from flowsim.solvers.central import Central
+    solve = Central._solve
+    r = central_speed.measure("central-gd-mlp", warmup=3, timed=2)
+    assert all(r["shares"][part] > 0 for part in ("eigensolve", "gradient", "recording"))
+    assert 0 < sum(r["shares"].values()) <= 1 and r["products"] >= 1 and r["gd_eq"] > 1
+    assert Central._solve is solve
