@@ -89,7 +89,8 @@ class CentralOptions(DiscreteStart):
     track_threshold: PositiveFloat = Field(1.5, description="effective eigenvalues above this are tracked")
     eig_tol: PositiveFloat = Field(1e-3, description="eigensolver residual tolerance, relative to the top "
                                    "eigenvalue (raised to 100 × the dtype's machine epsilon: 1.2e-5 in float32); "
-                                   "the default moved the flow's loss by ≤ 2.4e-4 against 1e-10 (docs/measurements.md)")
+                                   "the default moved the flow's loss by ≤ 2.4e-4 against 1e-10 "
+                                   "(docs/measurements.md)")
     shadow: bool = Field(True, description="run the discrete iteration alongside and record "
                                            "sigma_oscillation_sq")
 
@@ -147,7 +148,7 @@ class Central(Process):
 
     def field(self, w: Tensor, state: State, lr: float, dt: float, full: bool = True) -> dict:
         """dw/dt, ds/dt and the quantities they were built from, at (w, state), for a substep of length dt.
-        ``full``: solve for every tracked pair (else only for the critical ones: see the module docstring).
+        ``full``: solve for every tracked pair (else for the critical pairs and the next: the module docstring).
 
         Returns a dict: ``loss``, ``g``, ``eigs`` (effective, desc), ``U`` (n, k critical generalized
         eigenvectors, UᵀPU = I), ``X`` (k, k), ``dw``, ``ds`` (dict like the state).
