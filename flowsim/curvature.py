@@ -277,10 +277,13 @@ def precond_eigenpairs(hvp: Callable[[Tensor], Tensor], precond: Optional[Tensor
 
     ``method``: warm-started Lanczos (:func:`top_eigenpairs`, from the sum of v0's columns), or, where a block of
     k pairs is tracked from one solve to the next at a small move of w (the central flow's substeps), LOBPCG from
-    that block (:func:`block_eigenpairs`; v0's first k columns, random ones added when k grew; cold: Lanczos). Measured products per solve (``python -m benchmarks central-speed``): on the central flow's
-    substeps LOBPCG needs fewer, since a block that is still converged costs k products where Lanczos needs
-    k + 2 or more; from a stale or random start Lanczos needs fewer (a random 200 × 200 test matrix with a
-    warm start perturbed by 1e-3 to 1e-1: 9–14 against 12–33)."""
+    that block (:func:`block_eigenpairs`; v0's first k columns, random ones added when k grew; cold: Lanczos).
+    ``max_iter`` bounds Lanczos's Krylov dimension. Measured products per solve (``python -m benchmarks
+    central-speed``): on the central flow's substeps LOBPCG needs fewer, since a block that is still converged costs
+    k products where Lanczos needs k + 2 or more; from a stale or random start Lanczos needs fewer (a random 200 ×
+    200 test matrix with a warm start perturbed by 1e-3 to 1e-1: 9–14 against 12–33)."""
+    if method not in ("lanczos", "lobpcg"):
+        raise ValueError(f"method: must be 'lanczos' or 'lobpcg', got {method!r}")
     op = hvp if precond is None else preconditioned(hvp, precond)
     if method == "lobpcg" and v0 is not None:
         v0 = v0.reshape(w.numel(), -1)[:, :k].to(w)
@@ -289,8 +292,6 @@ def precond_eigenpairs(hvp: Callable[[Tensor], Tensor], precond: Optional[Tensor
             extra = torch.randn(w.numel(), k - v0.shape[1], generator=gen, dtype=torch.float64)
             v0 = torch.cat([v0, extra.to(v0)], 1)
         return block_eigenpairs(op, v0, k, tol=tol, seed=seed, values_only=values_only)
-    if method not in ("lanczos", "lobpcg"):
-        raise ValueError(f"method: must be 'lanczos' or 'lobpcg', got {method!r}")
     return top_eigenpairs(op, w.numel(), k, v0=v0, tol=tol, max_iter=max_iter, dtype=w.dtype, device=w.device,
                           seed=seed, values_only=values_only)
 
