@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from flowsim.problem import Problem
-from flowsim.solvers.processes import Discrete, Trajectory
+from flowsim.solvers.processes import Discrete, Trajectory, svag_update
 from flowsim.solvers.rules import Rule, State
 
 
@@ -51,6 +51,8 @@ class BatchedDiscrete:
         self._value_grad = vmap(grad_and_value(problem.loss), in_dims=(0, None if full else 0))
         self._init = vmap(rule.init)
         self._update = vmap(rule.update)
+        svag = self.processes[0]._svag
+        self._svag = None if svag is None else lambda *args: svag_update(problem, *svag, *args)
 
     @property
     def n_runs(self) -> int:
@@ -93,6 +95,8 @@ class BatchedDiscrete:
     def step(self, traj: BatchedTrajectory, lrs: list[float], measure: bool, ctxs=None) -> list[dict]:
         """Advance run b by one step of size ``lrs[b]``; per run: ``step_loss``, ``step_size`` and, when
         ``measure``, the full-batch ``loss`` and ``grad_norm`` at the start point (as :meth:`Discrete.step`)."""
+        if self._svag is not None:
+            return self._svag_step(traj, lrs, measure)
         if self.samplers is None:
             loss, g = self._full(traj.w)
             full_loss, full_g = loss, g
@@ -109,6 +113,19 @@ class BatchedDiscrete:
         lr = torch.tensor(lrs, dtype=traj.w.dtype, device=traj.w.device)
         delta, traj.state = self._update(g, traj.state, lr)
         traj.w = traj.w + delta
+        traj.tick(lrs)
+        return out
+
+    def _svag_step(self, traj: BatchedTrajectory, lrs: list[float], measure: bool) -> list[dict]:
+        """:meth:`Discrete._svag_step` for every run: :func:`svag_update` vmapped over the runs."""
+        out = self.measure(traj) if measure else [{} for _ in lrs]
+        l = self.processes[0].options.svag
+        batches = torch.stack([torch.stack(s.draws(traj.step, 2 * l)) for s in self.samplers])
+        lr = torch.tensor(lrs, dtype=traj.w.dtype, device=traj.w.device)
+        in_dims = (0, None if traj.state is None else 0, 0, 0)
+        loss, traj.w, traj.state = vmap(self._svag, in_dims=in_dims)(traj.w, traj.state, lr, batches)
+        for row, v, eta in zip(out, loss.tolist(), lrs):
+            row.update(step_loss=v, step_size=eta)
         traj.tick(lrs)
         return out
 

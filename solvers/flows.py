@@ -197,12 +197,16 @@ class Stable(Process):
         if measure:
             out.update(loss=out["step_loss"], grad_norm=g.norm().item())
         if traj.state is None:
-            traj.state = self.rule.init(traj.w, g)
+            traj.state = self.initial_state(traj, g)
         layout = Layout(self.problem.n_params, traj.state)
         y = self.advance(layout, layout.pack(traj.w, traj.state), lr, self.substeps(traj, lr), traj.step)
         traj.w, traj.state = layout.unpack(y)
         traj.tick(lr)
         return out
+
+    def initial_state(self, traj: Trajectory, g: Tensor) -> State:
+        """The rule state the flow starts from at traj, given the step's gradient g (the discrete run's init)."""
+        return self.rule.init(traj.w, g)
 
     def checkpoint_state(self) -> dict:
         """The sharpness estimate and its warm-start vector, so that a resumed run picks the same substeps."""

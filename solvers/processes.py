@@ -12,12 +12,14 @@ they reach. Processes never know which network they run on, and never touch stor
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor
+from torch.func import grad_and_value
 
 from flowsim.problem import Problem
 from flowsim.solvers.rules import Rule, State
@@ -72,8 +74,12 @@ class IIDSampler:
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
 
     def indices(self, step: int) -> Tensor:
+        return self.draws(step, 1)[0]
+
+    def draws(self, step: int, count: int) -> list[Tensor]:
+        """``count`` independent batches of step ``step`` (the first is :meth:`indices`)."""
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
-        return torch.randperm(self.n, generator=gen)[:self.batch_size].to(self.device)
+        return [torch.randperm(self.n, generator=gen)[:self.batch_size].to(self.device) for _ in range(count)]
 
 
 class NoOptions(BaseModel):
@@ -100,6 +106,34 @@ def discrete_start(options: BaseModel, rule: Rule) -> Optional[int]:
 class DiscreteOptions(NoOptions):
     sampling: Literal["epoch", "iid"] = Field(
         "epoch", description="epoch: reshuffled each epoch; iid: an independent random batch every step")
+    svag: PositiveInt = Field(
+        1, description="SVAG with l: each step is l steps of the rule scaled by κ = 1/l (η/l for GD and momentum, "
+                       "η/√l for the ν rules, 1 − β / l), each on two independent batches weighted "
+                       "(1 ± √(2l − 1))/2 (the noise ×√l); the run follows the SDE as l grows, on its clock; 1: the "
+                       "plain run")
+
+
+def svag_update(problem: Problem, rule: Rule, factor: float, w: Tensor, state: Optional[State], lr,
+                batches: Tensor) -> tuple[Tensor, Tensor, State]:
+    """One step at η of SVAG with l = len(batches)/2 (Li, Malladi & Arora): l steps of ``rule`` (the run's rule
+    scaled by κ = 1/l, :meth:`~flowsim.solvers.rules.Rule.scaled`) at η·``factor``, step j on the gradient
+    a·g(batches[2j]) + (1 − a)·g(batches[2j + 1]) of two independent batches, a = (1 + √(2l − 1))/2: the mean
+    is g and the noise covariance l times a batch's. Returns (the first batch's loss, w, state); a pure
+    function of its tensors, so it vmaps over runs."""
+    l = batches.shape[0] // 2
+    a = (1.0 + math.sqrt(2 * l - 1)) / 2
+    value_grad = grad_and_value(problem.loss)
+    first_loss = None
+    for j in range(l):
+        g1, loss = value_grad(w, batches[2 * j])
+        g2, _ = value_grad(w, batches[2 * j + 1])
+        g = a * g1 + (1.0 - a) * g2
+        first_loss = loss if first_loss is None else first_loss
+        if state is None:
+            state = rule.init(w, g)
+        delta, state = rule.update(g, state, lr * factor)
+        w = w + delta
+    return first_loss, w, state
 
 
 class Process:
@@ -163,8 +197,14 @@ class Discrete(Process):
         full = batch_size is None or batch_size >= problem.n_examples
         if batch_size is None and "sampling" in self.options.model_fields_set:
             raise ValueError("sampling: applies only to minibatch runs (give a batch_size)")
-        sampler = IIDSampler if self.options.sampling == "iid" else EpochSampler
+        svag = self.options.svag
+        if svag > 1 and full:
+            raise ValueError("svag: amplifies the minibatch noise; give a batch_size below the number of examples")
+        if svag > 1 and self.options.sampling == "epoch" and "sampling" in self.options.model_fields_set:
+            raise ValueError("sampling: svag draws two independent batches per step (iid); epoch does not apply")
+        sampler = IIDSampler if self.options.sampling == "iid" or svag > 1 else EpochSampler
         self.sampler = None if full else sampler(problem.n_examples, batch_size, seed, problem.device)
+        self._svag = rule.scaled(1.0 / svag) if svag > 1 else None
 
     def context(self, traj: Trajectory) -> StepContext:
         if self.sampler is None:
@@ -172,6 +212,8 @@ class Discrete(Process):
         return StepContext(self.problem, self.rule, traj.step, traj.w, traj.state, idx=self.sampler.indices(traj.step))
 
     def step(self, traj: Trajectory, lr: float, measure: bool, ctx: Optional[StepContext] = None) -> dict:
+        if self._svag is not None:
+            return self._svag_step(traj, lr, measure)
         ctx = self.context(traj) if ctx is None else ctx
         loss, g = ctx.loss_and_grad()
         out = {"step_loss": loss.item(), "step_size": lr}
@@ -179,6 +221,14 @@ class Discrete(Process):
             out.update({"loss": out["step_loss"], "grad_norm": g.norm().item()} if self.sampler is None
                        else self.measure(traj))
         self.apply(traj, g, lr)
+        return out
+
+    def _svag_step(self, traj: Trajectory, lr: float, measure: bool) -> dict:
+        out = {"step_size": lr, **(self.measure(traj) if measure else {})}
+        batches = torch.stack(self.sampler.draws(traj.step, 2 * self.options.svag))
+        loss, traj.w, traj.state = svag_update(self.problem, *self._svag, traj.w, traj.state, lr, batches)
+        out["step_loss"] = loss.item()
+        traj.tick(lr)
         return out
 
     def apply(self, traj: Trajectory, g: Tensor, lr: float) -> None:

@@ -17,7 +17,7 @@ Rules know nothing about processes, problems or storage.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Optional
 
 import pydantic
@@ -88,6 +88,23 @@ class Rule:
         advanced = self.advance_state(g, state)
         return {key: advanced[key] - value for key, value in state.items()}
 
+    def scaled(self, kappa: float) -> tuple["Rule", float]:
+        """The rule's scaling rule: (the rule with its hyperparameters for κ times the batch size, the factor on η),
+        so that one step at κ follows, in the SDE, κ steps at κ = 1. SVAG with l is κ = 1/l. GD: η × κ (the
+        linear rule); the momentum and ν rules rescale their averages, 1 − β × κ (docs/sde.md)."""
+        return self, kappa
+
+    def _with_decays(self, kappa: float, **changes) -> "Rule":
+        """A copy with each β of the rule at 1 − κ(1 − β), and ``changes``; a β that leaves [0, 1) is an error."""
+        for key in ("beta1", "beta2"):
+            if hasattr(self, key):
+                beta = 1.0 - kappa * (1.0 - getattr(self, key))
+                if not 0 <= beta < 1:
+                    raise ValueError(f"{key}: {getattr(self, key)} scaled by κ = {kappa:g} gives 1 − κ(1 − {key}) = "
+                                     f"{beta:g}, outside [0, 1)")
+                changes[key] = beta
+        return replace(self, **changes)
+
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -135,6 +152,10 @@ class Momentum(Rule):
         c = 2.0 * (1.0 + self.beta1)
         return c if self.heavy_ball else c / (1.0 - self.beta1)
 
+    def scaled(self, kappa):
+        """1 − β1 × κ and η × κ (EMA); heavy ball, the EMA with η/(1 − β1): η × κ²."""
+        return self._with_decays(kappa), kappa ** 2 if self.heavy_ball else kappa
+
 
 @dataclass(frozen=True)
 class ScalarRMSProp(Rule):
@@ -151,6 +172,10 @@ class ScalarRMSProp(Rule):
 
     def precond(self, state):
         return state["nu"].sqrt() + self.eps
+
+    def scaled(self, kappa):
+        """The square-root rule: 1 − β2 × κ, η × √κ, ε / √κ (ν scales as the noise, 1/κ, where noise dominates it)."""
+        return self._with_decays(kappa, eps=self.eps / math.sqrt(kappa)), math.sqrt(kappa)
 
 
 @dataclass(frozen=True)
@@ -200,6 +225,8 @@ class Adam(Rule):
 
     def threshold_coefficient(self):
         return (2.0 + 2.0 * self.beta1) / (1.0 - self.beta1)
+
+    scaled = ScalarRMSProp.scaled
 
     def flow_start(self):
         """⌈1/(1 − β1)⌉, the averaging window of m: Adam's state starts degenerate (m = v = 0, t = 0) and its

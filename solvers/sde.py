@@ -1,21 +1,25 @@
-"""SGD as a stochastic differential equation: the stable flow plus noise, integrated with torchsde.
+"""The SDE of a minibatch run of any rule (SGD's, Adam's, RMSProp's, a momentum's), integrated with torchsde.
 
-Time is in steps (one unit = one optimizer step), Itô form, for a rule with preconditioner P̃ and state s:
+Time is in steps (one unit = one optimizer step), Itô form. A rule's step from (w, s) at the minibatch gradient
+g + ξ is w ← w − η P̃(s⁺)⁻¹ d(g + ξ, s⁺), s⁺ = advance_state(g + ξ, s); ξ has mean 0 and covariance cΣ(w)/B, with
+Σ(w) = (1/n) Σᵢ (gᵢ − g)(gᵢ − g)ᵀ the per-example gradient covariance, B the batch size and c = (n − B)/(n − 1)
+the finite-population factor of drawing B of n examples without replacement (c = 0 for the full batch). The SDE
+takes, per unit of time, that step's mean as its drift and its part linear in ξ as its noise (Li, Tai & E's
+first-order stochastic modified equation, extended to the rule's state as Malladi, Lyu, Panigrahi & Arora do
+for RMSprop and Adam):
 
-    minibatch:  dw = f_w dt + η P̃⁻¹ √(c Σ(w)/B) dW,      isotropic:  dw = f_w dt + σ dW,      ds = f_s dt,
+    ds = (E_ξ s⁺ − s) dt + ∂_g s⁺ √(cΣ/B) dW         (no noise on second moments such as ν),
+    dw = −η P̃(E_ξ s⁺)⁻¹ d(g, s⁺) dt − η P̃⁻¹ ∂_g d √(cΣ/B) dW,
 
-where (f_w, f_s) is the stable-flow field (:func:`flowsim.solvers.flows.flow_field`), Σ(w) = (1/n) Σᵢ (gᵢ − g)(gᵢ − g)ᵀ
-the per-example gradient covariance, B the batch size and c = (n − B)/(n − 1) the finite-population factor of
-drawing B of n examples without replacement, so one unit of the SDE has the covariance of one SGD step's
-gradient noise (Li, Tai & E's first-order stochastic modified equation; c = 0 for the full batch).
-Σ^{1/2} dW is applied as Gᵀ dW / √n with G the centred n × P per-example gradient matrix and W an
-n-dimensional Brownian motion (torchsde ``general`` noise through ``f_and_g_prod``). Neither G nor a P × P
-matrix is formed: Gᵀv = Σᵢ (vᵢ − v̄) ∇ℓᵢ = ∇_w Σᵢ (vᵢ − v̄) ℓᵢ(w) is a vector–Jacobian product of the per-example
-losses, computed in the same backward pass as ∇L (two cotangents, vmapped).
-Isotropic noise is the seed proposal's σ dW, σ in weight units per √step, not preconditioned. Noise enters w
-only: a rule's state follows its stable-flow ODE on the full-batch gradient. With ``discrete_start`` n (default:
-the rule's ``flow_start``, 0 but for Adam) the first n steps are the discrete rule's own minibatch steps, and the
-SDE starts from the weights and state they reach.
+so RMSProp's and Adam's ν follow E[g_B²] = g² + c·diag(Σ)/B, a momentum's m carries the noise to w, and GD's SDE is
+dw = −η g dt + η √(cΣ/B) dW. The derivation is in docs/sde.md. Σ^{1/2} dW is applied as Gᵀ dW / √n with G the
+centred n × P per-example gradient matrix and W an n-dimensional Brownian motion (torchsde ``general`` noise
+through ``f_and_g_prod``); no P × P matrix is formed. For a rule without a second moment, Gᵀv is a
+vector–Jacobian product of the per-example losses in the same backward pass as ∇L; a second moment needs the n
+per-example gradients themselves. Isotropic noise is σ dW on w (σ in weight units per √step, not
+preconditioned) over the stable flow. With ``discrete_start`` n (default: the rule's ``flow_start``, 0 but for
+Adam) the first n steps are the discrete rule's own minibatch steps; the state starts as the discrete run's does,
+from the gradient of that step's batch.
 
 The Brownian motion of unit k is a ``torchsde.BrownianInterval`` on [0, 1] seeded with (seed, k), so a seed
 reproduces a path and resuming at any step is exact. :func:`ensemble` integrates many paths at once.
@@ -23,18 +27,18 @@ reproduces a path and resuming at any step is exact. :func:`ensemble` integrates
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 import torchsde
 from pydantic import BaseModel, Field, NonNegativeFloat, model_validator
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from flowsim.problem import Problem
-from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field, velocity
-from flowsim.solvers.processes import DiscreteStart, step_seed
-from flowsim.solvers.rules import Rule
+from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field
+from flowsim.solvers.processes import DiscreteStart, Trajectory, step_seed
+from flowsim.solvers.rules import Rule, State
 
 
 class SDEOptions(StepCount, DiscreteStart):
@@ -100,6 +104,15 @@ class SDE(Stable):
                 raise ValueError("noise: minibatch noise needs data; this landscape has none (use noise: isotropic)")
             if batch_size is None:
                 raise ValueError("batch_size: the sde process with minibatch noise needs a batch_size")
+            n, B = problem.n_examples, min(batch_size, problem.n_examples)
+            self._noise_variance = (n - B) / max(n - 1, 1) / B  # c/B: one step's gradient noise is (c/B)·Σ
+            # the state tensors quadratic in the gradient, in their update or init (second moments, as RMSProp's ν)
+            u = torch.ones_like(problem.w0)
+            quadratic = [_quadratic_part(lambda x: rule.advance_state(x, rule.init(problem.w0, u)), u),
+                         _quadratic_part(lambda x: rule.init(problem.w0, x), u)]
+            self._second_moments = {key for q in quadratic for key, part in q.items() if bool(part.abs().max() > 0)}
+        else:
+            self._second_moments = set()
 
     def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int) -> Tensor:
         return self.advance_paths(layout, y[None], lr, substeps, step, self.seed)[0]
@@ -120,23 +133,63 @@ class SDE(Stable):
         ts = torch.tensor([0.0, 1.0], dtype=ys.dtype, device=ys.device)
         return torchsde.sdeint(sde, ys, ts, bm=bm, method=o.method, dt=1.0 / substeps)[-1]
 
+    def initial_state(self, traj: Trajectory, g: Tensor) -> State:
+        """The rule's initial state from the gradient of the discrete run's batch at this step, as the discrete
+        run starts (RMSProp's ν0 = g_B²: its spread over batches lasts ~1/(1 − β2) steps), not from g."""
+        return self.rule.init(traj.w, self._discrete.context(traj).loss_and_grad()[1])
+
     def drift_and_noise(self, layout: Layout, lr: float):
-        """(y, v) ↦ (stable-flow drift, noise η P̃⁻¹ √(c/B) Gᵀ v / √n) for one path, v ∈ ℝⁿ (no noise on the
-        state). One forward pass of the per-example losses, one vmapped backward for ∇L and Gᵀv."""
-        n, B = self.problem.n_examples, min(self.batch_size, self.problem.n_examples)
-        scale = lr * math.sqrt((n - B) / max(n - 1, 1) / B / n)
-        problem, rule = self.problem, self.rule
+        """(y, v) ↦ (drift, noise·v) for one path, v ∈ ℝⁿ: the discrete step's increment at the minibatch
+        gradient g + ξ, its mean as the drift and its part linear in ξ as the noise.
+
+        ξ = √(c/(Bn)) Gᵀ(v − v̄), G the n × P per-example gradients, is one unit's gradient noise (covariance
+        cΣ/B for v ~ N(0, I)). The step from state s moves w by −η P̃(s)⁻¹ d(g, s⁺), d = ``direction`` taken with
+        the advanced state s⁺ = advance_state(g, s) as the discrete step takes it (g for GD and RMSProp, the
+        advanced m = β1 m + (1 − β1)g for momentum and Adam), and s by s⁺ − s. Noise: w gets −η P̃⁻¹ ∂_g d·ξ,
+        the state ∂_g s⁺·ξ (m: (1 − β1)ξ) except for second moments (ν), which follow their mean only: the
+        part of s⁺ quadratic in g adds E_ξ of itself to the drift (ν: (1 − β2)·c·diag(Σ)/B). One forward pass
+        of the per-example losses and one vmapped backward (all n per-example gradients for a rule with a
+        second moment)."""
+        scale = math.sqrt(self._noise_variance / self.problem.n_examples)
+        problem, rule, second_moments = self.problem, self.rule, self._second_moments
 
         def drift_and_noise(y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             w, state = layout.unpack(y)
-            losses, pullback = vjp(problem.per_example_losses, w)
-            cotangents = torch.stack([torch.full_like(losses, 1.0 / n), scale * (v - v.mean())])
-            g, gv = vmap(pullback)(cotangents)[0]
-            P = rule.precond(state)
-            noise = layout.pack(gv if P is None else gv / P, {k: torch.zeros_like(s) for k, s in state.items()})
-            return velocity(rule, lr, layout, state, g), noise
+            if second_moments:
+                G = problem.per_example_grads(w)
+                g = G.mean(0)
+                centred = G - g
+                xi = scale * (centred.T @ v)  # centred's rows sum to 0: v̄ drops out
+                bias = _noise_second_moment(lambda u: rule.advance_state(u, state), centred, self._noise_variance)
+            else:
+                losses, pullback = vjp(problem.per_example_losses, w)
+                cotangents = torch.stack([torch.full_like(losses, 1.0 / losses.numel()), scale * (v - v.mean())])
+                g, xi = vmap(pullback)(cotangents)[0]
+                bias = {}
+            d, d_noise = jvp(lambda u: rule.direction(u, rule.advance_state(u, state)), (g,), (xi,))
+            advanced, s_noise = jvp(lambda u: rule.advance_state(u, state), (g,), (xi,)) if state else ({}, {})
+            advanced = {key: value + bias.get(key, 0.0) for key, value in advanced.items()}  # E over ξ
+            P = rule.precond(advanced)
+            drift_s = {key: advanced[key] - value for key, value in state.items()}
+            noise_s = {key: torch.zeros_like(value) if key in second_moments else value
+                       for key, value in s_noise.items()}
+            return (layout.pack(-lr * (d if P is None else d / P), drift_s),
+                    layout.pack(-lr * (d_noise if P is None else d_noise / P), noise_s))
 
         return drift_and_noise
+
+
+def _quadratic_part(fn: Callable[[Tensor], State], u: Tensor) -> State:
+    """Q(u) = (fn(u) + fn(−u))/2 − fn(0): the part of a map quadratic in u (exact for a quadratic fn)."""
+    plus, minus, zero = fn(u), fn(-u), fn(torch.zeros_like(u))
+    return {key: 0.5 * (plus[key] + minus[key]) - zero[key] for key in zero}
+
+
+def _noise_second_moment(fn: Callable[[Tensor], State], centred: Tensor, variance: float) -> State:
+    """E_ξ Q(ξ) for the quadratic part Q of ``fn`` and ξ of covariance variance·Σ, Σ = centredᵀcentred/n:
+    variance/n · Σᵢ Q(centred_i)."""
+    parts = vmap(lambda u: _quadratic_part(fn, u))(centred)
+    return {key: variance / centred.shape[0] * value.sum(0) for key, value in parts.items()}
 
 
 def ensemble(problem: Problem, rule: Rule, lr: float, steps: int, paths: int, seed: int = 0,

@@ -1,0 +1,140 @@
+"""Ensembles of a minibatch run and of its SDE, side by side: "does the SDE hold here?"
+
+:func:`discrete_ensemble` runs one discrete rule under many seeds as one vmapped pass (independent random
+batches every step, the sampling the SDE models); :func:`sde_ensemble` integrates as many SDE paths, each from
+its own seed's discrete start. Both return per-step ensemble statistics of the loss and of the norm of each
+rule-state tensor, on the same clock (one unit = one step at η). This module only runs and summarises; it never
+touches storage.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from flowsim.problem import Problem
+from flowsim.solvers.batched import BatchedDiscrete
+from flowsim.solvers.flows import Layout
+from flowsim.solvers.processes import DiscreteOptions, discrete_start
+from flowsim.solvers.rules import Rule
+from flowsim.solvers.sde import SDE, SDEOptions
+
+
+def _record(out: dict, problem: Problem, W: torch.Tensor, state) -> None:
+    """Append the per-member loss and state norms of one step to ``out`` (lists of numpy arrays)."""
+    with torch.no_grad():
+        out.setdefault("loss", []).append(torch.func.vmap(problem.loss)(W).cpu().numpy())
+        for key, value in sorted((state or {}).items()):
+            if value.dim() > 1:  # a per-weight state (m, ν), not a clock
+                out.setdefault(f"{key}_norm", []).append(value.norm(dim=1).cpu().numpy())
+
+
+def discrete_ensemble(problem: Problem, rule: Rule, lr: float, steps: int, batch_size: int,
+                      seeds: int = 32, svag: int = 1) -> dict[str, np.ndarray]:
+    """Per-step statistics of ``seeds`` discrete minibatch runs (seeds 0 … seeds − 1, an independent uniform
+    batch every step; SVAG with l = ``svag``): ``loss`` and ``<key>_norm`` arrays of shape (steps + 1, seeds),
+    step 0 at w0."""
+    engine = BatchedDiscrete(problem, rule, list(range(seeds)), batch_size, DiscreteOptions(sampling="iid", svag=svag))
+    traj = engine.start(problem.w0)
+    out: dict = {}
+    for _ in range(steps):
+        _record(out, problem, traj.w, traj.state)
+        engine.step(traj, [lr] * seeds, measure=False)
+    _record(out, problem, traj.w, traj.state)
+    return _stack(out, steps)
+
+
+def sde_ensemble(problem: Problem, rule: Rule, lr: float, steps: int, batch_size: int, paths: int = 32,
+                 seed: int = 0, options: Optional[dict] = None) -> dict[str, np.ndarray]:
+    """Per-step statistics of ``paths`` runs of the ``sde`` process with ``options``: path i takes the rule's
+    discrete start (its ``discrete_start`` steps) with seed i, as the discrete ensemble's member i does, then
+    follows the SDE, the ensemble's Brownian motion seeded by ``seed``. Same keys and shapes as
+    :func:`discrete_ensemble`."""
+    process = SDE(problem, rule, seed, batch_size, SDEOptions.model_validate(options or {}))
+    n0 = discrete_start(process.options, rule)
+    engine = BatchedDiscrete(problem, rule, list(range(paths)), batch_size, DiscreteOptions(sampling="iid"))
+    traj = engine.start(problem.w0)
+    out: dict = {}
+    for _ in range(n0):
+        _record(out, problem, traj.w, traj.state)
+        engine.step(traj, [lr] * paths, measure=False)
+    if traj.state is None:  # each path's first batch, as the sde process starts (its ``initial_state``)
+        idx = torch.stack([sampler.indices(n0) for sampler in engine.samplers])
+        grads = torch.func.vmap(torch.func.grad(problem.loss), in_dims=(0, 0))(traj.w, idx)
+        traj.state = torch.func.vmap(rule.init)(traj.w, grads)
+    layout = Layout(problem.n_params, {k: v[0] for k, v in traj.state.items()})
+    ys = torch.func.vmap(layout.pack)(traj.w, traj.state)
+    member = engine.member(traj, 0)
+    substeps = process.substeps(member, lr)
+    for k in range(n0, steps):
+        w, state = torch.func.vmap(layout.unpack)(ys)
+        _record(out, problem, w, state)
+        ys = process.advance_paths(layout, ys, lr, substeps, k, seed)
+    _record(out, problem, *torch.func.vmap(layout.unpack)(ys))
+    return _stack(out, steps)
+
+
+def _stack(out: dict, steps: int) -> dict[str, np.ndarray]:
+    """The rows as arrays (steps + 1, members); a state that did not exist yet at step 0 is NaN there."""
+    stats = {key: np.stack(rows) for key, rows in out.items()}
+    return {key: np.concatenate([np.full((steps + 1 - len(v), v.shape[1]), np.nan), v]) for key, v in stats.items()}
+
+
+def does_the_sde_hold(problem: Problem, rule: Rule, lr: float, steps: int, batch_size: int, seeds: int = 32,
+                      ls: tuple[int, ...] = (1, 2, 4, 8), paths: int = 32, substeps: int = 4,
+                      tolerance: float = 0.1) -> dict:
+    """SVAG with l in ``ls`` (``seeds`` runs each) and the SDE (``paths`` paths) on one problem, and a verdict.
+
+    Returns ``svag`` {l: (steps + 1, seeds) losses}, ``sde`` ((steps + 1, paths) losses), ``gaps`` (the gap of
+    the mean loss of SVAG at the largest l to l = 1, and of the SDE's to SVAG at the largest l, each averaged over
+    the steps, relative to the mean loss), ``standard_error`` (of those gaps, in the same units), ``holds`` and
+    ``verdict``, one line. The SDE holds where both gaps are within ``tolerance`` and three standard errors are
+    too; it does not where a gap exceeds ``tolerance`` by more than three standard errors, or a run diverged;
+    otherwise the seeds cannot tell (``holds`` None).
+    """
+    svag = {l: discrete_ensemble(problem, rule, lr, steps, batch_size, seeds, svag=l)["loss"] for l in ls}
+    sde = sde_ensemble(problem, rule, lr, steps, batch_size, paths, options={"substeps": substeps})["loss"]
+    first, last = svag[ls[0]], svag[ls[-1]]
+
+    def gap(a, b):
+        scale = np.abs(b.mean(1))
+        rel = np.abs(a.mean(1) - b.mean(1)) / scale
+        se = np.sqrt(a.var(1) / a.shape[1] + b.var(1) / b.shape[1]) / scale
+        return float(rel[1:].mean()), float(se[1:].mean())
+
+    (svag_gap, svag_se), (sde_gap, sde_se) = gap(last, first), gap(sde, last)
+    gaps, ses = (svag_gap, sde_gap), (svag_se, sde_se)
+    if not all(np.isfinite(gaps + ses)):
+        holds, head = False, "the SDE does not hold here: a run diverged"
+    else:
+        if any(g > tolerance + 3 * e for g, e in zip(gaps, ses)):
+            holds, head = False, "the SDE does not hold here"
+        elif all(g <= tolerance and 3 * e <= tolerance for g, e in zip(gaps, ses)):
+            holds, head = True, "the SDE holds here"
+        else:
+            holds, head = None, f"{seeds} seeds cannot tell whether the SDE holds here (give more)"
+        head += (f": SVAG l = {ls[-1]} is {100 * svag_gap:.1f} % from l = {ls[0]} and the SDE {100 * sde_gap:.1f} % "
+                 f"from SVAG l = {ls[-1]} (mean loss over {steps} steps, ± {100 * max(ses):.1f} %; tolerance "
+                 f"{100 * tolerance:.0f} %)")
+    verdict = head
+    return {"svag": svag, "sde": sde, "gaps": {"svag": svag_gap, "sde": sde_gap},
+            "standard_error": {"svag": svag_se, "sde": sde_se}, "holds": holds, "verdict": verdict}
+
+
+def plot(result: dict, ax=None):
+    """The mean loss of each SVAG l and the SDE's mean with its ±1 std band, on the SDE's clock (steps at η),
+    titled with the verdict. Returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+
+    ax = ax if ax is not None else plt.subplots(figsize=(6, 4))[1]
+    for l, loss in result["svag"].items():
+        ax.plot(loss.mean(1), label=f"SVAG l = {l}" if l > 1 else "discrete (l = 1)", lw=1.2)
+    mean, std = result["sde"].mean(1), result["sde"].std(1)
+    steps = np.arange(len(mean))
+    ax.plot(steps, mean, "k--", lw=1.5, label="SDE mean")
+    ax.fill_between(steps, mean - std, mean + std, color="k", alpha=0.12, label="SDE ± 1 std")
+    ax.set(xlabel="step (SDE clock, units of η)", ylabel="loss", yscale="log")
+    ax.set_title(result["verdict"], fontsize=7, wrap=True)
+    ax.legend(fontsize=7)
+    return ax
