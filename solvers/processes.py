@@ -107,19 +107,20 @@ class DiscreteOptions(NoOptions):
     sampling: Literal["epoch", "iid"] = Field(
         "epoch", description="epoch: reshuffled each epoch; iid: an independent random batch every step")
     svag: PositiveInt = Field(
-        1, description="SVAG with l: each step is l steps of the rule scaled by κ = 1/l (η/l for GD and momentum, "
-                       "η/√l for the ν rules, 1 − β / l), each on two independent batches weighted "
-                       "(1 ± √(2l − 1))/2 (the noise ×√l); the run follows the SDE as l grows, on its clock; 1: the "
-                       "plain run")
+        1, description="SVAG with l: each step is l steps at η/l (η/l² for heavy ball) with 1 − β / l, each on two "
+                       "independent batches weighted (1 ± √(2l − 1))/2 (the noise ×√l; ν sees one plain batch); the "
+                       "run tends to the SDE as l grows, on its clock; 1: the plain run")
 
 
 def svag_update(problem: Problem, rule: Rule, factor: float, w: Tensor, state: Optional[State], lr,
                 batches: Tensor) -> tuple[Tensor, Tensor, State]:
     """One step at η of SVAG with l = len(batches)/2 (Li, Malladi & Arora): l steps of ``rule`` (the run's rule
-    scaled by κ = 1/l, :meth:`~flowsim.solvers.rules.Rule.scaled`) at η·``factor``, step j on the gradient
-    a·g(batches[2j]) + (1 − a)·g(batches[2j + 1]) of two independent batches, a = (1 + √(2l − 1))/2: the mean
-    is g and the noise covariance l times a batch's. Returns (the first batch's loss, w, state); a pure
-    function of its tensors, so it vmaps over runs."""
+    scaled for SVAG, :meth:`~flowsim.solvers.rules.Rule.svag`) at η·``factor``. Step j takes the gradient
+    g_s = a·g(batches[2j]) + (1 − a)·g(batches[2j + 1]) of two independent batches, a = (1 + √(2l − 1))/2: its
+    mean is g and its noise covariance l times a batch's. The state's part linear in the gradient (m) takes g_s,
+    its part quadratic in it (ν) the first batch's plain gradient, so that ν follows g² + cΣ/B as in the SDE
+    (docs/sde.md). Returns (the first batch's loss, w, state); a pure function of its tensors, so it vmaps over
+    runs."""
     l = batches.shape[0] // 2
     a = (1.0 + math.sqrt(2 * l - 1)) / 2
     value_grad = grad_and_value(problem.loss)
@@ -130,9 +131,13 @@ def svag_update(problem: Problem, rule: Rule, factor: float, w: Tensor, state: O
         g = a * g1 + (1.0 - a) * g2
         first_loss = loss if first_loss is None else first_loss
         if state is None:
-            state = rule.init(w, g)
-        delta, state = rule.update(g, state, lr * factor)
-        w = w + delta
+            state = rule.init(w, g1)
+        # s⁺ = odd part of advance_state at g_s + even part at g1 (for m: βm + (1 − β)g_s; for ν: β2ν + (1 − β2)g1²)
+        plus, minus, plain, plain_minus = (rule.advance_state(u, state) for u in (g, -g, g1, -g1))
+        state = {key: 0.5 * (plus[key] - minus[key]) + 0.5 * (plain[key] + plain_minus[key]) for key in plus}
+        step = -(lr * factor) * rule.direction(g, state)
+        P = rule.precond(state)
+        w = w + (step if P is None else step / P)
     return first_loss, w, state
 
 
@@ -204,7 +209,7 @@ class Discrete(Process):
             raise ValueError("sampling: svag draws two independent batches per step (iid); epoch does not apply")
         sampler = IIDSampler if self.options.sampling == "iid" or svag > 1 else EpochSampler
         self.sampler = None if full else sampler(problem.n_examples, batch_size, seed, problem.device)
-        self._svag = rule.scaled(1.0 / svag) if svag > 1 else None
+        self._svag = rule.svag(svag) if svag > 1 else None
 
     def context(self, traj: Trajectory) -> StepContext:
         if self.sampler is None:

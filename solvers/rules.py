@@ -94,6 +94,11 @@ class Rule:
         linear rule); the momentum and ν rules rescale their averages, 1 − β × κ (docs/sde.md)."""
         return self, kappa
 
+    def svag(self, l: int) -> tuple["Rule", float]:
+        """The rule and the factor on η of one SVAG step with l (``svag_update`` in solvers/processes.py): the
+        scaling rule of κ = 1/l with the noise amplified l-fold in place of the batch made smaller."""
+        return self.scaled(1.0 / l)
+
     def _with_decays(self, kappa: float, **changes) -> "Rule":
         """A copy with each β of the rule at 1 − κ(1 − β), and ``changes``; a β that leaves [0, 1) is an error."""
         for key in ("beta1", "beta2"):
@@ -177,6 +182,11 @@ class ScalarRMSProp(Rule):
         """The square-root rule: 1 − β2 × κ, η × √κ, ε / √κ (ν scales as the noise, 1/κ, where noise dominates it)."""
         return self._with_decays(kappa, eps=self.eps / math.sqrt(kappa)), math.sqrt(kappa)
 
+    def svag(self, l):
+        """1 − β / l and η / l: SVAG feeds ν the plain batch gradient, so ν keeps its scale and the linear rule
+        applies."""
+        return self._with_decays(1.0 / l), 1.0 / l
+
 
 @dataclass(frozen=True)
 class RMSProp(ScalarRMSProp):
@@ -226,7 +236,7 @@ class Adam(Rule):
     def threshold_coefficient(self):
         return (2.0 + 2.0 * self.beta1) / (1.0 - self.beta1)
 
-    scaled = ScalarRMSProp.scaled
+    scaled, svag = ScalarRMSProp.scaled, ScalarRMSProp.svag
 
     def flow_start(self):
         """⌈1/(1 − β1)⌉, the averaging window of m: Adam's state starts degenerate (m = v = 0, t = 0) and its

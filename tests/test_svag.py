@@ -122,3 +122,33 @@ def test_svag_errors_name_the_key():
         make_rule("adam").scaled(16.0)
     with pytest.raises(ScenarioError, match="^svag: "):
         flowsim.simulate(problem, "gd", "discrete", 0.1, 2, batch_size=4, options={"svag": 0})
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adam"])
+def test_an_svag_step_amplifies_the_noise_of_what_is_averaged_linearly_and_feeds_nu_a_plain_batch(name):
+    # One SVAG step with l = 4, recomputed by hand from the two batches of each of its 4 steps: m takes
+    # g_s = a·g1 + (1 − a)·g2, ν takes g1², at 1 − β / 4 and η / 4, so ν follows g² + cΣ/B as in the SDE
+    problem, l, lr, B = small_mlp(), 4, 0.05, 4
+    ds = flowsim.simulate(problem, name, "discrete", lr, 1, batch_size=B, seed=5, options={"svag": l},
+                          record={"keep_weights": 1})
+    process = flowsim.solvers.Discrete(problem, make_rule(name), 5, B, DiscreteOptions(svag=l))
+    batches = process.sampler.draws(0, 2 * l)
+    base = make_rule(name)
+    b2 = 1 - (1 - base.beta2) / l
+    b1 = 1 - (1 - base.beta1) / l if name == "adam" else None
+    a = (1 + math.sqrt(2 * l - 1)) / 2
+    w = problem.w0.clone()
+    m = v = None
+    for j in range(l):
+        g1, g2 = problem.grad(w, batches[2 * j]), problem.grad(w, batches[2 * j + 1])
+        gs = a * g1 + (1 - a) * g2
+        if name == "rmsprop":
+            v = g1 ** 2 if v is None else v
+            v = b2 * v + (1 - b2) * g1 ** 2
+            w = w - lr / l * gs / (v.sqrt() + base.eps)
+        else:
+            m = torch.zeros_like(w) if m is None else m
+            v = torch.zeros_like(w) if v is None else v
+            m, v, t = b1 * m + (1 - b1) * gs, b2 * v + (1 - b2) * g1 ** 2, j + 1
+            w = w - lr / l * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + base.eps)
+    np.testing.assert_allclose(ds.w.values[0, -1], w.numpy(), rtol=1e-12, atol=1e-15)
