@@ -7,7 +7,7 @@ Each entry of ENTRIES runs one bundled scenario (store in a temporary directory)
 :mod:`flowsim.plot` (panels of several figures stacked), and computes its headline numbers from the returned
 Dataset; every number in gallery.md comes from that computation in the same run. ``--steps N`` caps every
 scenario at N steps (for quick checks; the claims need the full runs), ``--out DIR`` writes DIR/gallery.md and
-DIR/gallery/ instead of docs/. The full run takes ≈ 43 min on one CPU thread
+DIR/gallery/ instead of docs/. The full run takes ≈ 45 min on one CPU thread
 (OMP_NUM_THREADS=1), 28 of them in central-adam-mlp.
 """
 from __future__ import annotations
@@ -48,6 +48,10 @@ PAPERS = {
     "barrett": "Barrett & Dherin (2021), *Implicit Gradient Regularization*, arXiv 2009.11162",
     "li": "Li, Tai, E (2017), *Stochastic Modified Equations and Adaptive Stochastic Gradient Algorithms*, "
           "arXiv 1511.06251",
+    "malladi": "Malladi, Lyu, Panigrahi, Arora (2022), *On the SDEs and Scaling Rules for Adaptive Gradient "
+               "Algorithms*, arXiv 2205.10287",
+    "svag": "Li, Malladi, Arora (2021), *On the Validity of Modeling SGD with Stochastic Differential Equations (SDEs)*, "
+            "arXiv 2102.12470",
     "agarwala": "Agarwala & Pennington (2024), *High dimensional analysis reveals conservative sharpening and a "
                 "stochastic edge of stability*, arXiv 2404.19261",
     "andreyev": "Andreyev & Beneventano (2024), *Edge of Stochastic Stability: Revisiting the Edge of Stability "
@@ -135,6 +139,47 @@ def sde(ds: xr.Dataset) -> Measures:
         if name != "gd":
             out[f"{name}: variance of the loss at step {int(ds.step[-1])}"] = float(np.var(losses, ddof=1))
     return out
+
+
+def _scale_means(ds: xr.Dataset, name: str) -> dict[float, dict[int, float]]:
+    """κ → {step × κ: mean loss over the seeds} of run ``name`` of a sweep of ``scale``."""
+    out = {}
+    for kappa in sorted(set(ds.scale.values.tolist())):
+        part = ds["loss"].sel(run=(ds.run_name == name) & (ds.scale == kappa)).mean("run")
+        out[kappa] = {int(x * kappa): float(v) for x, v in zip(ds.step.values, part.values) if np.isfinite(v)}
+    return out
+
+
+def scaling(ds: xr.Dataset) -> Measures:
+    """Per run and κ > 1, the gap of its mean loss over the seeds to κ = 1's at the same step × κ, relative to
+    κ = 1's: the largest over the run, its mean, and the largest over the second half of the run; the runs that
+    diverged."""
+    out: Measures = {}
+    for name in dict.fromkeys(ds.run_name.values.tolist()):
+        means = _scale_means(ds, name)
+        base = means.pop(1.0)
+        for kappa, mean in means.items():
+            xs = [x for x in mean if x in base and x > 0]
+            rel = np.array([abs(mean[x] - base[x]) / base[x] for x in xs])
+            late = rel[np.array(xs) >= max(base) / 2]
+            out[f"{name}, κ = {kappa:g}: largest gap to κ = 1"] = float(rel.max()) if rel.size else float("nan")
+            out[f"{name}, κ = {kappa:g}: mean gap"] = float(rel.mean()) if rel.size else float("nan")
+            out[f"{name}, κ = {kappa:g}: largest gap over the second half"] = float(late.max()) if late.size else float("nan")
+        out[f"{name}: runs diverged"] = float(ds["diverged"].sel(run=ds.run_name == name).sum())
+    return out
+
+
+def scaling_figure(ds: xr.Dataset) -> Figure:
+    """Per run, the mean loss over the seeds of each κ against step × κ (the SDE's clock)."""
+    names = list(dict.fromkeys(ds.run_name.values.tolist()))
+    fig = Figure(figsize=(7.0, 3.0 * len(names)), layout="constrained")
+    for ax, name in zip(np.atleast_1d(fig.subplots(len(names), 1)), names):
+        for i, (kappa, mean) in enumerate(_scale_means(ds, name).items()):
+            ax.plot(list(mean), list(mean.values()), color=f"C{i}", label=f"κ = {kappa:g}")
+        ax.set(xlabel=plot.XLABEL["scaled_step"], ylabel="loss (mean over seeds)", yscale="log", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
 
 
 def central(ds: xr.Dataset) -> Measures:
@@ -241,6 +286,18 @@ ENTRIES = [
           "Over seeds, the loss of SGD and of its SDE dθ = −η∇L dt + η√(Σ/B) dW agree in mean and variance up to the "
           "SDE's weak error O(η); GD is the noiseless reference.",
           ("li",), (sde_figure,), sde),
+    Entry("scaling-sgd", "The linear scaling rule of SGD",
+          "A batch κ times larger with η × κ is the same SDE: the mean loss curves on the clock step × κ coincide "
+          "while κη stays below the edge, and break apart once it passes it.",
+          ("svag",), (scaling_figure,), scaling),
+    Entry("scaling-adam", "The square-root scaling rule of Adam",
+          "A batch κ times larger with η × √κ, 1 − β × κ and ε/√κ is the same SDE where the noise dominates the "
+          "second moment: on the clock step × κ the mean loss curves meet once the run reaches its noise floor; "
+          "during the descent, where the gradient dominates, larger κ is slower.",
+          ("malladi",), (scaling_figure,), scaling),
+    Entry("scaling-rmsprop", "The square-root scaling rule of RMSProp",
+          "As for Adam: η × √κ, 1 − β2 × κ, ε/√κ for a batch κ times larger; the curves meet at the noise floor.",
+          ("malladi",), (scaling_figure,), scaling),
     Entry("central-gd-mlp", "Central flow of GD",
           "The central flow holds η·λ_max at 2 and follows the time average of GD at the edge, much closer than "
           "gradient flow does.",
@@ -309,7 +366,7 @@ def section(entry: Entry, measures: Measures, steps: int, seconds: float, diverg
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Duration: ≈ 43 min on one CPU "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Duration: ≈ 45 min on one CPU "
                                      "thread (OMP_NUM_THREADS=1), 28 of them in central-adam-mlp; "
                                      "it prints each scenario's wall time as it goes.")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="scenarios to run (default: all entries)")

@@ -119,9 +119,10 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write a self-contained HTML report of a store")
     rep.add_argument("store", help="the store (.zarr) written by `flowsim run`")
     rep.add_argument("-o", "--output", help="HTML file (default: the store's path with .html)")
-    rep.add_argument("--x", choices=["step", "time"],
-                     help="the x axis of every figure and summary column: optimizer steps or time (Σ η); default: "
-                          "time when the runs share one rule and given step sizes within 10×, else step")
+    rep.add_argument("--x", choices=["step", "time", "scaled_step"],
+                     help="the x axis of every figure and summary column: optimizer steps, time (Σ η) or step × κ (a "
+                          "sweep of scale); default: step × κ for a sweep of scale, time when the runs share one "
+                          "rule and given step sizes within 10×, else step")
     rep.set_defaults(func=cmd_report)
     c = sub.add_parser("compare", help="distances and gaps of every run against a reference run")
     c.add_argument("store", help="the store (.zarr) written by `flowsim run`")

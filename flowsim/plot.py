@@ -46,7 +46,8 @@ TIME_SPREAD = 10.0
 """Largest ratio of the runs' step sizes (lr) at which the clock is still ``time``: beyond it Σ η squashes the
 runs with small steps into a corner of the axis."""
 
-XLABEL = {"time": "time  (Σ η, gradient-flow units)", "step": "step  (optimizer steps)"}
+XLABEL = {"time": "time  (Σ η, gradient-flow units)", "step": "step  (optimizer steps)",
+          "scaled_step": "step × κ  (steps at the swept scale κ = 1)"}
 """The x-axis label of each clock."""
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -61,8 +62,12 @@ def clock(ds: xr.Dataset, x: Optional[str] = None) -> str:
     """The x axis of the figures of ``ds``: ``x`` when given, else ``ds.attrs["clock"]`` when set, else chosen
     by content: ``time`` when the dataset has it, every run uses the same update rule with a step size it was
     given (``lr`` finite: no controller sets η) and the step sizes differ by at most TIME_SPREAD×; ``step``
-    otherwise (Σ η of Adam is not GD's, and under a controller or far-apart step sizes it squashes runs)."""
+    otherwise (Σ η of Adam is not GD's, and under a controller or far-apart step sizes it squashes runs). A sweep
+    of ``scale`` (:mod:`flowsim.sweep`) is drawn against ``scaled_step``, step × κ: the SDE's clock of its
+    scaling rule."""
     x = x or ds.attrs.get("clock")
+    if x is None and "scale" in ds.coords:
+        return "scaled_step"
     if x is None:
         lr = ds["lr"].values.astype(float) if "lr" in ds.coords else np.array([np.nan])
         same_rule = "rule" in ds.coords and len(set(ds["rule"].values.tolist())) == 1
@@ -72,6 +77,8 @@ def clock(ds: xr.Dataset, x: Optional[str] = None) -> str:
         raise ValueError(f"x: {x!r} is not one of {sorted(XLABEL)}")
     if x == "time" and "time" not in ds.variables:
         raise ValueError("x: the dataset has no time (Σ η) to plot against; use step")
+    if x == "scaled_step" and "scale" not in ds.coords:
+        raise ValueError("x: scaled_step needs a sweep of scale; use step")
     return x
 
 
@@ -157,7 +164,8 @@ def series(ds: xr.Dataset, name: str, run: str, x: Optional[str] = None) -> tupl
 def _xy(r: xr.Dataset, y: xr.DataArray, x: str) -> tuple[np.ndarray, np.ndarray]:
     if "step" not in y.dims:
         y = y.broadcast_like(r.step)
-    xs = (r["time"] if x == "time" else r.step).broadcast_like(y)
+    xs = r["time"] if x == "time" else r.step * r["scale"] if x == "scaled_step" else r.step
+    xs = xs.broadcast_like(y)
     xv, yv = np.asarray(xs.values, float), np.asarray(y.values, float)
     ok = np.isfinite(xv) & np.isfinite(yv)
     return xv[ok], yv[ok]
@@ -225,8 +233,8 @@ def divergence_x(ds: xr.Dataset, run: str, x: Optional[str] = None) -> float:
     if "diverged" not in r or not bool(r["diverged"]):
         return float("nan")
     at = float(r["diverged_at"])
-    if x == "step" or not np.isfinite(at):
-        return at
+    if x != "time" or not np.isfinite(at):
+        return at * float(r["scale"]) if x == "scaled_step" else at
     t = r["time"].sel(step=int(at)).values if int(at) in r.step.values else np.nan
     return float(t) if np.isfinite(t) else float(np.nanmax(r["time"].values))
 

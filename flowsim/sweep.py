@@ -5,6 +5,10 @@
   ``record.every``) sets that value;
 - a key without a dot that is not a top-level scenario key (``lr``, ``batch_size``, ``beta1``, …) sets it in
   every run.
+- ``scale`` applies each run's scaling rule for a batch κ times larger
+  (:meth:`~flowsim.solvers.rules.Rule.scaled`: linear for GD and the momenta, square-root for RMSProp and Adam)
+  to its ``batch_size``, ``lr`` and hyperparameters, after the other keys, and divides ``steps`` by κ (rounded
+  up), so every point covers the same time of the SDE; the figures then plot against step × κ.
 Every point is validated like a scenario of its own. Its runs are stored as ``<run>[key=value,...]`` (e.g.
 ``gd[lr=0.05,seed=1]``), and the point's values become coordinates along ``run`` in :func:`flowsim.open`, named
 by the key with ``.`` → ``_`` (``lr``, ``seed``, ``problem_n_train``, ``runs_gd_lr``), next to ``run_name``
@@ -17,6 +21,7 @@ This module runs nothing.
 from __future__ import annotations
 
 import copy
+import math
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 import xarray as xr
 
 from flowsim.scenario import Scenario, ScenarioError, load, unknown_key
+from flowsim.solvers import RULES, make_rule
 
 BUILTIN_COORDS = ("process", "rule", "policy", "lr", "max_lr", "batch_size", "seed")
 
@@ -62,6 +68,29 @@ def _set(doc: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _scale(doc: dict, kappa) -> None:
+    """Apply sweep key ``scale`` = κ to a scenario document (see the module docstring)."""
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not kappa > 0:
+        raise ScenarioError(f"sweep.scale: κ must be a positive number, got {kappa!r}")
+    for name, run in doc["runs"].items():
+        where = f"sweep.scale: run {name!r}"
+        if run.get("batch_size") is None:
+            raise ScenarioError(f"{where} has no batch_size to scale (a scaling rule trades batch size for step size)")
+        if run.get("lr") is None or run.get("step_size") is not None:
+            raise ScenarioError(f"{where} needs a constant lr to scale (no step_size policy)")
+        batch = run["batch_size"] * kappa
+        if abs(batch - round(batch)) > 1e-9:
+            raise ScenarioError(f"{where}: batch_size {run['batch_size']} × κ = {kappa} is not a whole number")
+        rule_name = run.get("rule", "gd")
+        fields = set(RULES[rule_name].__dataclass_fields__) if rule_name in RULES else set()
+        try:
+            rule, factor = make_rule(rule_name, **{k: v for k, v in run.items() if k in fields}).scaled(kappa)
+        except ValueError as e:
+            raise ScenarioError(f"{where}: {e}") from None
+        run.update(rule.hyperparameters(), batch_size=round(batch), lr=run["lr"] * factor)
+    doc["steps"] = math.ceil(doc["steps"] / kappa - 1e-9)
+
+
 def _label(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text.replace("/", "_").replace("[", "(").replace("]", ")").replace(",", ";")
@@ -82,7 +111,10 @@ def expand(sc: Scenario) -> list[Task]:
     for values in itertools.product(*(sc.sweep[k] for k in keys)):
         doc = copy.deepcopy(base)
         for k, v in zip(keys, values):
-            _set(doc, k, v)
+            if k != "scale":
+                _set(doc, k, v)
+        if "scale" in keys:
+            _scale(doc, values[keys.index("scale")])
         label = ",".join(f"{n}={_label(v)}" for n, v in zip(names, values))
         try:
             point = load(doc)

@@ -67,3 +67,46 @@ def test_sweeping_the_seed_of_runs_that_set_their_own_is_refused():
     doc = {**BASE, "runs": {"gd": {"lr": 0.1, "seed": 4}}, "sweep": {"seed": [0, 1]}}
     with pytest.raises(ScenarioError, match="sweep.seed: run 'gd' sets its own seed"):
         expand(load(doc))
+
+
+SCALED = {**BASE, "steps": 10,
+          "runs": {"adam": {"rule": "adam", "lr": 0.01, "batch_size": 4, "sampling": "iid"},
+                   "sgd": {"lr": 0.1, "batch_size": 4, "sampling": "iid"},
+                   "hb": {"rule": "momentum", "heavy_ball": True, "beta1": 0.9, "lr": 0.1, "batch_size": 4}},
+          "record": {"projection_dim": 0}}
+
+
+def test_a_scale_sweep_applies_each_rules_scaling_rule_and_divides_the_steps():
+    # κ = 4: Adam (square-root) η × 2, 1 − β × 4, ε / 2; SGD (linear) η × 4; heavy ball η × 16; batch × 4; steps ÷ 4
+    tasks = {t.name: t for t in expand(load({**SCALED, "sweep": {"scale": [1, 4]}}))}
+    one, four = tasks["adam[scale=1]"].scenario, tasks["adam[scale=4]"].scenario
+    assert one.steps == 10 and four.steps == 3 and tasks["adam[scale=4]"].coords["scale"] == 4
+    adam = four.runs["adam"]
+    assert adam.batch_size == 16 and adam.lr == pytest.approx(0.02)
+    assert adam.model_extra["beta1"] == pytest.approx(0.6) and adam.model_extra["beta2"] == pytest.approx(0.996)
+    assert adam.model_extra["eps"] == pytest.approx(0.5e-8)
+    assert four.runs["sgd"].lr == pytest.approx(0.4) and four.runs["sgd"].batch_size == 16
+    assert four.runs["hb"].lr == pytest.approx(1.6) and four.runs["hb"].model_extra["beta1"] == pytest.approx(0.6)
+    assert one.runs["adam"].lr == 0.01 and one.runs["adam"].batch_size == 4
+
+
+def test_a_scale_sweep_is_drawn_against_step_times_kappa():
+    ds = flowsim.run({**SCALED, "runs": {"sgd": SCALED["runs"]["sgd"]}, "sweep": {"scale": [1, 2]}}, progress=False)
+    assert flowsim.plot.clock(ds) == "scaled_step"
+    assert list(ds.batch_size.values) == [4, 8] and np.allclose(ds.lr.values, [0.1, 0.2])  # what ran
+    x, _ = flowsim.plot.series(ds, "loss", "sgd[scale=2]")
+    assert list(x) == [0, 2, 4, 6, 8, 10]
+    x, _ = flowsim.plot.series(ds, "loss", "sgd[scale=1]")
+    assert list(x) == list(range(11))
+
+
+@pytest.mark.parametrize("runs, scale, where", [
+    ({"gd": {"lr": 0.1}}, [2], "run 'gd' has no batch_size"),
+    ({"gd": {"lr": 0.1, "batch_size": 3}}, [0.5], "run 'gd': batch_size 3 × κ = 0.5 is not a whole number"),
+    ({"gd": {"step_size": "edge", "batch_size": 4}}, [2], "run 'gd' needs a constant lr"),
+    ({"a": {"rule": "adam", "lr": 0.01, "batch_size": 2}}, [16], "run 'a': beta1: 0.9 scaled by κ = 16"),
+    ({"gd": {"lr": 0.1, "batch_size": 4}}, [-1], "κ must be a positive number"),
+])
+def test_bad_scale_sweeps_fail_with_one_line(runs, scale, where):
+    with pytest.raises(ScenarioError, match=f"sweep.scale: {where}"):
+        expand(load({**BASE, "runs": runs, "sweep": {"scale": scale}}))
