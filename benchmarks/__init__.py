@@ -53,7 +53,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "optim": Benchmark("benchmarks.optim:main", "1 min | 10 s",
                        "wall time per step of flowsim.optim.EdgeAdam against torch.optim.Adam, full batch and "
                        "minibatches of 32 (goal ≤ 1.3x)"),
-    "sde-fidelity": Benchmark("benchmarks.sde:main", "12 min | 30 s",
+    "sde-fidelity": Benchmark("benchmarks.sde:main", "17 min | 30 s",
                               "the SDE ensembles of Adam, RMSProp and EMA momentum against their minibatch "
                               "ensembles (target within 10 %), and SVAG's verdict, on a tuning and a held-out "
                               "problem"),
