@@ -3,8 +3,9 @@
 :func:`discrete_ensemble` runs one discrete rule under many seeds as one vmapped pass (independent random
 batches every step, the sampling the SDE models); :func:`sde_ensemble` integrates as many SDE paths, each from
 its own seed's discrete start. Both return per-step ensemble statistics of the loss and of the norm of each
-rule-state tensor, on the same clock (one unit = one step at η). This module only runs and summarises; it never
-touches storage.
+rule-state tensor, on the same clock (one unit = one step at η). :func:`does_the_sde_hold` runs SVAG at several l
+beside the SDE and gives a one-line verdict; :func:`plot` draws it. This module only runs and summarises; it
+never touches storage.
 """
 from __future__ import annotations
 

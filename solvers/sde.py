@@ -106,11 +106,10 @@ class SDE(Stable):
                 raise ValueError("batch_size: the sde process with minibatch noise needs a batch_size")
             n, B = problem.n_examples, min(batch_size, problem.n_examples)
             self._noise_variance = (n - B) / max(n - 1, 1) / B  # c/B: one step's gradient noise is (c/B)·Σ
-            # the state tensors quadratic in the gradient, in their update or init (second moments, as RMSProp's ν)
+            # the state tensors whose update is quadratic in the gradient (second moments, as RMSProp's ν)
             u = torch.ones_like(problem.w0)
-            quadratic = [_quadratic_part(lambda x: rule.advance_state(x, rule.init(problem.w0, u)), u),
-                         _quadratic_part(lambda x: rule.init(problem.w0, x), u)]
-            self._second_moments = {key for q in quadratic for key, part in q.items() if bool(part.abs().max() > 0)}
+            quadratic = _quadratic_part(lambda x: rule.advance_state(x, rule.init(problem.w0, u)), u)
+            self._second_moments = {key for key, part in quadratic.items() if bool(part.abs().max() > 0)}
         else:
             self._second_moments = set()
 
