@@ -132,12 +132,10 @@ def svag_update(problem: Problem, rule: Rule, factor: float, w: Tensor, state: O
         first_loss = loss if first_loss is None else first_loss
         if state is None:
             state = rule.init(w, g1)
-        # s⁺ = odd part of advance_state at g_s + even part at g1 (for m: βm + (1 − β)g_s; for ν: β2ν + (1 − β2)g1²)
-        plus, minus, plain, plain_minus = (rule.advance_state(u, state) for u in (g, -g, g1, -g1))
-        state = {key: 0.5 * (plus[key] - minus[key]) + 0.5 * (plain[key] + plain_minus[key]) for key in plus}
-        step = -(lr * factor) * rule.direction(g, state)
-        P = rule.precond(state)
-        w = w + (step if P is None else step / P)
+        # s⁺ = the odd part of advance_state at g_s + its even part at g1 (m: βm + (1 − β)g_s; ν: β2ν + (1 − β2)g1²)
+        odd, even = rule.advance_parts(g, state)[1], rule.advance_parts(g1, state)[0]
+        state = {key: odd[key] + even[key] for key in odd}
+        w = w + rule.step_from(g, state, lr * factor)
     return first_loss, w, state
 
 

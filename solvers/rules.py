@@ -52,9 +52,20 @@ class Rule:
     def update(self, g: Tensor, state: State, lr: float) -> tuple[Tensor, State]:
         """One step: returns (Δw, new state) for gradient g at step size lr."""
         state = self.advance_state(g, state)
-        delta = -lr * self.direction(g, state)
-        P = self.precond(state)
-        return (delta if P is None else delta / P), state
+        return self.step_from(g, state, lr), state
+
+    def step_from(self, g: Tensor, advanced: State, lr) -> Tensor:
+        """Δw = −η P̃⁻¹ direction(g, s) from the already advanced state s."""
+        delta = -lr * self.direction(g, advanced)
+        P = self.precond(advanced)
+        return delta if P is None else delta / P
+
+    def advance_parts(self, g: Tensor, state: State) -> tuple[State, State]:
+        """(even, odd) parts of advance_state in g: ((a(g) + a(−g))/2, (a(g) − a(−g))/2). For a state affine in
+        itself and at most quadratic in g, the odd part is the term linear in g (m's (1 − β1)g) and the even part
+        the rest (β·s, ν's (1 − β2)g², a clock)."""
+        plus, minus = self.advance_state(g, state), self.advance_state(-g, state)
+        return ({k: 0.5 * (plus[k] + minus[k]) for k in plus}, {k: 0.5 * (plus[k] - minus[k]) for k in plus})
 
     def advance_state(self, g: Tensor, state: State) -> State:
         return state
@@ -90,8 +101,8 @@ class Rule:
 
     def scaled(self, kappa: float) -> tuple["Rule", float]:
         """The rule's scaling rule: (the rule with its hyperparameters for κ times the batch size, the factor on η),
-        so that one step at κ follows, in the SDE, κ steps at κ = 1. SVAG with l is κ = 1/l. GD: η × κ (the
-        linear rule); the momentum and ν rules rescale their averages, 1 − β × κ (docs/sde.md)."""
+        so that one step at κ follows, in the SDE, κ steps at κ = 1. GD: η × κ (the linear rule); the momentum
+        and ν rules rescale their averages, 1 − β × κ (docs/sde.md)."""
         return self, kappa
 
     def svag(self, l: int) -> tuple["Rule", float]:

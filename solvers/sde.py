@@ -27,7 +27,7 @@ reproduces a path and resuming at any step is exact. :func:`ensemble` integrates
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torchsde
@@ -108,7 +108,7 @@ class SDE(Stable):
             self._noise_variance = (n - B) / max(n - 1, 1) / B  # c/B: one step's gradient noise is (c/B)·Σ
             # the state tensors whose update is quadratic in the gradient (second moments, as RMSProp's ν)
             u = torch.ones_like(problem.w0)
-            quadratic = _quadratic_part(lambda x: rule.advance_state(x, rule.init(problem.w0, u)), u)
+            quadratic = _quadratic_part(rule, rule.init(problem.w0, u), u)
             self._second_moments = {key for key, part in quadratic.items() if bool(part.abs().max() > 0)}
         else:
             self._second_moments = set()
@@ -159,7 +159,7 @@ class SDE(Stable):
                 g = G.mean(0)
                 centred = G - g
                 xi = scale * (centred.T @ v)  # centred's rows sum to 0: v̄ drops out
-                bias = _noise_second_moment(lambda u: rule.advance_state(u, state), centred, self._noise_variance)
+                bias = _noise_second_moment(rule, state, centred, self._noise_variance)
             else:
                 losses, pullback = vjp(problem.per_example_losses, w)
                 cotangents = torch.stack([torch.full_like(losses, 1.0 / losses.numel()), scale * (v - v.mean())])
@@ -178,16 +178,15 @@ class SDE(Stable):
         return drift_and_noise
 
 
-def _quadratic_part(fn: Callable[[Tensor], State], u: Tensor) -> State:
-    """Q(u) = (fn(u) + fn(−u))/2 − fn(0): the part of a map quadratic in u (exact for a quadratic fn)."""
-    plus, minus, zero = fn(u), fn(-u), fn(torch.zeros_like(u))
-    return {key: 0.5 * (plus[key] + minus[key]) - zero[key] for key in zero}
+def _quadratic_part(rule: Rule, state: State, u: Tensor) -> State:
+    """Q(u): the part of advance_state(·, state) quadratic in u, its even part less its value at 0."""
+    even, zero = rule.advance_parts(u, state)[0], rule.advance_state(torch.zeros_like(u), state)
+    return {key: even[key] - zero[key] for key in zero}
 
 
-def _noise_second_moment(fn: Callable[[Tensor], State], centred: Tensor, variance: float) -> State:
-    """E_ξ Q(ξ) for the quadratic part Q of ``fn`` and ξ of covariance variance·Σ, Σ = centredᵀcentred/n:
-    variance/n · Σᵢ Q(centred_i)."""
-    parts = vmap(lambda u: _quadratic_part(fn, u))(centred)
+def _noise_second_moment(rule: Rule, state: State, centred: Tensor, variance: float) -> State:
+    """E_ξ Q(ξ) for ξ of covariance variance·Σ, Σ = centredᵀcentred/n: variance/n · Σᵢ Q(centred_i)."""
+    parts = vmap(lambda u: _quadratic_part(rule, state, u))(centred)
     return {key: variance / centred.shape[0] * value.sum(0) for key, value in parts.items()}
 
 
