@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -187,7 +186,7 @@ class ProgressLines:
 
 def _engine(tasks: list[Task], problem: Problem, batched: bool):
     """The loop's engine for a job: the run's process, or the vmapped discrete process of a group."""
-    sc, spec = tasks[0].scenario, tasks[0].scenario.runs[tasks[0].key]
+    spec = tasks[0].scenario.runs[tasks[0].key]
     seeds = [t.scenario.runs[t.key].seed if t.scenario.runs[t.key].seed is not None else t.scenario.seed
              for t in tasks]
     if batched:

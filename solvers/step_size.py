@@ -22,8 +22,7 @@ import math
 from functools import cached_property
 from typing import Callable, ClassVar, Literal, Optional
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from flowsim.curvature import HVP_METHODS, LossGraph, hessian_operator, precond_eigenpairs

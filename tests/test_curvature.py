@@ -1,8 +1,5 @@
 """Curvature: the eigensolver, preconditioned sharpness, trace and noise kernel against dense references,
 and the edge-of-stability results measured through recorded scenarios at test scale."""
-import math
-
-import numpy as np
 import pytest
 import torch
 

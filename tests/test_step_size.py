@@ -11,7 +11,7 @@ import torch
 import flowsim
 from flowsim.models.landscapes import QuadraticConfig
 from flowsim.scenario import ScenarioError
-from flowsim.solvers import Discrete, Edge, StepContext, make_rule
+from flowsim.solvers import Discrete, Edge, make_rule
 from flowsim.solvers.loop import Member, Single, advance, restore
 
 SPECTRUM = [4.0, 1.0, 0.25]
