@@ -1,7 +1,7 @@
 """The ``flows`` benchmark: cost per unit of time of the continuous processes against the discrete step.
 
 It prints seconds per unit of time (one unit = one optimizer step) and the ratios stable flow / GD, modified
-flow / GD, central flow / GD and SDE / SGD, on the quickstart's MLP and cnn-digits' CNN (``MODELS``), at a point
+flow / GD, central flow / GD, rod flow / GD and SDE / SGD, on the quickstart's MLP and cnn-digits' CNN (``MODELS``), at a point
 of the GD trajectory past 2/η (after warm-up GD steps, run by :func:`flowsim.simulate`) so that the substeps
 chosen from the sharpness, and the central flow's critical directions, are those a run at the edge needs. Each process is built from
 ``flowsim.solvers.PROCESSES`` and timed over its own ``step`` from that point.
@@ -57,7 +57,8 @@ def flows(warmup_scale: float = 1.0, units: int = 5, batch_size: int = 32) -> in
                                  ("stable", {"method": "euler"}, "stable flow, euler"),
                                  ("modified", {"method": "rk4"}, "modified flow, rk4"),
                                  ("sde", {"method": "euler"}, f"SDE, euler (B = {batch_size})"),
-                                 ("central", {}, "central flow, euler")]:
+                                 ("central", {}, "central flow, euler"),
+                                 ("rod", {}, "rod flow, rk4")]:
             print(f"  timing {text} …", flush=True)
             seconds, substeps = _per_unit(problem, name, w, lr, units,
                                           batch_size=batch_size if name == "sde" else None, **opts)

@@ -52,6 +52,8 @@ PAPERS = {
                "Algorithms*, arXiv 2205.10287",
     "svag": "Li, Malladi, Arora (2021), *On the Validity of Modeling SGD with Stochastic Differential Equations (SDEs)*, "
             "arXiv 2102.12470",
+    "rod": "Regis & Chewi (2026), the rod flow, arXiv 2602.01480; its Adam and momentum extension, arXiv "
+           "2605.06821 (flowsim's derivation: docs/rod.md)",
     "agarwala": "Agarwala & Pennington (2024), *High dimensional analysis reveals conservative sharpening and a "
                 "stochastic edge of stability*, arXiv 2404.19261",
     "andreyev": "Andreyev & Beneventano (2024), *Edge of Stochastic Stability: Revisiting the Edge of Stability "
@@ -197,6 +199,18 @@ def central(ds: xr.Dataset) -> Measures:
             "stable flow / central flow distance": d_flow / d_central}
 
 
+def rod(ds: xr.Dataset) -> Measures:
+    """Per rule (the runs ``<rule>``, ``<rule>-stable``, ``-central``, ``-rod``): each flow's distance to the discrete
+    run (relative to its travel) at the last kept step, and its wall time."""
+    out = {}
+    for ref in ("gd", "adam"):
+        for flow in ("stable", "central", "rod"):
+            run = f"{ref}-{flow}"
+            out[f"{run}: ‖w − w_{ref}‖/{ref}'s travel at the end"] = relative_distance(ds, run, ref)
+            out[f"{run}: wall time, s"] = last_finite(ds["wall_time"].sel(run=run))
+    return out
+
+
 def noise_kernel(ds: xr.Dataset) -> Measures:
     """Per surviving run: median noise kernel norm K (dimensionless), η·λ_max/2 and, where recorded, batch
     sharpness·η/2 and second-moment contraction over the last half."""
@@ -319,6 +333,11 @@ ENTRIES = [
           "like the stable flow, from Adam's state after its first 1/(1 − β1) steps, it ends within a tenth of "
           "Adam's travel and closer to Adam than the stable flow (docs/central-momentum.md).",
           ("cohen22", "central"), (_by_step(plot.precond_sharpness), distance_figure), central),
+    Entry("flows-rod", "The rod flow beside the central and stable flows, for GD and Adam",
+          "The rod flow (docs/rod.md) moves the centre and half-length of the rod through consecutive iterates with "
+          "the rule's own step at its two ends: no eigensolver. Its predicted loss (the mean of L over the ends) and "
+          "its ‖δ‖² are drawn against the discrete run's, like the central flow's.",
+          ("rod", "central"), (_by_step(plot.predicted_loss), _by_step(plot.sigma)), rod),
     Entry("seos-mlp", "Stochastic edge of stability: the noise kernel norm",
           "With small batches the noise kernel norm K, not η·λ_max/2, controls stability: SGD is pushed back below "
           "K = 1 and settles just inside it while λ_max stays far below 2/η (conservative sharpening). The batch "

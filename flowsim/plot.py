@@ -480,7 +480,8 @@ def gaps(ds: xr.Dataset, x: Optional[str] = None, reference: Optional[str] = Non
 
 
 def predicted_loss(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH_WINDOW) -> Figure:
-    """One panel per run with ``predicted_loss`` (central flows): the prediction L(w) + ½⟨H, Σ⟩, the flow's own
+    """One panel per run with ``predicted_loss`` (central and rod flows): the prediction (L(w) + ½⟨H, Σ⟩; the
+    rod's mean of L over its ends), the flow's own
     L(w), and the loss of the matching discrete run (same rule, lr and batch size) with its moving average."""
     _require(ds, "predicted_loss")
     x = clock(ds, x)
@@ -502,7 +503,7 @@ def predicted_loss(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH
 
 
 def sigma(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH_WINDOW) -> Figure:
-    """One panel per central-flow run: each eigenvalue of Σ (``sigma_eigs``, the predicted oscillation variance,
+    """One panel per central- or rod-flow run: each eigenvalue of Σ (``sigma_eigs``, the predicted oscillation variance,
     weight²) against the ``window``-step moving average of the shadow discrete run's squared oscillation
     amplitude along that eigenvector (``sigma_oscillation_sq``), log scale."""
     _require(ds, "sigma_eigs")

@@ -28,11 +28,14 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "wall_time": ((), "s", "wall-clock seconds since the run started"),
     "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),
     "w": (("param",), "weight", "the full weight vector (flat, Problem order), every record.keep_weights steps"),
-    "predicted_loss": ((), "loss", "central flow: L(w) + ½⟨H, Σ⟩, the predicted time-averaged loss of the discrete run"),
-    "predicted_grad_norm_sq": ((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH), the predicted time-averaged ‖g‖²"),
-    "sigma_eigs": (("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, descending"),
-    "sigma_oscillation_sq": (("crit",), "weight²", "central flow: ¼(e·(w_discrete(t+1) − w_discrete(t)))², the "
-                             "discrete run's period-two amplitude² along each unit eigenvector e of Σ"),
+    "predicted_loss": ((), "loss", "central flow: L(w) + ½⟨H, Σ⟩; rod flow: ½[L(c + δ) + L(c − δ)]: the "
+                       "predicted time-averaged loss of the discrete run"),
+    "predicted_grad_norm_sq": ((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH); rod flow: ½[‖∇L(c + δ)‖² + "
+                               "‖∇L(c − δ)‖²]: the predicted time-averaged ‖g‖²"),
+    "sigma_eigs": (("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, descending; rod "
+                   "flow: ‖δ_w‖² first (its Σ = δ_w δ_wᵀ)"),
+    "sigma_oscillation_sq": (("crit",), "weight²", "central and rod flows: ¼(e·(w_discrete(t+1) − w_discrete(t)))², "
+                             "the discrete run's period-two amplitude² along each unit eigenvector e of Σ"),
     "sharpness": ((), "loss/weight²", "λ_max of the Hessian of the loss (on record.curvature_examples)"),
     "eigs": (("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
     "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),

@@ -68,11 +68,14 @@ SECTIONS: tuple[Section, ...] = (
     Section("Distance and gaps to the reference run", tuple(plot.GAPS), lambda ds, ref: plot.gaps(ds, reference=ref),
             "Distance to the reference run in weight space ‖w − w_ref‖ (from the random projection unless full "
             "weights were kept) and in function space, and loss / sharpness differences, at equal step."),
-    Section("Central flow: predicted vs actual loss", ("predicted_loss",), lambda ds, ref: plot.predicted_loss(ds),
-            "The central flow's predicted time-averaged loss L(w) + ½⟨H, Σ⟩ against the matching discrete run's "
+    Section("Central and rod flows: predicted vs actual loss", ("predicted_loss",),
+            lambda ds, ref: plot.predicted_loss(ds),
+            "The flows' predicted time-averaged loss (central: L(w) + ½⟨H, Σ⟩; rod: the mean of L over the rod's "
+            "two ends) against the matching discrete run's "
             f"loss and its {plot.SMOOTH_WINDOW}-step moving average."),
-    Section("Central flow: oscillation variance", ("sigma_eigs",), lambda ds, ref: plot.sigma(ds),
-            "Eigenvalues of the central flow's Σ (the predicted variance of the oscillation, solid) against the "
+    Section("Central and rod flows: oscillation variance", ("sigma_eigs",), lambda ds, ref: plot.sigma(ds),
+            "Eigenvalues of the flow's Σ (the predicted variance of the oscillation, solid; the rod's is ‖δ‖²) "
+            "against the "
             f"{plot.SMOOTH_WINDOW}-step average of the discrete run's squared oscillation amplitude along each "
             "eigenvector, ¼(e·Δw)² from its step Δw (dashed)."),
     Section("Step size", ("step_size",), lambda ds, ref: plot.step_size(ds),

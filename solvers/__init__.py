@@ -1,5 +1,5 @@
 """The three axes of a run — update rules (what an optimizer does), processes (how it is run: discrete, flows,
-SDE, central flow) and step-size policies (how η is chosen) — and the one loop that advances them.
+SDE, central flow, rod flow) and step-size policies (how η is chosen) — and the one loop that advances them.
 
 ``RULES``, ``PROCESSES`` and ``POLICIES`` are the registries that scenario names resolve through.
 """
@@ -9,8 +9,9 @@ from flowsim.solvers.processes import Discrete, EpochSampler, Process, Trajector
 from flowsim.solvers.flows import Modified, Stable
 from flowsim.solvers.sde import SDE
 from flowsim.solvers.central import Central
+from flowsim.solvers.rod import Rod
 
-PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central)}
+PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central, Rod)}
 
 __all__ = ["POLICIES", "PROCESSES", "RULES", "Cdat", "Central", "Constant", "Discrete", "Drop", "Edge", "EpochSampler",
-           "Modified", "Process", "Rule", "SDE", "Stable", "StepContext", "StepSize", "Trajectory", "make_rule"]
+           "Modified", "Process", "Rod", "Rule", "SDE", "Stable", "StepContext", "StepSize", "Trajectory", "make_rule"]

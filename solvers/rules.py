@@ -10,8 +10,10 @@ threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum
 The continuous processes read a rule through these same functions only: the stable flow's state ODE is
 ``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) differentiates
 ``advance_state`` and ``precond`` in forward mode, and passes the oscillation's correction to the gradient
-through ``direction_gain``: a momentum settles to direction_gain·g under a gradient held fixed. ``central_flow`` is each rule's declaration of whether the central flow
-applies to it: None when it does, else the reason why not.
+through ``direction_gain``: a momentum settles to direction_gain·g under a gradient held fixed. The rod flow
+(``solvers/rod.py``) needs only the step itself (``advance_state`` then ``step_from``) and β. ``central_flow`` and
+``rod_flow`` are each rule's declarations of whether those flows apply to it: None when they do, else the reason
+why not.
 Rules know nothing about processes, problems or storage.
 """
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Rule:
     # ``advance_state`` is affine in s with a nonzero diagonal coefficient (s' = β ⊙ s + A(g, 0)) and quadratic
     # in g. Otherwise: the reason why not, one line.
     central_flow: ClassVar[Optional[str]] = None
+    # None: the rod flow applies (``solvers/rod.py``). That declares the step z ↦ Φ(z) of the phase space z = (w,
+    # state) a smooth map defined around its iterates, so that c ± δ for a rod near them is a state the rule can
+    # step from (a ν kept positive by its own average). Otherwise: the reason why not, one line.
+    rod_flow: ClassVar[Optional[str]] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -69,6 +75,27 @@ class Rule:
 
     def advance_state(self, g: Tensor, state: State) -> State:
         return state
+
+    def quadratic_part(self, u: Tensor, state: State) -> State:
+        """Q(u): the part of advance_state(·, state) quadratic in u, its even part less its value at 0 (ν's
+        (1 − β2)u²; zero for the other tensors)."""
+        even, zero = self.advance_parts(u, state)[0], self.advance_state(torch.zeros_like(u), state)
+        return {key: even[key] - zero[key] for key in zero}
+
+    def momenta(self, w: Tensor) -> frozenset[str]:
+        """The state tensors whose update has a part odd in the gradient (a momentum's m): those with a nonzero
+        odd part of :meth:`advance_parts` at a gradient of ones from the initial state. They oscillate with w at
+        the edge; the even ones (ν, a clock) do not."""
+        u = torch.ones_like(w)
+        odd = self.advance_parts(u, self.init(w, u))[1]
+        return frozenset(key for key, part in odd.items() if bool(part.abs().max() > 0))
+
+    def second_moments(self, w: Tensor) -> frozenset[str]:
+        """The state tensors whose update is quadratic in the gradient (RMSProp's and Adam's ν): those with a
+        nonzero :meth:`quadratic_part` at a gradient of ones from the initial state."""
+        u = torch.ones_like(w)
+        quadratic = self.quadratic_part(u, self.init(w, u))
+        return frozenset(key for key, part in quadratic.items() if bool(part.abs().max() > 0))
 
     def direction(self, g: Tensor, state: State) -> Tensor:
         return g

@@ -106,12 +106,9 @@ class SDE(Stable):
                 raise ValueError("batch_size: the sde process with minibatch noise needs a batch_size")
             n, B = problem.n_examples, min(batch_size, problem.n_examples)
             self._noise_variance = (n - B) / max(n - 1, 1) / B  # c/B: one step's gradient noise is (c/B)·Σ
-            # the state tensors whose update is quadratic in the gradient (second moments, as RMSProp's ν)
-            u = torch.ones_like(problem.w0)
-            quadratic = _quadratic_part(rule, rule.init(problem.w0, u), u)
-            self._second_moments = {key for key, part in quadratic.items() if bool(part.abs().max() > 0)}
+            self._second_moments = rule.second_moments(problem.w0)
         else:
-            self._second_moments = set()
+            self._second_moments = frozenset()
 
     def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int) -> Tensor:
         return self.advance_paths(layout, y[None], lr, substeps, step, self.seed)[0]
@@ -178,15 +175,9 @@ class SDE(Stable):
         return drift_and_noise
 
 
-def _quadratic_part(rule: Rule, state: State, u: Tensor) -> State:
-    """Q(u): the part of advance_state(·, state) quadratic in u, its even part less its value at 0."""
-    even, zero = rule.advance_parts(u, state)[0], rule.advance_state(torch.zeros_like(u), state)
-    return {key: even[key] - zero[key] for key in zero}
-
-
 def _noise_second_moment(rule: Rule, state: State, centred: Tensor, variance: float) -> State:
     """E_ξ Q(ξ) for ξ of covariance variance·Σ, Σ = centredᵀcentred/n: variance/n · Σᵢ Q(centred_i)."""
-    parts = vmap(lambda u: _quadratic_part(rule, state, u))(centred)
+    parts = vmap(lambda u: rule.quadratic_part(u, state))(centred)
     return {key: variance / centred.shape[0] * value.sum(0) for key, value in parts.items()}
 
 

@@ -442,3 +442,19 @@ def test_central_speed_splits_a_steps_time_into_parts_that_the_engine_still_has(
     assert all(r["shares"][part] > 0 for part in ("eigensolve", "gradient", "recording"))
     assert 0 < sum(r["shares"].values()) <= 1 and r["products"] >= 1 and r["gd_eq"] > 1
     assert Central._solve is solve
+
+
+def test_flows_fidelity_counts_the_rod_flows_gradients_and_reads_the_runs(capsys):
+    """`flows-fidelity --quick` (central-gd-gelu-mlp for 60 steps): GD's rod flow takes one RK4 substep of four
+    field evaluations at the rod's two ends, so its counter must read 8 gradient evaluations per unit of time;
+    the ratio columns are the distance columns' ratios (to their rounding)."""
+    assert main(["flows-fidelity", "--quick"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| central-gd-gelu-mlp |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1].endswith("/61")
+    stable, central, rod = map(float, cells[2:5])
+    assert min(stable, central, rod) > 0
+    for printed, a, b in ((cells[5], rod, central), (cells[6], stable, rod)):  # the distances are rounded to 1e-3
+        assert abs(float(printed) - a / b) <= a / b * (5e-4 / a + 5e-4 / b) + 5e-3
+    assert float(cells[11]) == 8

@@ -201,15 +201,16 @@ PROCESSES_DOC = {
              "central": {"process": "central", "rule": "gd", "lr": 1.0},  # S0 = 10.4: 1–2 critical directions
              # its discrete steps end at step 4, where a checkpoint is taken (chunk 4)
              "late": {"process": "central", "rule": "adam", "lr": 0.05, "eps": 1e-3, "discrete_start": 4},
-             "iid": {"process": "discrete", "rule": "gd", "lr": 0.3, "batch_size": 6, "sampling": "iid"}},
+             "iid": {"process": "discrete", "rule": "gd", "lr": 0.3, "batch_size": 6, "sampling": "iid"},
+             "rod": {"process": "rod", "rule": "momentum", "lr": 2.0, "beta1": 0.5}},
     "record": {"every": 1, "projection_dim": 2, "chunk": 4, "curvature_every": 3},
 }
 
 
 def test_every_process_and_the_curvature_probe_resume_bitwise(tmp_path, monkeypatch):
-    """Interrupted right after a chunk is stored (rows past the checkpoint exist) in every run in turn:
-    Brownian motion, iid sampler, flow substeps, central-flow warm starts, a flow's start after its discrete steps
-    and Lanczos warm starts all resume."""
+    """Interrupted right after its second chunk is stored (rows past the checkpoint exist), each run in turn:
+    Brownian motion, iid sampler, flow substeps, central-flow warm starts, a flow's start after its discrete steps,
+    the rod's half-length and shadow run, and Lanczos warm starts all resume."""
     from flowsim.store import RunWriter
     reference = flowsim.run(PROCESSES_DOC, tmp_path / "ref.zarr", progress=False)
     append, calls, kills = RunWriter.append, [], []
@@ -217,14 +218,14 @@ def test_every_process_and_the_curvature_probe_resume_bitwise(tmp_path, monkeypa
     def append_then_die(self, columns):
         append(self, columns)
         calls.append(self.group.name)
-        if len(calls) % 5 == 3:
+        if calls.count(self.group.name) == 2:
             kills.append(self.group.name)
             raise KeyboardInterrupt
     monkeypatch.setattr(RunWriter, "append", append_then_die)
-    for _ in range(4):
+    for _ in PROCESSES_DOC["runs"]:
         with pytest.raises(KeyboardInterrupt):
             flowsim.run(PROCESSES_DOC, tmp_path / "killed.zarr", resume=True, progress=False)
     monkeypatch.setattr(RunWriter, "append", append)
     ds = flowsim.run(PROCESSES_DOC, tmp_path / "killed.zarr", resume=True, progress=False)
-    assert len(set(kills)) >= 3, kills
+    assert sorted(kills) == sorted(f"/runs/{name}" for name in PROCESSES_DOC["runs"])
     assert_bitwise_equal(ds, reference)
