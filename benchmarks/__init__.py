@@ -37,7 +37,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "central-fidelity": Benchmark("benchmarks.central_fidelity:main", "45 min | 40 s",
                                   "central flows of momentum and Adam against their discrete runs and stable flows "
                                   "at the edge (MLP, CNN): the four fidelity figures and the cost per step"),
-    "flows-fidelity": Benchmark("benchmarks.flows_fidelity:main", "≈ 1 h | 1 min",
+    "flows-fidelity": Benchmark("benchmarks.flows_fidelity:main", "≈ 1.5 h | 1 min",
                                 "the stable, central and rod flows of the 9 bundled central-flow scenarios against "
                                 "their discrete runs: distance, edge, predicted loss, cost per unit of time"),
     "central-speed": Benchmark("benchmarks.central_speed:main", "5 min | 20 s",
