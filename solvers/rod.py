@@ -130,11 +130,11 @@ class Rod(Process):
         if discrete.state is None:
             discrete.state = self.rule.init(traj.w, g)
         self._set_layout(discrete.state)
-        points = []
-        for _ in range(3):
-            points.append(self._layout.pack(discrete.w, self.rule.advance_state(g, discrete.state)))
+        points = [self._layout.pack(discrete.w, self.rule.advance_state(g, discrete.state))]
+        for _ in range(2):
             self._discrete.apply(discrete, g, lr)
             g = self.problem.grad(discrete.w)
+            points.append(self._layout.pack(discrete.w, self.rule.advance_state(g, discrete.state)))
         z0, z1, z2 = points
         self._delta = self._oscillating * 0.25 * (z0 - 2 * z1 + z2)
         if self.options.shadow:
