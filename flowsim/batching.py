@@ -6,22 +6,24 @@ record settings, under step-size policies that measure no curvature; they may di
 schedule and run seed — across the runs of a point and across sweep points. Each member still gets its own run
 group, recorder, probes and checkpoints, in the same format as a separate run, so stores and
 :func:`flowsim.open` do not know whether a run was batched. Batching is opt-in: a batched run equals its
-separate run to rounding (~1e-15 relative per step), not bit for bit. A group's checkpoint is one file for all
-its members (``checkpoints/<group>.group.pt``, named after the group's first run), so a killed group resumes
-batched, exactly where it was saved. ``flowsim.runner.execute_job`` runs a job; this module only groups.
+separate run to rounding, not bit for bit (how close: :mod:`flowsim.solvers.batched`). A group's checkpoint is
+one file for all its members (``checkpoints/<group>.group.pt``, named after the group's first run), so a killed
+group resumes batched, exactly where it was saved. ``flowsim.runner.execute_job`` runs a job; this module only
+groups.
 """
 from __future__ import annotations
 
 import json
 from typing import Optional
 
+from flowsim.solvers import PROCESSES
 from flowsim.sweep import Task, problem_key
 
 
 def group_key(task: Task) -> Optional[str]:
     """Tasks with equal keys can share a vmapped pass; None for a task that cannot be batched."""
     sc, spec = task.scenario, task.scenario.runs[task.key]
-    if spec.process != "discrete" or spec.policy.curvature:
+    if not PROCESSES[spec.process].iterates or spec.policy.curvature:
         return None
     return json.dumps([problem_key(sc), spec.rule, spec.make_rule().hyperparameters(), spec.batch_size,
                        spec.options.model_dump(mode="json"), sc.steps, sc.record.model_dump(mode="json")],

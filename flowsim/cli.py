@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a scenario and store the results", description=(
         "Run a scenario and store the results, with a progress bar per run on a terminal (elsewhere a line on "
         "stderr at most every 30 s). Duration: the "
-        "quickstart takes about 20 s on 2 CPU cores; a discrete step of the bundled models takes milliseconds, a "
+        "quickstart takes about 15 s on one CPU core; a discrete step of the bundled models takes milliseconds, a "
         "flow's unit of time 10-250x that and a central flow's 20-500x (README: Processes and what they cost), "
         "so try a flow with a short --steps first."))
     r.add_argument("scenario", help="scenario YAML file, or the name of a bundled scenario (see `flowsim list`)")

@@ -1,7 +1,7 @@
 """Differences between the runs of one stored Dataset and a reference run, aligned by step.
 
-:func:`compare` adds to a Dataset from :func:`flowsim.open` (steps are optimizer steps, one unit of time each,
-so runs at equal step are compared at equal time):
+:func:`compare` adds to a Dataset from :func:`flowsim.open`, at equal step: a run's k-th step against the
+reference's k-th, which is equal time (Σ η) only for runs with the same step sizes:
 
 - ``distance(run, step)``: ‖w − w_ref‖₂, exact where both full weights were kept (``record.keep_weights``),
   else ‖R(w − w_ref)‖ from the random projection ``w_proj`` (≈ the distance, Johnson–Lindenstrauss);

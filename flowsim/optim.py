@@ -82,6 +82,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
         params = self.param_groups[0]["params"]
         if len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("params: all parameters must share one dtype and device")
+        policy.check(rule)
         self.rule, self.policy = rule, policy
 
     def _flat_state(self) -> dict:

@@ -6,7 +6,9 @@ writes it).
 
 Clock: every figure of a dataset has one x axis, ``time`` (Σ η, the gradient-flow clock) or ``step`` (optimizer
 steps), and its label says which. ``x=None`` (the default) takes :func:`clock`: ``ds.attrs["clock"]`` when set
-(the report sets it), else ``time`` only where Σ η is comparable across the runs (see :func:`clock`).
+(the report sets it), else ``time`` only where Σ η is comparable across the runs (see :func:`clock`). The one
+exception: the distances and gaps to a reference, computed at equal step, are drawn against step where the runs'
+clocks differ at equal step (:func:`gaps_clock`).
 
 Runs: every run keeps one look (colour, line style, width: :func:`looks`) in every figure; earlier runs are drawn
 wider, so a run lying exactly under a later one still shows. A sweep (runs with a ``run_name`` coordinate, see
@@ -32,6 +34,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from flowsim.solvers import PROCESSES
 
 SMOOTH_WINDOW = 20
 """Default smoothing window for discrete losses, in optimizer steps (a centered moving average)."""
@@ -161,11 +165,15 @@ def series(ds: xr.Dataset, name: str, run: str, x: Optional[str] = None) -> tupl
     return _xy(r, r[name], clock(ds, x))
 
 
+def _coordinate(r: xr.Dataset, x: str) -> xr.DataArray:
+    """The value of the clock ``x`` at each recorded step of ``r`` (one run or all)."""
+    return r["time"] if x == "time" else r.step * r["scale"] if x == "scaled_step" else r.step
+
+
 def _xy(r: xr.Dataset, y: xr.DataArray, x: str) -> tuple[np.ndarray, np.ndarray]:
     if "step" not in y.dims:
         y = y.broadcast_like(r.step)
-    xs = r["time"] if x == "time" else r.step * r["scale"] if x == "scaled_step" else r.step
-    xs = xs.broadcast_like(y)
+    xs = _coordinate(r, x).broadcast_like(y)
     xv, yv = np.asarray(xs.values, float), np.asarray(y.values, float)
     ok = np.isfinite(xv) & np.isfinite(yv)
     return xv[ok], yv[ok]
@@ -307,7 +315,7 @@ def loss(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH_WINDOW) -
     fig, (ax,) = _figure()
     look = looks(ds)
     for run in _runs_with(ds, "loss"):
-        _loss_lines(ax, ds, run, look[run], x, window if str(ds["process"].sel(run=run).values) == "discrete" else 0)
+        _loss_lines(ax, ds, run, look[run], x, window if _iterates(ds.sel(run=run)) else 0)
     ax.set_title("training loss")
     _finish(ax, x, "loss", log=_positive(ds, "loss"))
     return _key(fig, ds)
@@ -451,21 +459,37 @@ def stochastic_edge(ds: xr.Dataset, x: Optional[str] = None) -> Figure:
     return _key(fig, ds)
 
 
-GAPS = {"distance": "‖w − w_ref‖", "function_distance": "RMS ‖f(x; w) − f(x; w_ref)‖", "loss_gap": "L − L_ref",
-        "sharpness_gap": "S − S_ref"}
-"""The comparison variables of :func:`flowsim.compare` and their titles."""
+GAPS = {"distance": ("‖w − w_ref‖", "distance to the reference (weights)"),
+        "function_distance": ("RMS ‖f(x; w) − f(x; w_ref)‖", "distance to the reference (outputs)"),
+        "loss_gap": ("L − L_ref", "loss − reference loss"),
+        "sharpness_gap": ("S − S_ref", "sharpness − reference sharpness")}
+"""The comparison variables of :func:`flowsim.compare`: their titles and y-axis labels."""
+
+
+def gaps_clock(ds: xr.Dataset, x: Optional[str] = None) -> str:
+    """The x axis of :func:`gaps`. :func:`flowsim.compare` pairs the runs at equal step, so the gaps are drawn
+    against ``x`` (None: :func:`clock`) only where every run has the same value of it at every step (e.g. Σ η of
+    runs with one step size), else against ``step``: at its own Σ η, the gap of a run with a 4× smaller step to
+    the reference would be drawn at a quarter of the time at which the reference was compared."""
+    x = clock(ds, x)
+    if x == "step":
+        return x
+    xs = _coordinate(ds, x)
+    spread = (xs.max("run") - xs.min("run")).fillna(0)
+    return x if bool((spread <= 1e-9 * abs(xs).max("run").fillna(0)).all()) else "step"
 
 
 def gaps(ds: xr.Dataset, x: Optional[str] = None, reference: Optional[str] = None) -> Figure:
     """Distances and loss/sharpness gaps of every run to the reference run, one panel per variable present;
-    computed at equal step (the alignment flowsim.compare uses), drawn against ``x`` (None: :func:`clock`). A
-    dataset without them is compared first (:func:`flowsim.compare`, against ``reference`` or the scenario's)."""
+    computed at equal step (the alignment flowsim.compare uses) and drawn against ``x`` only where that is the
+    same alignment, else against step (:func:`gaps_clock`). A dataset without them is compared first
+    (:func:`flowsim.compare`, against ``reference`` or the scenario's)."""
     if not any(has(ds, n) for n in GAPS):
         from flowsim.compare import compare
         ds = compare(ds, reference)
     names = [n for n in GAPS if has(ds, n)]
     _require(ds, *GAPS)
-    x = clock(ds, x)
+    x = gaps_clock(ds, x)
     fig, axes = _figure(len(names), height=2.6, sharex=True)
     look = looks(ds)
     for ax, name in zip(axes, names):
@@ -474,8 +498,9 @@ def gaps(ds: xr.Dataset, x: Optional[str] = None, reference: Optional[str] = Non
                 continue
             ax.plot(*series(ds, name, run, x), **look[run])
             _mark_divergence(ax, ds, run, look[run]["color"], x)
-        ax.set_title(f"{GAPS[name]}" + (f"  (reference: {reference})" if reference else ""), fontsize=10)
-        _finish(ax, x, name, log=name.endswith("distance") and _positive(ds, name))
+        title, ylabel = GAPS[name]
+        ax.set_title(title + (f"  (reference: {reference})" if reference else ""), fontsize=10)
+        _finish(ax, x, ylabel, log=name.endswith("distance") and _positive(ds, name))
     return _key(fig, ds)
 
 
@@ -525,13 +550,19 @@ def sigma(ds: xr.Dataset, x: Optional[str] = None, window: int = SMOOTH_WINDOW) 
     return fig
 
 
+def _iterates(run: xr.Dataset) -> bool:
+    """Whether one run of a dataset ran the rule's own iterates (the discrete process; its loss oscillates)."""
+    process = PROCESSES.get(str(run["process"].values))
+    return process is not None and process.iterates
+
+
 def discrete_partner(ds: xr.Dataset, run: str) -> Optional[str]:
     """The first discrete run with the same rule, lr and batch size as ``run`` (None if there is none)."""
     keys = [k for k in ("rule", "lr", "batch_size") if k in ds.coords]
     me = ds.sel(run=run)
     for other in ds.run.values:
         o = ds.sel(run=other)
-        if (other != run and str(o["process"].values) == "discrete" and has(o, "loss")
+        if (other != run and _iterates(o) and has(o, "loss")
                 and all(o[k].values == me[k].values for k in keys)):
             return str(other)
     return None

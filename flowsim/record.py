@@ -151,7 +151,7 @@ class CurvatureProbe(Probe):
         H = hessian_operator(problem, w, idx)
         vals = self._top("H", H, None, w)
         out = {"sharpness": vals[0].item(), "eigs": vals.cpu().numpy(),
-               "threshold": process.rule.threshold_coefficient() / lr}
+               "threshold": (process.rule.threshold_coefficient() or math.nan) / lr}
         if self.precond and traj.state is not None:
             P = process.rule.precond(traj.state)
             out["precond_sharpness"] = (out["sharpness"] if P is None else
@@ -161,7 +161,7 @@ class CurvatureProbe(Probe):
             out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
                                                          problem.n_examples, problem.Y[0].numel())
             out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
-        if self.edge_batches and getattr(process, "sampler", None) is not None and process.rule.name == "gd":
+        if self.edge_batches and getattr(process, "sampler", None) is not None and process.rule.stochastic_edge:
             out.update(self._stochastic_edge(problem, w, process.sampler, traj.step, lr, self._warm["H"][:, 0]))
         return out
 

@@ -67,7 +67,8 @@ SECTIONS: tuple[Section, ...] = (
             "Hessian eigenvector u against 1, both over the run's own next batches."),
     Section("Distance and gaps to the reference run", tuple(plot.GAPS), lambda ds, ref: plot.gaps(ds, reference=ref),
             "Distance to the reference run in weight space ‖w − w_ref‖ (from the random projection unless full "
-            "weights were kept) and in function space, and loss / sharpness differences, at equal step."),
+            "weights were kept) and in function space, and loss / sharpness differences, all at equal step (a run's "
+            "k-th step against the reference's): drawn against time only where that is equal time (one step size)."),
     Section("Central and rod flows: predicted vs actual loss", ("predicted_loss",),
             lambda ds, ref: plot.predicted_loss(ds),
             "The flows' predicted time-averaged loss (central: L(w) + ½⟨H, Σ⟩; rod: the mean of L over the rod's "
@@ -101,7 +102,7 @@ def compared(ds: xr.Dataset) -> xr.Dataset:
 
 
 def summary(ds: xr.Dataset, x: Optional[str] = None) -> pd.DataFrame:
-    """One row per run: process, rule, lr, a sweep's other swept coordinates, batch size (0 = full), final loss
+    """One row per run: process, rule, lr, a sweep's other swept coordinates, batch size ("full" or B), final loss
     (last finite), the edge-of-stability onset (first ``x`` at which the controlling sharpness ≥ 0.95·threshold),
     largest distance to the reference, wall time (s, last recorded), and the ``x`` at which a run diverged. ``x``:
     "step" or "time" (Σ η), None: :func:`flowsim.plot.clock`; both columns name it. NaN = not available."""
@@ -117,7 +118,7 @@ def summary(ds: xr.Dataset, x: Optional[str] = None) -> pd.DataFrame:
             "rule": str(r["rule"].values),
             "lr": float(r["lr"]),
             **{c: r[c].item() for c in swept},
-            "batch size": int(r["batch_size"]) if "batch_size" in r.coords else 0,
+            "batch size": int(r.get("batch_size", 0)) or "full",
             "final loss": final_loss[name],
             f"EoS onset ({x})": plot.eos_onset(ds, name, x),
             "largest distance": float(r["max_distance"]) if "max_distance" in r else np.nan,
@@ -193,14 +194,18 @@ def scenario_text(text: str) -> str:
 def header(ds: xr.Dataset) -> str:
     """The header line (plain text): runs, a sweep's coordinates and their numbers of values, parameters and
     training examples (``n_params``, ``n_examples`` attrs; a sweep that varies the problem: of its first point),
-    and the clock of every figure."""
+    and the clock of every figure (and of the distances and gaps where they cannot use it: :func:`plot.gaps_clock`)."""
     swept = plot.sweep_coords(ds)
     parts = [f"{ds.sizes['run']} runs"
              + (" (sweep: " + " × ".join(f"{c} {len(pd.unique(ds[c].values))}" for c in swept) + ")" if swept else "")]
     first = " (first sweep point)" if any(c.startswith("problem_") for c in swept) else ""
     parts += [f"{ds.attrs[a]:,} {what}{first}" for a, what in (("n_params", "parameters"),
                                                                ("n_examples", "training examples")) if a in ds.attrs]
-    return " · ".join(parts + [f"x axis of every figure: {plot.XLABEL[plot.clock(ds)]}"])
+    x = plot.clock(ds)
+    axis = f"x axis of every figure: {plot.XLABEL[x]}"
+    if any(plot.has(ds, n) for n in plot.GAPS) and plot.gaps_clock(ds) != x:
+        axis += f"; of the distances and gaps, compared at equal step: {plot.XLABEL['step']}"
+    return " · ".join(parts + [axis])
 
 
 _CSS = """

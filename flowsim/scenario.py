@@ -42,16 +42,16 @@ class RunSpec(BaseModel):
     """One run: a process over an update rule under a step-size policy.
 
     ``lr`` alone is the constant step size; ``step_size`` names a policy beside it (``{drop: {at, lr_after}}``)
-    or instead of it (``edge``, or ``{edge: {...}}``: the controller sets η). Keys beside the common ones are the
-    rule's hyperparameters (``beta1``, ``beta2``, ``eps``, …) or the process's options (its ``Options`` model);
-    any other key is an error.
+    or instead of it (``edge``, ``cdat``, or ``{edge: {...}}``, ``{cdat: {...}}``: the policy sets η). Keys beside
+    the common ones are the rule's hyperparameters (``beta1``, ``beta2``, ``eps``, …) or the process's options (its
+    ``Options`` model); any other key is an error.
     """
     model_config = ConfigDict(extra="allow")
     process: str = Field("discrete", description=f"how the rule is run: {', '.join(PROCESSES)} (options below)")
     rule: str = Field("gd", description=f"the update rule: {', '.join(RULES)} (hyperparameters below)")
     lr: Optional[PositiveFloat] = Field(None, description="the step size η (constant, or before a drop)")
-    step_size: Optional[StepSizeSpec] = Field(None, description="a policy: edge, {edge: {...}} or {drop: {at, "
-                                              "lr_after}} (absent = constant lr)")
+    step_size: Optional[StepSizeSpec] = Field(None, description="a policy: edge, {edge: {...}}, cdat, {cdat: {...}} "
+                                              "or {drop: {at, lr_after}} (absent = constant lr)")
     batch_size: Optional[PositiveInt] = Field(None, description="examples per minibatch (absent = full batch)")
     seed: Optional[int] = Field(None, description="minibatch/noise seed; defaults to the scenario seed")
 
@@ -84,6 +84,7 @@ class RunSpec(BaseModel):
         except ValidationError as e:
             raise ValueError(errors(e, opts, options_model)[0]) from None
         self._policy = _make_policy(self.step_size, self.lr)
+        self._policy.check(self.make_rule())
         return self
 
     def rule_hyperparameters(self) -> dict:
@@ -211,9 +212,11 @@ class Scenario(Strict):
                     raise ValueError(message)
                 warnings.warn(f"{message}: the drop is not reached", stacklevel=2)
         if self.record.stochastic_edge and not self.sweep and not any(
-                run.process == "discrete" and run.rule == "gd" and run.batch_size for run in self.runs.values()):
-            raise ValueError("record.stochastic_edge: needs a minibatch SGD run (process discrete, rule gd, a "
-                             "batch_size); there is none")
+                PROCESSES[run.process].iterates and RULES[run.rule].stochastic_edge and run.batch_size
+                for run in self.runs.values()):
+            applies = ", ".join(name for name, rule in RULES.items() if rule.stochastic_edge)
+            raise ValueError(f"record.stochastic_edge: needs a minibatch SGD run (process discrete, a batch_size, "
+                             f"rule {applies}); there is none")
         if self.record.noise_kernel and getattr(self.problem, "loss", None) != "mse":
             raise ValueError("record.noise_kernel: the noise kernel norm K is defined for networks with the mse loss")
         return self

@@ -4,8 +4,10 @@ as one vmapped pass: an engine of the simulation loop (``solvers/loop.py``), who
 Run b has weights ``W[b]``, rule state ``state[k][b]``, step size ``lrs[b]`` at each step and, for minibatch
 runs, the minibatch sampler :class:`Discrete` would use with ``seeds[b]`` and ``options`` (its sampling). Gradients are ``vmap(grad)`` of the problem's
 loss over the runs, and the rule's ``init``/``update`` are vmapped too, so each run follows exactly the
-arithmetic of :class:`Discrete` (up to the summation order of batched matrix products: ~1e-16 relative per
-step). Like every process, it never touches storage.
+arithmetic of :class:`Discrete` up to the summation order of batched matrix products: equal to the separate run
+to rounding, not bit for bit. Measured in float64 on a small MLP (GD, momentum, the RMSProps, Adam): full batch
+bit for bit on CPU; minibatches ≤ 5e-17 relative in w after one step, ≤ 3e-15 after 200 (tests/test_batched.py
+holds them to 1e-12). Like every process, it never touches storage.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Deterministic continuous processes: the stable flow and the modified flow of any update rule.
 
 Time is in steps: the flow integrated over one unit of time is compared with one discrete step. A rule
-w ← w − η P̃⁻¹ m (``solvers/rules.py``) becomes the ODE, per unit time,
+w ← w − η P̃⁻¹ m (``solvers/rules/``) becomes the ODE, per unit time,
 
     dw/dt = −η P̃(s)⁻¹ direction(g, s),      ds/dt = rule.state_rate(g, s),      g = ∇L(w),
 

@@ -5,7 +5,8 @@ workers, the benchmarks — goes through :func:`advance`. Per step k it: asks ea
 the :class:`~flowsim.solvers.step_size.StepContext` of w_k when the policy needs curvature), takes the probes' measurements
 at w_k, advances the process (or measures at the last point), checks each run for divergence and hands its row
 to the run's sink; after a sink stored a chunk it hands the caller a checkpoint of every running run. The
-bookkeeping of a step (step += 1, time += η) is the process's ``apply``; the checkpoint dict is built here only.
+bookkeeping of a step (step += 1, time += η) is ``Trajectory.tick`` (``solvers/processes.py``; a vmapped batch's
+trajectory has its own), which each process's ``step`` calls; the checkpoint dict is built here only.
 
 An *engine* is what the loop advances: :class:`Single` (one process, one run) or a vmapped batch of runs
 (``solvers/batched.py``); both offer ``n_runs``, ``member(traj, b)`` and ``member_process(b)`` (what run b's probes

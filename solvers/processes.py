@@ -145,6 +145,9 @@ class Process:
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     full_batch: ClassVar[bool] = True  # False where the process runs on minibatches (``batch_size`` applies)
+    # True for the rule's own iterates (the reference the flows approximate, drawing real minibatches where a
+    # batch size is set), which is also what a vmapped pass of several runs steps (``solvers/batched.py``)
+    iterates: ClassVar[bool] = False
 
     def __init__(self, problem: Problem, rule: Rule, seed: int = 0, batch_size: Optional[int] = None,
                  options: Optional[BaseModel] = None):
@@ -194,6 +197,7 @@ class Discrete(Process):
     name: ClassVar[str] = "discrete"
     Options: ClassVar[type[BaseModel]] = DiscreteOptions
     full_batch: ClassVar[bool] = False
+    iterates: ClassVar[bool] = True
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, seed, batch_size, options)

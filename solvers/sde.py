@@ -97,6 +97,8 @@ class SDE(Stable):
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, seed, batch_size, options)
+        if rule.sde is not None:
+            raise ValueError(f"rule: {rule.sde}")
         if self.options.noise == "isotropic" and batch_size is not None:
             raise ValueError("batch_size: does not apply with noise: isotropic (σ sets the noise)")
         if self.options.noise == "minibatch":

@@ -1,11 +1,12 @@
 """Step-size policies: how η_k is chosen, the third axis of a run beside its update rule and its process.
 
 A policy is plain data (a frozen pydantic model: its fields are its scenario keys) with two functions in the optax
-manner: ``init() -> state`` and ``update(ctx, state) -> (η_k, state)``, called by the simulation loop once per step,
-before the step, with the :class:`StepContext` of the point w_k. The state is a plain dict of floats and tensors:
-the loop checkpoints it, so a resumed run continues exactly. A policy never sees the network: only what the context
-hands it (the step index, the step's loss and gradient on its batch, v ↦ Hv operators at w_k, the rule and its
-state). Units: η in the rule's step-size units; curvature in loss/weight² (no η inside).
+manner: ``init() -> state`` and ``update(k, ctx, state) -> (η_k, state)``, called by the simulation loop once per
+step, before the step, with the step index k and the :class:`StepContext` of the point w_k (None for a policy that
+measures no curvature). The state is a plain dict of floats and tensors: the loop checkpoints it, so a resumed
+run continues exactly. A policy never sees the network: only what the context hands it (the step index, the
+step's loss and gradient on its batch, v ↦ Hv operators at w_k, the rule and its state). Units: η in the rule's
+step-size units; curvature in loss/weight² (no η inside).
 
 - :class:`Constant` — η_k = lr.
 - :class:`Drop` — lr until step ``at``, ``lr_after`` from then on.
@@ -13,7 +14,8 @@ state). Units: η in the rule's step-size units; curvature in loss/weight² (no 
 - :class:`Cdat` — σ times the greedy step along the rule's update, from one Hessian-vector product per step.
 
 A scenario names a policy with ``lr`` alone (constant), ``step_size: {drop: {at, lr_after}}`` beside ``lr``, or
-``step_size: edge`` / ``step_size: {edge: {...}}`` (no ``lr``: the controller sets η; its cap is ``max_lr``).
+``step_size: edge`` / ``step_size: {edge: {...}}`` (no ``lr``: the controller sets η; its cap is ``max_lr``), or
+``step_size: cdat`` / ``step_size: {cdat: {...}}`` (no ``lr`` either).
 This module never touches storage and never steps an optimizer.
 """
 from __future__ import annotations
@@ -89,6 +91,9 @@ class StepSize(BaseModel):
     def init(self) -> PolicyState:
         return {}
 
+    def check(self, rule: Rule) -> None:
+        """Raise ValueError, one line, where the policy cannot set η for ``rule`` (every rule by default)."""
+
     def update(self, k: int, ctx: Optional[StepContext], state: PolicyState) -> tuple[float, PolicyState]:
         """η_k for step k and the new state; ``ctx`` is None for a policy without ``curvature``."""
         raise NotImplementedError
@@ -123,17 +128,12 @@ class Drop(StepSize):
         return (self.lr_after if k >= self.at else self.lr), state
 
 
-DEFAULT_C = {"gd": 1.5}
-"""The edge controller's c where a scenario gives none, per rule name (0.5 for the rules not named), each chosen on
-the tuning half of the adaptive benchmark's suite (docs/step-size.md): 0.5 over Adam; 1.5 over GD, above GD's edge,
-where its self-stabilization holds the run."""
-
-
 class Edge(StepSize):
     """The edge controller: η_k = min(max_lr, s·c·θ/S), S = λ_max(P̃⁻¹H) re-estimated every ``every`` steps.
 
     θ = ``Rule.threshold_coefficient()`` (2 for GD, 38 for Adam with β1 = 0.9), so η·S = c·θ: c = 1 sits at the
-    edge of stability; c's default is the rule's entry of :data:`DEFAULT_C`. P̃ is the preconditioner of the step η
+    edge of stability; c's default is the rule's ``edge_fraction`` (1.5 for GD, 0.5 for the others, chosen on the
+    tuning half of the adaptive benchmark's suite). P̃ is the preconditioner of the step η
     is set for. s is the divergence guard's scale: 1 from each regular estimate on, × ``shrink`` at each loss spike
     until the next one. S is measured on each estimating step's own batch by warm-started Lanczos (products by
     ``hvp``).
@@ -150,7 +150,7 @@ class Edge(StepSize):
     kind: ClassVar[str] = "edge"
     curvature: ClassVar[bool] = True
     c: Optional[float] = Field(None, gt=0, lt=2, description="target η·S as a fraction of the rule's threshold θ "
-                               "(absent: 1.5 for gd, 0.5 for the other rules)")
+                               "(absent: the rule's own, 1.5 for gd, 0.5 for the other rules)")
     max_lr: PositiveFloat = Field(math.inf, description="the largest η the controller may set")
     every: PositiveInt = Field(10, description="re-estimate S every this many steps")
     early: bool = Field(True, description="also re-estimate at steps 1, 2, 4, … below every")
@@ -168,9 +168,15 @@ class Edge(StepSize):
     def coords(self):
         return {"policy": self.kind, "lr": math.nan, "max_lr": self.max_lr}
 
+    def check(self, rule: Rule) -> None:
+        if rule.threshold_coefficient() is None:
+            raise ValueError(f"step_size: edge holds η at a fraction of the rule's stability threshold, and rule "
+                             f"{rule.name!r} has none")
+
     def fraction(self, rule: Rule) -> float:
-        """c for ``rule``: the scenario's, else :data:`DEFAULT_C`'s entry for the rule (0.5 where it has none)."""
-        return self.c if self.c is not None else DEFAULT_C.get(rule.name, 0.5)
+        """c for ``rule``: the scenario's, else the rule's ``edge_fraction``."""
+        self.check(rule)
+        return self.c if self.c is not None else rule.edge_fraction
 
     def init(self) -> PolicyState:
         return {"eta": math.nan, "base": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}

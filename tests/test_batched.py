@@ -1,4 +1,5 @@
-"""The vmapped pass over several runs equals the separate discrete runs (1e-12, float64)."""
+"""The vmapped pass over several runs equals the separate discrete runs (1e-12 relative, float64)."""
+import numpy as np
 import pytest
 import torch
 
@@ -69,7 +70,9 @@ def test_batched_scenario_equals_separate_runs_and_groups_across_points():
     assert batched.diverged.values.tolist() == separate.diverged.values.tolist() and batched.diverged.values.any()
     for name in ("loss", "grad_norm", "w_proj"):
         a, b = batched[name].values, separate[name].values
-        assert ((a == b) | (abs(a - b) <= 1e-12) | (a != a) & (b != b)).all(), name
+        # relative, as the state's check above: on a run diverging at η = 40 the loss reaches 4e5, where the two
+        # passes differed by one rounding (2e-16 relative, measured), which an absolute 1e-12 cannot hold
+        assert ((a == b) | (abs(a - b) <= 1e-12 * np.maximum(1.0, abs(b))) | (a != a) & (b != b)).all(), name
     for name in ("step_size", "time", "diverged_at"):
         assert batched[name].values.tobytes() == separate[name].values.tobytes(), name
 

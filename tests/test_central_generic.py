@@ -17,7 +17,7 @@ from flowsim.solvers import Discrete, Stable
 from flowsim.solvers.central import Central, CentralOptions, precond_drift, state_rate, state_rate_sigma
 from flowsim.solvers.rules import Rule, make_rule
 
-GOLDEN = Path(__file__).resolve().parent.parent / "data" / "central-golden.npz"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "central-golden.npz"
 PROBLEM = {"model": "mlp", "widths": [16, 16], "activation": "tanh", "dataset": "digits", "classes": [0, 1, 2, 3],
            "n_train": 100, "loss": "mse"}
 NU_RULES = {"scalar_rmsprop": {"beta2": 0.99, "eps": 1e-3}, "rmsprop": {"beta2": 0.99, "eps": 1e-3}}
@@ -25,7 +25,7 @@ NU_RULES = {"scalar_rmsprop": {"beta2": 0.99, "eps": 1e-3}, "rmsprop": {"beta2":
 
 @pytest.fixture
 def one_thread():
-    """data/central-golden.npz was recorded on one CPU thread, so it is pinned here (tests/conftest.py pins every
+    """tests/golden/central-golden.npz was recorded on one CPU thread, so it is pinned here (tests/conftest.py pins every
     test to one thread already; this keeps the golden's condition visible where it is compared) and restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -34,7 +34,7 @@ def one_thread():
 
 
 def test_the_generic_flow_reproduces_the_hand_derived_one(one_thread):
-    """data/central-golden.npz: 20 steps of the central flow as hand-derived per rule before it was made generic
+    """tests/golden/central-golden.npz: 20 steps of the central flow as hand-derived per rule before it was made generic
     (the ν rate, its Σ term and dP/dν written out for scalar_rmsprop and rmsprop), on the 16-16 tanh MLP (100
     digits, float64), all 20 steps at the edge: gd at η = 1 (up to 3 critical directions), scalar_rmsprop at
     η = 0.85 and rmsprop at η = 0.01 (2 each). Losses agree to 1e-8 relative and final weights to 1e-8 (|w| ≤ 0.38,
@@ -152,6 +152,10 @@ def test_a_rule_that_changes_its_direction_must_declare_its_gain_or_why_it_has_n
     class DeclaredSign(Rule):
         name: ClassVar[str] = "declared_sign"
         central_flow: ClassVar[str] = "'declared_sign' has no central flow: sign(g) is not linear in g"
+        edge_fraction: ClassVar[None] = None
+
+        def threshold_coefficient(self):
+            return None
 
         def direction(self, g, state):
             return g.sign()
@@ -165,7 +169,11 @@ def test_a_rule_that_changes_its_direction_must_declare_its_gain_or_why_it_has_n
 class FixedDiagonal(Rule):
     """GD with a fixed diagonal preconditioner: w ← w − η g / P̃, P̃ = ``diagonal`` (state-free)."""
     name: ClassVar[str] = "fixed_diagonal"
+    edge_fraction: ClassVar[float] = 0.5
     diagonal: tuple[float, ...] = ()
+
+    def threshold_coefficient(self):
+        return 2.0
 
     def precond(self, state):
         return torch.tensor(self.diagonal, dtype=torch.float64)

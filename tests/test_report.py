@@ -137,7 +137,10 @@ def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_diver
     assert s.loc["gd", "largest distance"] == 0
     assert s.loc["adam", "wall time (s)"] == pytest.approx(0.01 * N * 4, rel=1e-12)
     assert s.loc["sgd", "wall time (s)"] == pytest.approx(0.01 * 120 * 5, rel=1e-12)
-    assert (s["batch size"].values == [0, 0, 0, 0, 10]).all()
+    assert s["batch size"].tolist() == ["full", "full", "full", "full", 10]          # what ran, not 0 for full
+    html = report.render(synthetic())
+    rows = {r: re.search(rf"<th>{r}</th>(.*?)</tr>", html, re.S).group(1) for r in ("gd", "sgd")}
+    assert "<td>full</td>" in rows["gd"] and "<td>10</td>" in rows["sgd"]
     assert np.isnan(report.summary(synthetic().drop_vars("threshold")).loc["gd", "EoS onset (step)"])
 
 
@@ -222,7 +225,8 @@ def test_a_sweep_too_large_for_a_legend_still_lays_out():
 def test_distance_to_reference_skips_the_reference_and_marks_the_divergence():
     ds = report.compared(synthetic())
     axes = plot.gaps(ds, reference="gd").axes
-    assert [a.get_ylabel() for a in axes] == ["distance", "loss_gap", "sharpness_gap"]
+    assert [a.get_ylabel() for a in axes] == ["distance to the reference (weights)", "loss − reference loss",
+                                              "sharpness − reference sharpness"]
     ax = axes[0]
     labels = [ln.get_label() for ln in ax.get_lines()]
     assert "gd" not in labels and {"central", "flow", "adam", "sgd"} <= set(labels)
@@ -231,6 +235,26 @@ def test_distance_to_reference_skips_the_reference_and_marks_the_divergence():
     np.testing.assert_allclose(flow.get_ydata(), 2 * np.arange(0, N + 1, 10), rtol=1e-12)
     assert [t.get_text() for t in ax.texts] == ["diverged"]
     assert ax.get_lines()[labels.index("sgd") + 1].get_xdata()[0] == 120     # the divergence line, in steps
+
+
+def test_gaps_are_drawn_against_the_step_at_which_they_were_compared():
+    """flowsim.compare pairs a run's k-th step with the reference's: on the time clock a gap is drawn at time only
+    where equal step is equal time, never at the run's own Σ η (there adam's gap at step k would sit at 1/50 of
+    the reference's time)."""
+    ds = report.compared(synthetic()).assign_attrs(clock="time")
+    compared = ds.step.where(np.isfinite(ds.loss_gap.sel(run="adam")), drop=True).values
+    axes = plot.gaps(ds, reference="gd").axes
+    assert [ax.get_xlabel() for ax in axes] == [plot.XLABEL["step"]] * 3
+    adam = next(ln for ln in axes[1].get_lines() if ln.get_label() == "adam")
+    np.testing.assert_array_equal(adam.get_xdata(), compared)
+    np.testing.assert_array_equal(adam.get_ydata(), (ds.loss.sel(run="adam") - ds.loss.sel(run="gd")).values)
+    assert f"compared at equal step: {plot.XLABEL['step']}" in report.header(ds)
+    same = report.compared(synthetic().sel(run=["gd", "central", "flow"])).assign_attrs(clock="time")  # one η
+    axes = plot.gaps(same, reference="gd").axes
+    assert [ax.get_xlabel() for ax in axes] == [plot.XLABEL["time"]] * 3
+    flow = next(ln for ln in axes[1].get_lines() if ln.get_label() == "flow")
+    np.testing.assert_array_equal(flow.get_xdata(), same.time.sel(run="gd").values)
+    assert "compared at equal step" not in report.header(same)
 
 
 def test_report_cli_writes_next_to_the_store_and_fails_in_one_line(tmp_path, capsys):
@@ -281,9 +305,11 @@ def test_the_clock_is_chosen_by_content_and_can_be_asked_for():
 def test_every_figure_of_a_report_uses_one_clock(x):
     ds = report.compared(synthetic()).assign_attrs(clock=x or plot.clock(synthetic()))
     labels = {s.title: report.x_labels(s.figure(ds, "gd")) for s in report.sections(ds)}
+    gaps = labels.pop("Distance and gaps to the reference run")
+    assert gaps == [plot.XLABEL["step"]]                        # compared at equal step, not equal time: step
     assert set(map(tuple, labels.values())) == {(plot.XLABEL[x or "step"],)}, labels
     html = report.render(synthetic(), x=x)
-    assert set(re.findall(r"data-x='([^']*)'", html)) == {plot.XLABEL[x or "step"]}
+    assert set(re.findall(r"data-x='([^']*)'", html)) == {plot.XLABEL[x or "step"], plot.XLABEL["step"]}
     assert f"x axis of every figure: {plot.XLABEL[x or 'step']}" in html
     assert set(re.findall(r"<th>[^<]*\((step|time)\)</th>", html)) == {x or "step"}     # no mixed summary columns
 
@@ -520,8 +546,11 @@ def test_every_bundled_scenario_gets_a_report_at_test_scale(name, browser, tmp_p
     assert_renders(page, len(report.sections(report.compared(ds))))
     sweep = ["Final loss across the sweep"] if plot.sweep_coords(ds) else []
     assert [alt for alt, _, _ in page["images"]][:len(sweep) + 1] == sweep + ["Loss"]
-    clocks = {f["x"] for f in page["figures"] if f["alt"] not in sweep}
-    assert len(clocks) == 1 and clocks <= set(plot.XLABEL.values())          # one clock, on every figure
+    gaps = "Distance and gaps to the reference run"                          # compared at equal step
+    clocks = {f["x"] for f in page["figures"] if f["alt"] not in sweep + [gaps]}
+    assert len(clocks) == 1 and clocks <= set(plot.XLABEL.values())          # one clock, on every other figure
+    assert [f["x"] for f in page["figures"] if f["alt"] == gaps] in (
+        [], [plot.XLABEL[plot.gaps_clock(report.compared(ds))]])
     assert not sweep or all(int(f["legend"]) > 0 for f in page["figures"])
 
 

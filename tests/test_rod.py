@@ -90,6 +90,7 @@ class Nesterov(Rule):
     """Nesterov momentum, defined here only: m ← βm + g, w ← w − η(g + βm). Threshold on a quadratic:
     ηλ < 2(1 + β)/(1 + 2β)."""
     name: ClassVar[str] = "nesterov-test"
+    edge_fraction: ClassVar[float] = 0.5
     beta1: float = 0.5
 
     def init(self, w, g0):
@@ -133,6 +134,10 @@ def test_a_rule_without_a_rod_flow_is_refused_with_its_reason():
     class Clipped(Rule):
         name: ClassVar[str] = "clipped-test"
         rod_flow: ClassVar[str] = "its step is not smooth in the gradient"
+        edge_fraction: ClassVar[float] = 0.5
+
+        def threshold_coefficient(self):
+            return 2.0
 
     with pytest.raises(ValueError, match="^rule: its step is not smooth in the gradient$"):
         Rod(quadratic([1.0], [1.0]), Clipped())

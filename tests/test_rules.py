@@ -1,11 +1,13 @@
 """Update rules: exact stability thresholds on quadratics, and agreement with torch.optim where they coincide."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import flowsim
 from flowsim.models import build_problem
-from flowsim.solvers import Discrete, Drop, make_rule
+from flowsim.solvers import PROCESSES, RULES, Discrete, Drop, make_rule
 
 MARGIN = 1e-6  # relative distance to the threshold
 
@@ -118,3 +120,45 @@ def test_step_size_drop_schedule():
 def test_bad_hyperparameters_name_the_key(bad, key):
     with pytest.raises(ValueError, match=key):
         make_rule("adam", **bad)
+
+
+DECLARATIONS = {"central": "central_flow", "rod": "rod_flow", "sde": "sde"}
+"""The process → the rule's declaration of whether that process applies (the others apply to every rule)."""
+
+
+@pytest.mark.parametrize("process", sorted(PROCESSES))
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_rule_runs_through_every_process_or_is_refused_with_its_declared_reason(tiny_mlp_problem, rule,
+                                                                                       process):
+    """12 steps (past Adam's and NAdam's default discrete start of 10) from w0 at η = 0.01: the loss stays finite
+    and moves from L(w0); or the run is refused, in one line, with exactly the reason the rule declares."""
+    reason = getattr(RULES[rule], DECLARATIONS.get(process, ""), None)
+    run = lambda: flowsim.simulate(tiny_mlp_problem, rule, process, 0.01, 12,  # noqa: E731
+                                   batch_size=20 if process == "sde" else None)
+    if reason is not None:
+        with pytest.raises(flowsim.ScenarioError) as refusal:
+            run()
+        assert str(refusal.value) == f"rule: {reason}" and "\n" not in reason
+        return
+    loss = run().loss.sel(run=process).values
+    assert np.isfinite(loss).all() and loss[-1] != loss[0]
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_edge_controller_runs_every_rule_with_a_threshold_and_refuses_the_others(tiny_mlp_problem, rule):
+    """Under ``step_size: edge`` the first η is c·θ/S (c the rule's edge_fraction, θ its threshold coefficient,
+    S = λ_max(P̃⁻¹H) at w0, dense eigvalsh in float64 for the rules without a preconditioner at step 0); a rule
+    without a threshold is refused in one line."""
+    made = make_rule(rule)
+    if made.threshold_coefficient() is None:
+        with pytest.raises(flowsim.ScenarioError, match=rf"^step_size: edge holds η at a fraction of the rule's "
+                                                         rf"stability threshold, and rule '{rule}' has none$"):
+            flowsim.simulate(tiny_mlp_problem, rule, "discrete", "edge", 5)
+        return
+    ds = flowsim.simulate(tiny_mlp_problem, rule, "discrete", "edge", 5)
+    eta = ds.step_size.sel(run="discrete").values[:-1]  # the last row is the final point: no step taken from it
+    assert np.isfinite(eta).all() and np.isfinite(ds.loss.values).all()
+    if made.precond(made.init(tiny_mlp_problem.w0, tiny_mlp_problem.grad(tiny_mlp_problem.w0))) is None:
+        H = torch.autograd.functional.hessian(tiny_mlp_problem.loss, tiny_mlp_problem.w0)
+        top = torch.linalg.eigvalsh(H)[-1].item()
+        assert eta[0] == pytest.approx(made.edge_fraction * made.threshold_coefficient() / top, rel=1e-2)

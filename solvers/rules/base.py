@@ -1,28 +1,29 @@
-"""Update rules: every optimizer written once as preconditioned gradient descent.
+"""The base of every update rule (:class:`Rule`): an optimizer written once as preconditioned gradient descent, with
+the facts about it that the processes, policies and probes read. Each optimizer is one subclass in its own module
+of this package; the package's ``__init__`` is the registry.
 
 A rule is a pair of pure functions in the optax style, over a state that is a plain dict of tensors:
 ``init(w, g0) -> state`` and ``update(g, state, lr) -> (Δw, state)``; the discrete step is w ← w + Δw.
-Every rule is w ← w − η P̃⁻¹ m, with ``direction(state) = m`` (g for GD) and a diagonal ``precond(state) = P̃``
-(None for the identity). P̃ excludes η: the central-flow preconditioner is P = P̃/η. The *preconditioned
+Every rule is w ← w − η P̃⁻¹ d, with ``direction(g, state) = d`` (g for GD, the momentum m, or a look-ahead mixing
+the two) and a diagonal ``precond(state) = P̃`` (None for the identity). P̃ excludes η: the central-flow preconditioner is P = P̃/η. The *preconditioned
 sharpness* is λ_max(P̃⁻¹H), measured on P̃^{-1/2} H P̃^{-1/2}, and ``threshold_coefficient`` c gives its stability
-threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam).
+threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam). Every rule declares it
+(None for a rule with no threshold), with the edge controller's default fraction ``edge_fraction`` of it.
 
 The continuous processes read a rule through these same functions only: the stable flow's state ODE is
 ``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) differentiates
 ``advance_state`` and ``precond`` in forward mode, and passes the oscillation's correction to the gradient
 through ``direction_gain``: a momentum settles to direction_gain·g under a gradient held fixed. The rod flow
 (``solvers/rod.py``) needs only the step itself (``advance_state`` then ``step_from``) and β. ``central_flow`` and
-``rod_flow`` are each rule's declarations of whether those flows apply to it: None when they do, else the reason
-why not.
-Rules know nothing about processes, problems or storage.
+``rod_flow`` (and ``sde``) are each rule's declarations of whether those flows apply to it: None when they do, else
+the reason why not; ``stochastic_edge`` whether the stochastic-edge measures do.
+Rules know nothing about processes, problems or storage, and nothing outside this package tests a rule's name.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar, Optional
 
-import pydantic
 import torch
 from torch import Tensor
 
@@ -43,6 +44,15 @@ class Rule:
     # state) a smooth map defined around its iterates, so that c ± δ for a rod near them is a state the rule can
     # step from (a ν kept positive by its own average). Otherwise: the reason why not, one line.
     rod_flow: ClassVar[Optional[str]] = None
+    # None: the SDE (``solvers/sde.py``) applies: the step is differentiable in the gradient, so that its noise is
+    # carried by the step's derivative along ξ. Otherwise: the reason why not, one line.
+    sde: ClassVar[Optional[str]] = None
+    # Whether the stochastic-edge measures (batch sharpness and the second-moment contraction, whose edge is 2/η for
+    # minibatch SGD) apply to the rule's minibatch runs.
+    stochastic_edge: ClassVar[bool] = False
+    # Required of every rule: the edge controller's c where a scenario gives none (η·S = c·θ, θ the threshold
+    # coefficient); None for a rule without a threshold.
+    edge_fraction: ClassVar[Optional[float]]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -50,6 +60,13 @@ class Rule:
             raise TypeError(f"{cls.__name__}: overrides direction, so it must declare direction_gain (what its "
                             f"direction settles to under a fixed gradient, over g) or central_flow (why it has "
                             f"none)")
+        if "name" in cls.__dict__:
+            missing = [key for key, declared in (("threshold_coefficient",
+                                                  cls.threshold_coefficient is not Rule.threshold_coefficient),
+                                                 ("edge_fraction", hasattr(cls, "edge_fraction"))) if not declared]
+            if missing:
+                raise TypeError(f"{cls.__name__}: must declare {' and '.join(missing)} (its stability threshold on a "
+                                f"quadratic, and the edge controller's default fraction of it; None where it has none)")
 
     def init(self, w: Tensor, g0: Tensor) -> State:
         """Initial state, given the weights and the gradient at the first step."""
@@ -109,9 +126,10 @@ class Rule:
         along g). The central flow passes the oscillation's correction to the gradient through it."""
         return 1.0
 
-    def threshold_coefficient(self) -> float:
-        """c such that λ_max(P̃⁻¹H) = c/η is the stability threshold on a quadratic."""
-        return 2.0
+    def threshold_coefficient(self) -> Optional[float]:
+        """c such that λ_max(P̃⁻¹H) = c/η is the stability threshold on a quadratic; None where the rule has none
+        (a step of bounded size, which no curvature makes diverge). Every rule declares it."""
+        raise NotImplementedError
 
     def flow_start(self) -> int:
         """How the rule's flows begin by default: the number n of its own discrete steps they take before the flow
@@ -159,146 +177,3 @@ class Rule:
             raise ValueError(f"eps: must be ≥ 0, got {self.eps}")
 
 
-@dataclass(frozen=True)
-class GD(Rule):
-    """Gradient descent: w ← w − η g."""
-    name: ClassVar[str] = "gd"
-
-
-@dataclass(frozen=True)
-class Momentum(Rule):
-    """EMA momentum m ← β1 m + (1 − β1) g, w ← w − η m; or heavy ball m ← β1 m + g when ``heavy_ball``.
-
-    Stability threshold on a quadratic: ηλ < 2(1 + β1)/(1 − β1) (EMA), ηλ < 2(1 + β1) (heavy ball).
-    """
-    name: ClassVar[str] = "momentum"
-    beta1: float = field(default=0.9, metadata={"description": "EMA coefficient of the gradient (heavy ball: the "
-                                                "decay of m), in [0, 1)"})
-    heavy_ball: bool = field(default=False, metadata={"description": "m ← β1·m + g instead of the EMA "
-                                                      "m ← β1·m + (1 − β1)·g (the step is still w ← w − η·m)"})
-
-    def init(self, w, g0):
-        return {"m": torch.zeros_like(w)}
-
-    def advance_state(self, g, state):
-        scale = 1.0 if self.heavy_ball else 1.0 - self.beta1
-        return {"m": self.beta1 * state["m"] + scale * g}
-
-    def direction(self, g, state):
-        return state["m"]
-
-    def direction_gain(self, state):
-        """m settles to g (EMA) or g/(1 − β1) (heavy ball)."""
-        return 1.0 / (1.0 - self.beta1) if self.heavy_ball else 1.0
-
-    def threshold_coefficient(self):
-        c = 2.0 * (1.0 + self.beta1)
-        return c if self.heavy_ball else c / (1.0 - self.beta1)
-
-    def scaled(self, kappa):
-        """1 − β1 × κ and η × κ (EMA); heavy ball, the EMA with η/(1 − β1): η × κ²."""
-        return self._with_decays(kappa), kappa ** 2 if self.heavy_ball else kappa
-
-
-@dataclass(frozen=True)
-class ScalarRMSProp(Rule):
-    """ν ← β2 ν + (1 − β2)‖g‖² (a scalar), w ← w − η g / (√ν + ε). ν starts at ‖g0‖²."""
-    name: ClassVar[str] = "scalar_rmsprop"
-    beta2: float = field(default=0.99, metadata={"description": "EMA coefficient of ‖g‖², in [0, 1)"})
-    eps: float = field(default=1e-8, metadata={"description": "added to √ν (gradient units), ≥ 0"})
-
-    def init(self, w, g0):
-        return {"nu": g0.pow(2).sum().reshape(1)}
-
-    def advance_state(self, g, state):
-        return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2).sum()}
-
-    def precond(self, state):
-        return state["nu"].sqrt() + self.eps
-
-    def scaled(self, kappa):
-        """The square-root rule: 1 − β2 × κ, η × √κ, ε / √κ (ν scales as the noise, 1/κ, where noise dominates it)."""
-        return self._with_decays(kappa, eps=self.eps / math.sqrt(kappa)), math.sqrt(kappa)
-
-    def svag(self, l):
-        """1 − β / l and η / l: SVAG feeds ν the plain batch gradient, so ν keeps its scale and the linear rule
-        applies."""
-        return self._with_decays(1.0 / l), 1.0 / l
-
-
-@dataclass(frozen=True)
-class RMSProp(ScalarRMSProp):
-    """ν ← β2 ν + (1 − β2) g² (elementwise), w ← w − η g / (√ν + ε). ν starts at g0²."""
-    name: ClassVar[str] = "rmsprop"
-    beta2: float = field(default=0.99, metadata={"description": "EMA coefficient of g² (elementwise), in [0, 1)"})
-
-    def init(self, w, g0):
-        return {"nu": g0.pow(2)}
-
-    def advance_state(self, g, state):
-        return {"nu": self.beta2 * state["nu"] + (1 - self.beta2) * g.pow(2)}
-
-
-@dataclass(frozen=True)
-class Adam(Rule):
-    """Adam with bias correction: w ← w − η m̂ / (√v̂ + ε), m̂ = m/(1 − β1ᵗ), v̂ = v/(1 − β2ᵗ).
-
-    Written as w ← w − η P̃⁻¹ m with P̃ = (1 − β1ᵗ)(√v̂ + ε): the m̂ correction is folded into P̃.
-    """
-    name: ClassVar[str] = "adam"
-    beta1: float = field(default=0.9, metadata={"description": "EMA coefficient of the gradient, in [0, 1)"})
-    beta2: float = field(default=0.999, metadata={"description": "EMA coefficient of g² (elementwise), in [0, 1)"})
-    eps: float = field(default=1e-8, metadata={"description": "added to √v̂, the bias-corrected √v (gradient "
-                                               "units), ≥ 0"})
-
-    def init(self, w, g0):
-        zero = torch.zeros_like(w)
-        return {"m": zero, "v": zero.clone(), "t": torch.zeros((), dtype=w.dtype, device=w.device)}
-
-    def advance_state(self, g, state):
-        return {"m": self.beta1 * state["m"] + (1 - self.beta1) * g,
-                "v": self.beta2 * state["v"] + (1 - self.beta2) * g * g, "t": state["t"] + 1}
-
-    def direction(self, g, state):
-        return state["m"]
-
-    def direction_gain(self, state):
-        """m settles to (1 − β1ᵗ)·g (m̂ to g): the factor P̃ holds, so the settled step is −η g/(√v̂ + ε)."""
-        return 1 - self.beta1 ** state["t"].clamp(min=1)
-
-    def precond(self, state):
-        t = state["t"].clamp(min=1)
-        v_hat = state["v"] / (1 - self.beta2 ** t)
-        return (1 - self.beta1 ** t) * (v_hat.sqrt() + self.eps)
-
-    def threshold_coefficient(self):
-        return (2.0 + 2.0 * self.beta1) / (1.0 - self.beta1)
-
-    scaled, svag = ScalarRMSProp.scaled, ScalarRMSProp.svag
-
-    def flow_start(self):
-        """⌈1/(1 − β1)⌉, the averaging window of m: Adam's state starts degenerate (m = v = 0, t = 0) and its
-        bias-corrected averages are averages of a handful of gradients over its first ~1/(1 − β1) steps (the
-        first is a sign step, above the edge), which no flow of the rule follows (docs/central-momentum.md)."""
-        return math.ceil(1.0 / (1.0 - self.beta1) - 1e-9)  # β1 = 0.9: 10, not 11 from 1/(1 − 0.9) = 10.000…02
-
-
-RULES: dict[str, type[Rule]] = {r.name: r for r in (GD, Momentum, ScalarRMSProp, RMSProp, Adam)}
-
-
-def make_rule(name: str, /, **hyper) -> Rule:
-    """Look a rule up by name and type-check its hyperparameters; errors name the offending key."""
-    if name not in RULES:
-        raise ValueError(f"rule: unknown rule {name!r}; choose from {sorted(RULES)}")
-    cls = RULES[name]
-    known = [f.name for f in fields(cls)]
-    unknown = set(hyper) - set(known)
-    if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: not a hyperparameter of rule {name!r} "
-                         f"(it takes {', '.join(known) or 'none'})")
-    try:
-        return pydantic.TypeAdapter(cls).validate_python(hyper, strict=False)
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ValueError(f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg) from None
