@@ -1,6 +1,7 @@
 """The edge step-size controller as ``torch.optim`` optimizers, for a user's own training loop.
 
-``EdgeSGD`` (GD, EMA or heavy-ball momentum) and ``EdgeAdam`` run flowsim's update rules (:mod:`flowsim.solvers.rules`)
+``EdgeSGD`` (GD, EMA or heavy-ball momentum, Nesterov's), ``EdgeAdam`` and ``EdgeNAdam`` run flowsim's update
+rules (:mod:`flowsim.solvers.rules`)
 under its :class:`~flowsim.solvers.Edge` policy — the same objects the simulator runs, no second implementation.
 ``step(closure)`` takes a closure as ``torch.optim.LBFGS`` does: it evaluates the model on the current minibatch
 and returns the loss (it may call ``backward`` itself; the optimizer clears and reads ``.grad``). The controller
@@ -121,11 +122,16 @@ class EdgeOptimizer(torch.optim.Optimizer):
 
 class EdgeSGD(EdgeOptimizer):
     """GD under the edge controller; with ``momentum`` β > 0 EMA momentum m ← βm + (1 − β)g (threshold
-    (2 + 2β)/(1 − β)), or with ``heavy_ball`` m ← βm + g (threshold 2 + 2β). ``edge``: the controller's options."""
+    (2 + 2β)/(1 − β)), or with ``heavy_ball`` m ← βm + g (threshold 2 + 2β); with ``nesterov`` either one's
+    Nesterov form (``heavy_ball`` and ``nesterov``: ``torch.optim.SGD(nesterov=True)``'s step).
+    ``edge``: the controller's options."""
 
-    def __init__(self, params: Iterable, momentum: float = 0.0, heavy_ball: bool = False, **edge):
-        rule = make_rule("momentum", beta1=momentum, heavy_ball=heavy_ball) if momentum or heavy_ball \
-            else make_rule("gd")
+    def __init__(self, params: Iterable, momentum: float = 0.0, heavy_ball: bool = False, nesterov: bool = False,
+                 **edge):
+        if momentum or heavy_ball or nesterov:
+            rule = make_rule("nesterov" if nesterov else "momentum", beta1=momentum, heavy_ball=heavy_ball)
+        else:
+            rule = make_rule("gd")
         super().__init__(params, rule, **edge)
 
 
@@ -135,3 +141,12 @@ class EdgeAdam(EdgeOptimizer):
 
     def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
         super().__init__(params, make_rule("adam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)
+
+
+class EdgeNAdam(EdgeOptimizer):
+    """NAdam (Adam with Nesterov's look-ahead, ``torch.optim.NAdam`` without its momentum schedule; ``betas``,
+    ``eps`` as Adam's) under the edge controller, which holds λ_max(P̃⁻¹H) at c·2(1 + β1)/((1 + 2β1)(1 − β1)η).
+    ``edge``: the controller's options."""
+
+    def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
+        super().__init__(params, make_rule("nadam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)

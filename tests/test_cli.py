@@ -36,7 +36,7 @@ BAD = [  # (scenario document or raw text, text the one-line error must contain)
     (with_("steps", ...), "steps: required key is missing"),
     (with_("runs.gd.lr", -0.1), "runs.gd.lr:"),
     (with_("runs.gd.batch_size", 31), "runs.gd.batch_size:"),
-    (with_("runs.gd.rule", "lion"), "runs.gd.rule: unknown rule"),
+    (with_("runs.gd.rule", "magic"), "runs.gd.rule: unknown rule"),
     (with_("runs.gd.process", "magic"), "runs.gd.process:"),
     (with_("runs.gd.beta2", 0.9), "runs.gd.beta2: not a hyperparameter of rule 'gd'"),
     (with_("runs.gd.rule", "adam", with_("runs.gd.beta1", 1.5)), "runs.gd.beta1:"),

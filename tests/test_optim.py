@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flowsim
-from flowsim.optim import EdgeAdam, EdgeSGD
+from flowsim.optim import EdgeAdam, EdgeNAdam, EdgeSGD
 from flowsim.solvers import EpochSampler
 
 N, STEPS = 64, 40
@@ -45,6 +45,8 @@ def train(model, opt, X, Y, batches, steps):
     ("adam", lambda p: EdgeAdam(p, betas=(0.9, 0.99)), {"beta1": 0.9, "beta2": 0.99}, None),
     ("momentum", lambda p: EdgeSGD(p, momentum=0.9), {"beta1": 0.9}, 16),
     ("adam", lambda p: EdgeAdam(p), {}, 16),
+    ("nesterov", lambda p: EdgeSGD(p, momentum=0.9, nesterov=True), {"beta1": 0.9}, 16),
+    ("nadam", lambda p: EdgeNAdam(p), {}, None),
 ])
 def test_the_optimizer_reproduces_the_simulator_run(data, rule, make, hyper, batch):
     """Full batch, and a minibatch loop over the simulator's own batches: every step size and the final weights
