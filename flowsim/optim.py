@@ -108,7 +108,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
         loss, g = ctx.loss_and_grad()
         if state["rule"] is None:
             state["rule"] = self.rule.init(w, g)
-        delta, state["rule"] = self.rule.update(g, state["rule"], lr)
+        delta, state["rule"] = self.rule.update(g, state["rule"], lr, w)
         if problem.at is w:  # the parameters hold w and .grad the step's gradient: step in place
             torch._foreach_add_(params, [d.view_as(p) for p, d in zip(params, torch.split(delta, problem.sizes))])
         else:  # a Hessian-vector product left the parameters and their .grad at a probe point
@@ -150,3 +150,4 @@ class EdgeNAdam(EdgeOptimizer):
 
     def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
         super().__init__(params, make_rule("nadam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)
+

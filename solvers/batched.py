@@ -113,7 +113,7 @@ class BatchedDiscrete:
         if traj.state is None:
             traj.state = self._init(traj.w, g)
         lr = torch.tensor(lrs, dtype=traj.w.dtype, device=traj.w.device)
-        delta, traj.state = self._update(g, traj.state, lr)
+        delta, traj.state = self._update(g, traj.state, lr, traj.w)
         traj.w = traj.w + delta
         traj.tick(lrs)
         return out

@@ -89,18 +89,17 @@ def flow_field(problem: Problem, rule: Rule, lr: float, layout: Layout, modified
 
     def field(t: Tensor, y: Tensor) -> Tensor:
         w, state = layout.unpack(y)
-        return velocity(rule, lr, layout, state, gradient(w, state))
+        return velocity(rule, lr, layout, w, state, gradient(w, state))
 
     if vectorized:
         return vmap(field, in_dims=(None, 0))
     return field
 
 
-def velocity(rule: Rule, lr: float, layout: Layout, state: State, g: Tensor) -> Tensor:
-    """dy/dt = layout.pack(−η P̃⁻¹ direction(g, s), rule.state_rate(g, s)) for the gradient g at state s."""
-    dw = -lr * rule.direction(g, state)
-    P = rule.precond(state)
-    return layout.pack(dw if P is None else dw / P, rule.state_rate(g, state))
+def velocity(rule: Rule, lr: float, layout: Layout, w: Tensor, state: State, g: Tensor) -> Tensor:
+    """dy/dt = layout.pack(−η (P̃⁻¹ direction(g, s) + decay(w)), rule.state_rate(g, s)) for the gradient g at
+    (w, s)."""
+    return layout.pack(rule.step_from(g, state, lr, w), rule.state_rate(g, state))
 
 
 def integrate_unit(field: VectorField, y0: Tensor, method: str = "rk4", substeps: int = 4, rtol: float = 1e-7,

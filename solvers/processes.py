@@ -135,7 +135,7 @@ def svag_update(problem: Problem, rule: Rule, factor: float, w: Tensor, state: O
         # s⁺ = the odd part of advance_state at g_s + its even part at g1 (m: βm + (1 − β)g_s; ν: β2ν + (1 − β2)g1²)
         odd, even = rule.advance_parts(g, state)[1], rule.advance_parts(g1, state)[0]
         state = {key: odd[key] + even[key] for key in odd}
-        w = w + rule.step_from(g, state, lr * factor)
+        w = w + rule.step_from(g, state, lr * factor, w)
     return first_loss, w, state
 
 
@@ -242,7 +242,7 @@ class Discrete(Process):
         """One update of the rule with gradient g at step size lr: w, rule state, step and time advance."""
         if traj.state is None:
             traj.state = self.rule.init(traj.w, g)
-        delta, traj.state = self.rule.update(g, traj.state, lr)
+        delta, traj.state = self.rule.update(g, traj.state, lr, traj.w)
         traj.w = traj.w + delta
         traj.tick(lr)
 

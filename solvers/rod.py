@@ -108,7 +108,7 @@ class Rod(Process):
         ends = torch.stack([c + delta, c - delta])
         w, state = vmap(layout.unpack)(ends)
         g, losses = self._gradients(w)
-        step = vmap(lambda g, state: rule.step_from(g, state, lr))(g, state)
+        step = vmap(lambda g, state, w: rule.step_from(g, state, lr, w))(g, state, w)
         # the state's next value takes the gradient at the next point: two more gradients where a momentum
         # oscillates (elsewhere δ's state part is masked out, and the ends' own gradients stand in)
         g_next = self._gradients(w + step)[0] if self._momenta else g

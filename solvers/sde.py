@@ -171,7 +171,9 @@ class SDE(Stable):
             drift_s = {key: advanced[key] - value for key, value in state.items()}
             noise_s = {key: torch.zeros_like(value) if key in second_moments else value
                        for key, value in s_noise.items()}
-            return (layout.pack(-lr * (d if P is None else d / P), drift_s),
+            decay = rule.decay(w)
+            drift_w = -lr * (d if P is None else d / P)
+            return (layout.pack(drift_w if decay is None else drift_w - lr * decay, drift_s),
                     layout.pack(-lr * (d_noise if P is None else d_noise / P), noise_s))
 
         return drift_and_noise

@@ -238,7 +238,7 @@ class Cdat(StepSize):
 
     def update(self, k, ctx, state):
         g = ctx.loss_and_grad()[1]
-        u = ctx.rule.update(g, ctx.prior_state(), 1.0)[0]
+        u = ctx.rule.update(g, ctx.prior_state(), 1.0, ctx.w)[0]
         n = max(-(g * u).sum().item(), 0.0)
         d = abs((u * ctx.hessian(self.hvp)(u)).sum().item())
         state = {"n": self.ema * state["n"] + (1 - self.ema) * n, "d": self.ema * state["d"] + (1 - self.ema) * d}

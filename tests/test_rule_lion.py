@@ -18,7 +18,7 @@ def test_it_is_the_published_update():
     for _ in range(25):
         g = problem.grad(w)
         state = rule.init(w, g) if state is None else state
-        delta, state = rule.update(g, state, lr)
+        delta, state = rule.update(g, state, lr, w)
         w = w + delta
         g_ref = problem.grad(reference)
         reference = reference - lr * torch.sign(beta1 * m + (1 - beta1) * g_ref)
@@ -38,7 +38,7 @@ def test_it_never_diverges_on_a_quadratic_whatever_its_sharpness(beta1, beta2):
     rule = make_rule("lion", beta1=beta1, beta2=beta2)
     state, largest, late = rule.init(theta, lam * theta), 0.0, 0.0
     for k in range(20000):
-        delta, state = rule.update(lam * theta, state, lr)
+        delta, state = rule.update(lam * theta, state, lr, theta)
         theta = theta + delta
         largest = max(largest, theta.abs().max().item())
         if k >= 10000:

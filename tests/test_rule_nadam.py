@@ -39,7 +39,7 @@ def test_it_diverges_exactly_past_its_threshold_with_the_preconditioner_held(bet
         state = {"m": torch.zeros(1, dtype=torch.float64), "v": torch.full((1,), v, dtype=torch.float64),
                  "t": torch.tensor(1e18, dtype=torch.float64)}
         for k in range(20000):
-            delta, state = rule.update(lam * theta, state, lr)
+            delta, state = rule.update(lam * theta, state, lr, theta)
             theta = theta + delta
             if k == 9999:
                 half = theta.abs().item()

@@ -25,8 +25,8 @@ def test_the_ema_form_is_the_heavy_ball_form_at_eta_times_one_minus_beta1():
         g_ema, g_heavy = problem.grad(w_ema), problem.grad(w_heavy)
         s_ema = ema.init(w_ema, g_ema) if s_ema is None else s_ema
         s_heavy = heavy.init(w_heavy, g_heavy) if s_heavy is None else s_heavy
-        d_ema, s_ema = ema.update(g_ema, s_ema, lr)
-        d_heavy, s_heavy = heavy.update(g_heavy, s_heavy, lr * (1 - beta1))
+        d_ema, s_ema = ema.update(g_ema, s_ema, lr, w_ema)
+        d_heavy, s_heavy = heavy.update(g_heavy, s_heavy, lr * (1 - beta1), w_heavy)
         w_ema, w_heavy = w_ema + d_ema, w_heavy + d_heavy
     torch.testing.assert_close(w_ema, w_heavy, rtol=1e-12, atol=1e-13)
 

@@ -18,7 +18,7 @@ def growth(rule, lam: float, lr: float, steps: int) -> float:
     state = rule.init(theta, lam * theta)
     half = None
     for k in range(steps):
-        delta, state = rule.update(lam * theta, state, lr)
+        delta, state = rule.update(lam * theta, state, lr, theta)
         theta = theta + delta
         if k == steps // 2 - 1:
             half = theta.abs().item()
@@ -82,7 +82,7 @@ def check_against_torch(rule, make_opt, lr, steps=25):
     for _ in range(steps):
         _, g = problem.loss_and_grad(w)
         state = rule.init(w, g) if state is None else state
-        delta, state = rule.update(g, state, lr)
+        delta, state = rule.update(g, state, lr, w)
         w = w + delta
         opt.zero_grad()
         param.grad = problem.grad(param.detach())
@@ -99,8 +99,8 @@ def test_rmsprop_follows_its_definition():
     state, sstate = rule.init(None, gs[0]), scalar.init(None, gs[0])
     for g in gs:
         nu, s = beta2 * nu + (1 - beta2) * g ** 2, beta2 * s + (1 - beta2) * (g ** 2).sum()
-        delta, state = rule.update(g, state, lr)
-        sdelta, sstate = scalar.update(g, sstate, lr)
+        delta, state = rule.update(g, state, lr, None)
+        sdelta, sstate = scalar.update(g, sstate, lr, None)
         torch.testing.assert_close(delta, -lr * g / (nu.sqrt() + eps))
         torch.testing.assert_close(sdelta, -lr * g / (s.sqrt() + eps))
 

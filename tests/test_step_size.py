@@ -229,7 +229,7 @@ def test_the_estimate_is_the_top_eigenvalue_of_the_steps_own_batch_hessian(rule,
         H = H / P.sqrt()[:, None] / P.sqrt()[None, :]
     assert after["S"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=rel)
     process.step(traj, eta, False, ctx)
-    torch.testing.assert_close(traj.w, w3 + process.rule.update(g, state, eta)[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(traj.w, w3 + process.rule.update(g, state, eta, w3)[0], rtol=1e-12, atol=1e-15)
 
 
 def test_max_products_caps_every_re_estimate_after_the_first(monkeypatch):
@@ -291,14 +291,14 @@ def test_cdat_steps_along_the_rule_update_with_averaged_numerator_and_denominato
     problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
     rule = make_rule("adam")
     g = problem.loss_and_grad(problem.w0)[1]
-    u = rule.update(g, rule.init(problem.w0, g), 1.0)[0]
+    u = rule.update(g, rule.init(problem.w0, g), 1.0, problem.w0)[0]
     H = torch.diag(torch.tensor(SPECTRUM, dtype=torch.float64))
     rows, _, _ = drive(problem, "adam", Cdat(ema=0.5, hvp="reverse"), 2)
     n0, d0 = (-(g @ u)).item(), (u @ H @ u).item()
     assert rows[0]["step_size"] == pytest.approx(2 * n0 / d0, rel=1e-12)
-    delta, state = rule.update(g, rule.init(problem.w0, g), rows[0]["step_size"])
+    delta, state = rule.update(g, rule.init(problem.w0, g), rows[0]["step_size"], problem.w0)
     g1 = problem.loss_and_grad(problem.w0 + delta)[1]
-    u1 = rule.update(g1, state, 1.0)[0]
+    u1 = rule.update(g1, state, 1.0, problem.w0 + delta)[0]
     n1, d1 = (-(g1 @ u1)).item(), (u1 @ H @ u1).item()
     assert rows[1]["step_size"] == pytest.approx(2 * (0.25 * n0 + 0.5 * n1) / (0.25 * d0 + 0.5 * d1), rel=1e-12)
     ds = flowsim.simulate(problem, "adam", "discrete", {"cdat": {"sigma": 1.5}}, 3)

@@ -3,7 +3,8 @@ the facts about it that the processes, policies and probes read. Each optimizer 
 of this package; the package's ``__init__`` is the registry.
 
 A rule is a pair of pure functions in the optax style, over a state that is a plain dict of tensors:
-``init(w, g0) -> state`` and ``update(g, state, lr) -> (Δw, state)``; the discrete step is w ← w + Δw.
+``init(w, g0) -> state`` and ``update(g, state, lr, w) -> (Δw, state)``; the discrete step is w ← w + Δw. The
+weights enter the step only through ``decay(w)``, a decoupled weight decay (AdamW's), None for the other rules.
 Every rule is w ← w − η P̃⁻¹ d, with ``direction(g, state) = d`` (g for GD, the momentum m, or a look-ahead mixing
 the two) and a diagonal ``precond(state) = P̃`` (None for the identity). P̃ excludes η: the central-flow preconditioner is P = P̃/η. The *preconditioned
 sharpness* is λ_max(P̃⁻¹H), measured on P̃^{-1/2} H P̃^{-1/2}, and ``threshold_coefficient`` c gives its stability
@@ -60,6 +61,9 @@ class Rule:
             raise TypeError(f"{cls.__name__}: overrides direction, so it must declare direction_gain (what its "
                             f"direction settles to under a fixed gradient, over g) or central_flow (why it has "
                             f"none)")
+        if "decay" in cls.__dict__ and cls.central_flow is None:
+            raise TypeError(f"{cls.__name__}: has a decoupled decay, so it must declare central_flow (the central "
+                            f"flow's step is −ηP̃⁻¹d alone)")
         if "name" in cls.__dict__:
             missing = [key for key, declared in (("threshold_coefficient",
                                                   cls.threshold_coefficient is not Rule.threshold_coefficient),
@@ -72,16 +76,24 @@ class Rule:
         """Initial state, given the weights and the gradient at the first step."""
         return {}
 
-    def update(self, g: Tensor, state: State, lr: float) -> tuple[Tensor, State]:
-        """One step: returns (Δw, new state) for gradient g at step size lr."""
+    def update(self, g: Tensor, state: State, lr: float, w: Tensor) -> tuple[Tensor, State]:
+        """One step at weights w: returns (Δw, new state) for gradient g at step size lr."""
         state = self.advance_state(g, state)
-        return self.step_from(g, state, lr), state
+        return self.step_from(g, state, lr, w), state
 
-    def step_from(self, g: Tensor, advanced: State, lr) -> Tensor:
-        """Δw = −η P̃⁻¹ direction(g, s) from the already advanced state s."""
-        delta = -lr * self.direction(g, advanced)
-        P = self.precond(advanced)
-        return delta if P is None else delta / P
+    def step_from(self, g: Tensor, state: State, lr, w: Tensor) -> Tensor:
+        """Δw = −η (P̃(s)⁻¹ direction(g, s) + decay(w)) at weights w from state s: the discrete step from its
+        already advanced state, and the stable flow's dw/dt from its current one."""
+        delta = -lr * self.direction(g, state)
+        P = self.precond(state)
+        delta = delta if P is None else delta / P
+        decay = self.decay(w)
+        return delta if decay is None else delta - lr * decay
+
+    def decay(self, w: Tensor) -> Optional[Tensor]:
+        """The step's part per unit η that does not come from the gradient and is not preconditioned: a decoupled
+        weight decay λw (AdamW's); None where the rule has none."""
+        return None
 
     def advance_parts(self, g: Tensor, state: State) -> tuple[State, State]:
         """(even, odd) parts of advance_state in g: ((a(g) + a(−g))/2, (a(g) − a(−g))/2). For a state affine in
