@@ -1,7 +1,7 @@
 """The edge step-size controller as ``torch.optim`` optimizers, for a user's own training loop.
 
-``EdgeSGD`` (GD, EMA or heavy-ball momentum, Nesterov's), ``EdgeAdam`` and ``EdgeNAdam`` run flowsim's update
-rules (:mod:`flowsim.solvers.rules`)
+``EdgeSGD`` (GD, EMA or heavy-ball momentum, Nesterov's), ``EdgeAdam``, ``EdgeNAdam`` and ``EdgeAdamW`` run
+flowsim's update rules (:mod:`flowsim.solvers.rules`)
 under its :class:`~flowsim.solvers.Edge` policy — the same objects the simulator runs, no second implementation.
 ``step(closure)`` takes a closure as ``torch.optim.LBFGS`` does: it evaluates the model on the current minibatch
 and returns the loss (it may call ``backward`` itself; the optimizer clears and reads ``.grad``). The controller
@@ -151,3 +151,13 @@ class EdgeNAdam(EdgeOptimizer):
     def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
         super().__init__(params, make_rule("nadam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)
 
+
+class EdgeAdamW(EdgeOptimizer):
+    """AdamW (Adam's step plus −η·``weight_decay``·w outside the preconditioner, ``torch.optim.AdamW``'s update;
+    ``betas``, ``eps`` as Adam's) under the edge controller, which holds λ_max(P̃⁻¹H) at Adam's c·(2 + 2β1)/((1 −
+    β1)η). ``edge``: the controller's options."""
+
+    def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, **edge):
+        super().__init__(params, make_rule("adamw", beta1=betas[0], beta2=betas[1], eps=eps,
+                                           weight_decay=weight_decay), **edge)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flowsim
-from flowsim.optim import EdgeAdam, EdgeNAdam, EdgeSGD
+from flowsim.optim import EdgeAdam, EdgeAdamW, EdgeNAdam, EdgeSGD
 from flowsim.solvers import EpochSampler
 
 N, STEPS = 64, 40
@@ -47,6 +47,7 @@ def train(model, opt, X, Y, batches, steps):
     ("adam", lambda p: EdgeAdam(p), {}, 16),
     ("nesterov", lambda p: EdgeSGD(p, momentum=0.9, nesterov=True), {"beta1": 0.9}, 16),
     ("nadam", lambda p: EdgeNAdam(p), {}, None),
+    ("adamw", lambda p: EdgeAdamW(p, weight_decay=0.1), {"weight_decay": 0.1}, 16),
 ])
 def test_the_optimizer_reproduces_the_simulator_run(data, rule, make, hyper, batch):
     """Full batch, and a minibatch loop over the simulator's own batches: every step size and the final weights

@@ -11,6 +11,7 @@ from dataclasses import fields
 import pydantic
 
 from flowsim.solvers.rules.adam import Adam
+from flowsim.solvers.rules.adamw import AdamW
 from flowsim.solvers.rules.base import Rule, State
 from flowsim.solvers.rules.gd import GD
 from flowsim.solvers.rules.lion import Lion
@@ -20,7 +21,7 @@ from flowsim.solvers.rules.nesterov import Nesterov
 from flowsim.solvers.rules.rmsprop import RMSProp, ScalarRMSProp
 
 RULES: dict[str, type[Rule]] = {r.name: r for r in (GD, Momentum, Nesterov, ScalarRMSProp, RMSProp, Adam, NAdam,
-                                                    Lion)}
+                                                    AdamW, Lion)}
 
 def make_rule(name: str, /, **hyper) -> Rule:
     """Look a rule up by name and type-check its hyperparameters; errors name the offending key."""
@@ -40,5 +41,5 @@ def make_rule(name: str, /, **hyper) -> Rule:
         raise ValueError(f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg) from None
 
 
-__all__ = ["RULES", "Adam", "GD", "Lion", "Momentum", "NAdam", "Nesterov", "RMSProp", "Rule", "ScalarRMSProp", "State",
+__all__ = ["RULES", "Adam", "AdamW", "GD", "Lion", "Momentum", "NAdam", "Nesterov", "RMSProp", "Rule", "ScalarRMSProp", "State",
            "make_rule"]
