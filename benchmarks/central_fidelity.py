@@ -29,7 +29,7 @@ import xarray as xr
 import flowsim
 from benchmarks.bench import best_of, bundled, parser
 from flowsim.compare import relative_distance
-from flowsim.curvature import hessian_operator, precond_eigenpairs
+from flowsim.solvers.curvature import hessian_operator, precond_eigenpairs
 from flowsim.models import build_problem
 
 SCENARIOS = ("central-momentum-mlp", "central-adam-mlp", "central-momentum-cnn", "central-adam-cnn")

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 import flowsim.solvers.central as central_module
-from flowsim.curvature import LossGraph
+from flowsim.solvers.curvature import LossGraph
 from flowsim.models import build_problem
 from flowsim.solvers import Central, make_rule
 from flowsim.solvers.central import CentralOptions

@@ -1,4 +1,4 @@
-"""The ``curvature`` benchmark: flowsim's warm-started Lanczos (``flowsim.curvature``) against PyHessian's power
+"""The ``curvature`` benchmark: flowsim's warm-started Lanczos (``flowsim.solvers.curvature``) against PyHessian's power
 iteration for the top Hessian eigenvalue, then warm-started tracking along GD, then the three HVP methods.
 
 It prints timings, Hessian-vector-product (HVP) counts and their ratios in one run. PyHessian (PyPI
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from benchmarks.bench import best_of, parser
-from flowsim.curvature import HVP_METHODS, hessian_operator, top_eigenpairs
+from flowsim.solvers.curvature import HVP_METHODS, hessian_operator, top_eigenpairs
 from flowsim.models import MODELS, build_problem
 
 MODEL = {"model": "mlp", "widths": [16, 16], "activation": "tanh", "dataset": "digits", "n_train": 1000,

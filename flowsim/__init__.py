@@ -8,7 +8,7 @@ processes, step-size policies and the simulation loop in ``flowsim.solvers``.
 __version__ = "0.1.0"
 
 from flowsim.compare import compare  # noqa: E402
-from flowsim.problem import Problem  # noqa: E402
+from flowsim.models.problem import Problem  # noqa: E402
 from flowsim.runner import run, simulate  # noqa: E402
 from flowsim.scenario import Scenario, ScenarioError  # noqa: E402
 from flowsim.scenario import load as load_scenario  # noqa: E402

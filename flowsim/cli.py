@@ -83,7 +83,7 @@ def cmd_info(args) -> int:
     import zarr
 
     import flowsim
-    from flowsim.problem import resolve_device
+    from flowsim.models.problem import resolve_device
     print(f"flowsim   {flowsim.__version__}")
     print(f"python    {platform.python_version()}  ({platform.platform()})")
     for mod in (torch, np, xarray, zarr):

@@ -3,7 +3,7 @@ minute (:class:`Recorder`).
 
 ``VARIABLES`` is the one table of recorded variables: extra dims beyond ``step``, units and a description —
 the store writes them as attrs, so every stored array says what it is. Probes compute measurements at a
-recorded step from the problem and the trajectory (projection, weights, curvature through flowsim.curvature).
+recorded step from the problem and the trajectory (projection, weights, curvature through flowsim.solvers.curvature).
 This module never opens files: the writer it is given does.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowsim.curvature import (LossGraph, gradient_noise_trace, hessian_operator, noise_kernel_norm,
+from flowsim.solvers.curvature import (LossGraph, gradient_noise_trace, hessian_operator, noise_kernel_norm,
                                ntk_eigenvalues, precond_eigenpairs)
 
 # name: (extra dims, units, long_name)
@@ -41,7 +41,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),
     "threshold": ((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
     "noise_kernel_norm": ((), "1", "K = (κ/C) Σ ηλ/(2 − (1 − κ)ηλ), κ = (1/B − 1/D)·D/(D − 1), NTK eigenvalues λ, "
-                          "C outputs (minibatch runs; flowsim.curvature.noise_kernel_norm)"),
+                          "C outputs (minibatch runs; flowsim.solvers.curvature.noise_kernel_norm)"),
     "batch_sharpness": ((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same minibatch B, "
                         "over record.stochastic_edge_batches of the run's upcoming batches (minibatch SGD runs)"),
     "second_moment_contraction": ((), "1", "E_B‖(I − ηH_B)u‖² over the same batches, u the unit top eigenvector of "

@@ -23,7 +23,7 @@ from flowsim import batching
 from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
 from flowsim import sweep as sweep_mod
-from flowsim.problem import Problem, resolve_device
+from flowsim.models.problem import Problem, resolve_device
 from flowsim.record import CurvatureProbe, Probe, Projection, ProjectionProbe, Recorder, WeightsProbe
 from flowsim.scenario import RecordSpec, RunSpec, Scenario, ScenarioError
 from flowsim.solvers import PROCESSES

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.flows import Layout
 from flowsim.solvers.processes import DiscreteOptions, discrete_start

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from flowsim.models.datasets import DatasetSpec, load
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 
 
 class InitFile(BaseModel):

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, PositiveFloat
 
 from flowsim.models.base import ModelConfig
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 
 
 class QuadraticConfig(ModelConfig):

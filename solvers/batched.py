@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 from flowsim.solvers.processes import Discrete, Trajectory, svag_update
 from flowsim.solvers.rules import Rule, State
 

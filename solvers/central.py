@@ -38,7 +38,7 @@ parts held over the substep; the SDCP's linear forecast of the substep reads the
 over it, as the discrete rule does. A flow with no valid Σ (the SDCP has no solution, e.g. a start far above
 the edge) is recorded as diverged at that step, with a warning.
 
-Eigenpairs come from ``flowsim.curvature.precond_eigenpairs`` by LOBPCG warm-started from the previous field
+Eigenpairs come from ``flowsim.solvers.curvature.precond_eigenpairs`` by LOBPCG warm-started from the previous field
 evaluation's block, to a residual of ``eig_tol`` (default 1e-3) relative to the top eigenvalue. The step's first
 field evaluation solves for every effective eigenvalue above ``track_threshold`` plus one (the guard that sees
 the next direction rise); the others, a fraction of a step later, for the pairs that were critical then and the
@@ -46,7 +46,7 @@ next one, since a direction moves from ``track_threshold`` to the edge over seve
 others keep their vectors until the next step). Against Lanczos to 1e-10 at every evaluation this moved the
 flow's loss by at most 2.4e-4 relative over 150-200 steps at the edge (gd, rmsprop, Adam), and cost 1.5-2.8x
 less (docs/measurements.md). The gradient's graph
-(``flowsim.curvature.LossGraph``) is built once per field evaluation and serves the Hessian-vector products
+(``flowsim.solvers.curvature.LossGraph``) is built once per field evaluation and serves the Hessian-vector products
 and the third-derivative terms ∇_w(uᵢᵀH(w)uⱼ) for all pairs i ≤ j (reverse mode through H u_j, cheaper on CPU
 than nested jvp + grad with torch.func).
 
@@ -71,7 +71,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as fwAD
 from torch.func import jvp, vmap
 
-from flowsim.curvature import LossGraph, precond_eigenpairs
+from flowsim.solvers.curvature import LossGraph, precond_eigenpairs
 from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.sdcp import SDCPError, solve_sdcp

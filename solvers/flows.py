@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torchdiffeq import odeint
 
-from flowsim.curvature import hessian_operator, precond_eigenpairs
-from flowsim.problem import Problem
+from flowsim.solvers.curvature import hessian_operator, precond_eigenpairs
+from flowsim.models.problem import Problem
 from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import Rule, State
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from torch.func import grad_and_value
 
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.step_size import StepContext
 

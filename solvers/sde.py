@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, NonNegativeFloat, model_validator
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 from flowsim.solvers.flows import Layout, Stable, StepCount, flow_field
 from flowsim.solvers.processes import DiscreteStart, Trajectory, step_seed
 from flowsim.solvers.rules import Rule, State

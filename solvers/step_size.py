@@ -27,7 +27,7 @@ from typing import Callable, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import Tensor
 
-from flowsim.curvature import HVP_METHODS, LossGraph, hessian_operator, precond_eigenpairs
+from flowsim.solvers.curvature import HVP_METHODS, LossGraph, hessian_operator, precond_eigenpairs
 from flowsim.solvers.rules import Rule, State
 
 PolicyState = dict
@@ -56,7 +56,7 @@ class StepContext:
         return self._value
 
     def hessian(self, method: str = "reverse") -> Callable[[Tensor], Tensor]:
-        """v ↦ H v at w_k on the step's batch, by ``method`` (``flowsim.curvature.hessian_operator``): ``reverse``
+        """v ↦ H v at w_k on the step's batch, by ``method`` (``flowsim.solvers.curvature.hessian_operator``): ``reverse``
         builds the gradient's graph, and the step's gradient comes from it when not computed yet; ``difference``
         starts from the step's gradient."""
         if method == "reverse":

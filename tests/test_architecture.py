@@ -1,5 +1,6 @@
-"""The code's shape, checked: no module outside the registries tests a rule's or a process's name (what a rule or a
-process is, it declares itself, so that a new one needs no edit elsewhere)."""
+"""The code's shape, checked: the three folders import in one direction (models/ under solvers/ under flowsim/), and
+no module outside the registries tests a rule's or a process's name (what a rule or a process is, it declares
+itself, so that a new one needs no edit elsewhere)."""
 import ast
 from pathlib import Path
 
@@ -45,3 +46,41 @@ def test_the_scan_sees_each_form_of_name_test(tmp_path):
     module.write_text('a = rule.name == "gd"\nb = process in ("discrete", "sde")\nc = {"adam": 0.5}\n'
                       'd = spec.name == "digits"\n')
     assert [hit.split()[0] for hit in name_tests(module, tmp_path)] == ["m.py:1", "m.py:2", "m.py:3"]
+
+
+LAYERS = {"models": 0, "solvers": 1, "flowsim": 2}
+"""Each folder's height: a module may import its own folder's modules and those of lower folders."""
+
+
+def layer_of(module: str) -> int:
+    """The height of an imported module of the package (flowsim.models.* the floor, flowsim.solvers.* the middle,
+    the rest of flowsim the roof)."""
+    parts = module.split(".")
+    return LAYERS[parts[1]] if len(parts) > 1 and parts[1] in ("models", "solvers") else LAYERS["flowsim"]
+
+
+def upward_imports(path: Path, height: int, root: Path = ROOT) -> list[str]:
+    """The imports of the module at ``path`` (in its folder of ``height``) of a higher folder, anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        found += [f"{path.relative_to(root)}:{node.lineno} imports {name}" for name in names
+                  if name.split(".")[0] == "flowsim" and layer_of(name) > height]
+    return found
+
+
+def test_no_module_imports_a_higher_folder():
+    modules = [(p, height) for folder, height in LAYERS.items() for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert len(modules) > 40
+    assert [hit for path, height in modules for hit in upward_imports(path, height)] == []
+
+
+def test_the_import_check_sees_an_upward_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import flowsim.models.problem\nfrom flowsim.solvers import Rule\n"
+                      "def f():\n    from flowsim.store import open\n    import flowsim\n")
+    assert [hit.split()[0] for hit in upward_imports(module, LAYERS["models"], tmp_path)] == ["m.py:2", "m.py:4",
+                                                                                                "m.py:5"]
+    assert [hit.split()[0] for hit in upward_imports(module, LAYERS["solvers"], tmp_path)] == ["m.py:4", "m.py:5"]
+

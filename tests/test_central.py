@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowsim.curvature import LossGraph
-from flowsim.problem import Problem
+from flowsim.solvers.curvature import LossGraph
+from flowsim.models.problem import Problem
 from flowsim.solvers.central import Central, CentralOptions, sigma_eigenpairs
 from flowsim.solvers.flows import Stable
 from flowsim.solvers.processes import Discrete

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flowsim
-from flowsim.curvature import hessian_operator, precond_eigenpairs
+from flowsim.solvers.curvature import hessian_operator, precond_eigenpairs
 from flowsim.models import build_problem
 from flowsim.solvers import Discrete, Stable
 from flowsim.solvers.central import Central, CentralOptions, precond_drift, state_rate, state_rate_sigma

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowsim.curvature import hessian_operator, precond_eigenpairs
+from flowsim.solvers.curvature import hessian_operator, precond_eigenpairs
 from flowsim.models import build_problem
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 from flowsim.solvers import Discrete, Stable
 from flowsim.solvers.central import Central, CentralOptions, sigma_eigenpairs
 from flowsim.solvers.rules import make_rule

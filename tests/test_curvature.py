@@ -3,7 +3,7 @@ and the edge-of-stability results measured through recorded scenarios at test sc
 import pytest
 import torch
 
-from flowsim.curvature import top_eigenpairs
+from flowsim.solvers.curvature import top_eigenpairs
 from flowsim.models import build_problem
 
 
@@ -81,7 +81,7 @@ def test_block_eigenpairs_match_dense_eigvalsh_to_their_residual_tolerance(mlp_a
     """LOBPCG on the MLP's Hessian, k = 3, from the dense eigenvectors perturbed by 1e-2 or from random vectors:
     each residual ‖Hu − θu‖ ≤ tol·θ₁ (its stopping rule), so each θ is within tol·θ₁ of an eigenvalue — here of
     the dense top three — and the vectors are orthonormal."""
-    from flowsim.curvature import block_eigenpairs
+    from flowsim.solvers.curvature import block_eigenpairs
     p, H = mlp_and_hessian
     dense, vectors = torch.linalg.eigh(H)
     dense, vectors = dense.flip(0)[:3], vectors.flip(1)[:, :3]
@@ -98,7 +98,7 @@ def test_block_eigenpairs_match_dense_eigvalsh_to_their_residual_tolerance(mlp_a
 def test_a_converged_block_costs_one_product_per_pair_and_lanczos_finishes_what_lobpcg_does_not():
     """From exact eigenvectors the block stops after its first k products; with max_iter = 1 on a random start
     it has not converged, and warm-started Lanczos brings it to tol (its products counted too)."""
-    from flowsim.curvature import block_eigenpairs
+    from flowsim.solvers.curvature import block_eigenpairs
     n = 300
     spectrum = torch.linspace(-1, 1, n, dtype=torch.float64)
     spectrum[:4] = torch.tensor([5.0, 4.9, 4.0, 3.0], dtype=torch.float64)
@@ -116,7 +116,7 @@ def test_a_converged_block_costs_one_product_per_pair_and_lanczos_finishes_what_
 def test_precond_eigenpairs_by_lobpcg_and_by_lanczos_agree(mlp_and_hessian):
     """The two methods of the one helper on P̃^{-1/2} H P̃^{-1/2}, k = 3, from the same warm start: the same
     eigenvalues to the tolerance; an unknown method is a one-line error."""
-    from flowsim.curvature import hessian_operator, precond_eigenpairs
+    from flowsim.solvers.curvature import hessian_operator, precond_eigenpairs
     p, H = mlp_and_hessian
     P = torch.rand(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-3
     hvp = hessian_operator(p, p.w0)
@@ -129,7 +129,7 @@ def test_precond_eigenpairs_by_lobpcg_and_by_lanczos_agree(mlp_and_hessian):
 
 
 def test_hessian_operators_match_dense_hessian(mlp_and_hessian):
-    from flowsim.curvature import hessian_operator
+    from flowsim.solvers.curvature import hessian_operator
     p, H = mlp_and_hessian
     v = torch.randn(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for method in ("reverse", "forward"):
@@ -140,7 +140,7 @@ def test_preconditioned_top_k_matches_generalized_dense_eigenproblem(mlp_and_hes
     """λ(P̃⁻¹H) from the symmetric operator P̃^{-1/2} H P̃^{-1/2} against scipy's generalized H u = λ P̃ u."""
     import scipy.linalg
 
-    from flowsim.curvature import hessian_operator, preconditioned
+    from flowsim.solvers.curvature import hessian_operator, preconditioned
     p, H = mlp_and_hessian
     P = torch.rand(p.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-3
     dense = torch.from_numpy(scipy.linalg.eigh(H.numpy(), torch.diag(P).numpy(), eigvals_only=True)[::-1][:3].copy())
@@ -151,7 +151,7 @@ def test_preconditioned_top_k_matches_generalized_dense_eigenproblem(mlp_and_hes
 
 
 def test_hutchinson_trace_within_its_confidence_bound(mlp_and_hessian):
-    from flowsim.curvature import hessian_operator, hutchinson_trace
+    from flowsim.solvers.curvature import hessian_operator, hutchinson_trace
     p, H = mlp_and_hessian
     est, se = hutchinson_trace(hessian_operator(p, p.w0), p.n_params, samples=200, seed=5)
     exact = torch.trace(H).item()
@@ -161,7 +161,7 @@ def test_hutchinson_trace_within_its_confidence_bound(mlp_and_hessian):
 
 def _linear_regression(D=200, d=100, C=3, seed=6):
     """f(x) = W x with C outputs on Gaussian inputs, targets realizable by a W* (zero loss at the minimum)."""
-    from flowsim.problem import Problem
+    from flowsim.models.problem import Problem
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(D, d, generator=gen, dtype=torch.float64)
     Y = X @ torch.randn(d, C, generator=gen, dtype=torch.float64) / d ** 0.5
@@ -170,7 +170,7 @@ def _linear_regression(D=200, d=100, C=3, seed=6):
 
 def test_noise_kernel_norm_against_explicit_ntk_of_a_linear_model():
     """For f(x) = W x (C outputs) the NTK is δ_cc' xᵢ·xⱼ / D: its eigenvalues are those of XXᵀ/D, C times each."""
-    from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
+    from flowsim.solvers.curvature import noise_kernel_norm, ntk_eigenvalues
     D, d, C, B, lr = 40, 12, 3, 4, 0.05
     p = _linear_regression(D, d, C)
     lam = torch.linalg.eigvalsh(p.X @ p.X.T / D)
@@ -188,7 +188,7 @@ def test_noise_kernel_norm_against_explicit_ntk_of_a_linear_model():
 def test_sgd_on_linear_regression_diverges_exactly_when_k_crosses_one():
     """The stochastic edge of stability: with η λ_max < 0.5 (far inside the GD-stable range η λ_max < 2), SGD
     with batch 4 converges at the η where K = 0.8 and diverges at the η where K = 1.25."""
-    from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
+    from flowsim.solvers.curvature import noise_kernel_norm, ntk_eigenvalues
     from flowsim.solvers import Discrete, make_rule
     p, B, epochs = _linear_regression(), 4, 100
     eigs = ntk_eigenvalues(p, p.w0)
@@ -212,7 +212,7 @@ def test_sgd_on_linear_regression_diverges_exactly_when_k_crosses_one():
 
 
 def test_gradient_noise_trace_from_separate_gradients(tiny_mlp_problem):
-    from flowsim.curvature import gradient_noise_trace
+    from flowsim.solvers.curvature import gradient_noise_trace
     p = tiny_mlp_problem
     grads = torch.stack([p.grad(p.w0, torch.tensor([i])) for i in range(p.n_examples)])
     expected = (grads - p.grad(p.w0)).pow(2).sum(1).mean().item()
@@ -339,7 +339,7 @@ def test_difference_hessian_operator_is_the_hessian_to_the_root_of_machine_epsil
     """On a smooth (tanh) network the forward difference of gradients matches the dense float64 Hessian to
     O(√ε_m) (1.5e-8 in float64, 3.5e-4 in float32; the bounds allow the third-derivative constant), and reuses
     a given ∇L(w) without changing the product."""
-    from flowsim.curvature import hessian_operator
+    from flowsim.solvers.curvature import hessian_operator
     p, H = mlp_and_hessian
     q = p
     if dtype != "float64":

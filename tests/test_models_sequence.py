@@ -9,7 +9,7 @@ from flowsim.models import build_problem
 from flowsim.models.layers import LayerNorm
 from flowsim.models.sequence import LSTMConfig, TransformerConfig
 from flowsim.models.tasks import markov, markov_chain, sorting
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 
 from derivative_checks import dense_hessian_error, hvp_fd_error, third_derivative_fd_error
 

@@ -8,7 +8,7 @@ from flowsim.scenario import bundled as bundled_scenarios
 from flowsim.models import build_problem
 from flowsim.models.layers import GroupNorm, pool
 from flowsim.models.mnist1d import mnist1d
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 
 from derivative_checks import dense_hessian_error, hvp_fd_error, third_derivative_fd_error
 

@@ -5,7 +5,7 @@ import torch
 
 import flowsim
 from flowsim.models import build_problem
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 
 
 def test_per_example_gradients_average_to_full_gradient(tiny_mlp_problem):

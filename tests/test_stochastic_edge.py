@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import flowsim
-from flowsim.curvature import noise_kernel_norm, ntk_eigenvalues
+from flowsim.solvers.curvature import noise_kernel_norm, ntk_eigenvalues
 from flowsim.models import build_problem
-from flowsim.problem import Problem
+from flowsim.models.problem import Problem
 from flowsim.solvers import Discrete, make_rule
 
 D, B = 8, 2
