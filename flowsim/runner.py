@@ -26,7 +26,7 @@ from flowsim import sweep as sweep_mod
 from flowsim.models.problem import Problem, resolve_device
 from flowsim.record import CurvatureProbe, Probe, Projection, ProjectionProbe, Recorder, WeightsProbe
 from flowsim.scenario import RecordSpec, RunSpec, Scenario, ScenarioError
-from flowsim.solvers import PROCESSES
+from flowsim.solvers import PROCESSES, Rule, StepSize
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.central import CRIT_DIM
 from flowsim.solvers.loop import Member, Single, advance, restore
@@ -115,7 +115,8 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
     """
     sc = tasks[0].scenario
     problem = build(sc) if problem is None else problem
-    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    in_memory = isinstance(store, store_mod.InMemory)
+    root = None if in_memory else zarr.open_group(store, mode="r+", use_consolidated=False)
     name = tasks[0].name if group is None else f"{group}.group"
     saved = store_mod.load_checkpoint(store, name) if resume else None
     if saved is not None and not all(t.name in saved for t in tasks):
@@ -125,11 +126,12 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
     t0 = time.perf_counter()
     for task in tasks:
         spec = task.scenario.runs[task.key]
-        if saved is None and task.name in root["runs"]:
+        if saved is None and not in_memory and task.name in root["runs"]:
             del root[f"runs/{task.name}"]
         attrs = run_attrs(task.key, spec, task.scenario, task.order)
         attrs["coords"] = {**task.coords, **attrs["coords"]}
-        writer = store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk)
+        writer = (store.writer(task.name, attrs, dims) if in_memory
+                  else store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk))
         if saved is not None:
             writer.truncate(saved[task.name]["length"])
         recorder = Recorder(writer, dims, chunk=sc.record.chunk)
@@ -268,21 +270,35 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
     return store_mod.open(target)
 
 
-def simulate(problem: Problem, rule="gd", process="discrete", step_size=0.1, steps: int = 100, *,
+def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: str = "discrete",
+             step_size: Union[float, str, dict, StepSize] = 0.1, steps: int = 100, *,
              batch_size: Optional[int] = None, seed: int = 0, options: Optional[dict] = None,
-             record: Optional[dict] = None, progress: bool = False, **hyperparameters) -> xr.Dataset:
+             record: Union[dict, RecordSpec, None] = None, store: Union[str, Path, None] = None,
+             progress: bool = False, **hyperparameters) -> xr.Dataset:
     """Run one process of one update rule under one step-size policy on ``problem``, and return what was
     recorded as the Dataset :func:`flowsim.open` gives (one run, named after the process).
 
-    ``rule``: a rule name (its hyperparameters as keywords: ``beta1=0.9``); ``process``: a process name, its
-    options in ``options``; ``step_size``: a number (constant η), ``"edge"``, or a policy as in a scenario
-    (``{"edge": {"c": 0.5}}``, ``{"drop": {"at": 100, "lr_after": 0.01}}`` with ``lr`` among the keywords);
-    ``record``: the scenario's ``record:`` keys. Nothing is written to disk; the same checks as a scenario's
-    apply (one-line :class:`ScenarioError`).
+    ``rule``: a rule object (``Adam(beta1=0.8)``, :mod:`flowsim.solvers`) or a name with its hyperparameters as
+    keywords (``"adam", beta1=0.8``); ``process``: a process name, its options in ``options``; ``step_size``: a
+    policy object (``Edge(c=0.5)``, ``Drop(lr=0.1, at=100, lr_after=0.01)``), a number (a constant η), or a
+    policy as a scenario spells it (``"edge"``, ``{"edge": {"c": 0.5}}``); ``record``: a :class:`RecordSpec` or
+    the scenario's ``record:`` keys. Objects and names run the same: they are checked as a scenario's keys are
+    (one-line :class:`ScenarioError`). The result is built in memory; with ``store`` (a path that does not exist
+    yet) it is also written there as a zarr store, as ``flowsim run`` writes one.
     """
+    if isinstance(rule, Rule):
+        if hyperparameters:
+            raise ScenarioError(f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object "
+                                f"({type(rule).__name__}(...)) or with its name, not both")
+        rule, hyperparameters = rule.name, rule.hyperparameters()
     run = {"process": process, "rule": rule, **hyperparameters, **(options or {})}
     if batch_size is not None:
         run["batch_size"] = batch_size
+    if isinstance(step_size, StepSize):
+        policy = step_size.model_dump(exclude_unset=True)
+        if "lr" in policy:
+            run["lr"] = policy.pop("lr")
+        step_size = {step_size.kind: policy}
     if isinstance(step_size, (int, float)):
         run["lr"] = step_size
     else:
@@ -291,6 +307,7 @@ def simulate(problem: Problem, rule="gd", process="discrete", step_size=0.1, ste
         spec = RunSpec.model_validate(run)
     except ValidationError as e:
         raise ScenarioError("; ".join(scenario_mod.errors(e, run, RunSpec))) from None
+    record = record.model_dump(exclude_unset=True) if isinstance(record, RecordSpec) else record
     try:
         rec = RecordSpec.model_validate(record or {})
     except ValidationError as e:
@@ -301,13 +318,17 @@ def simulate(problem: Problem, rule="gd", process="discrete", step_size=0.1, ste
     sc = Scenario.model_construct(name="simulate", seed=seed, device=problem.device.type, dtype=str(problem.dtype).removeprefix("torch."),
                                   problem=None, steps=steps, runs={process: spec}, record=rec, compare=None, sweep=None,
                                   batch=False)
-    task = Task(process, process, sc)
-    target = zarr.storage.MemoryStore()
-    store_mod.create(target, {"scenario": sc.to_yaml(), "name": sc.name, "device": str(problem.device),
-                              "dtype": sc.dtype, "n_params": problem.n_params, "n_examples": problem.n_examples})
     try:
         make_process(sc.runs[process], problem, seed)
     except ValueError as e:
         raise ScenarioError(f"{e}") from None
-    execute_job(target, None, [task], problem=problem, progress="bar" if progress else None)
-    return store_mod.open(target)
+    attrs = {"scenario": sc.to_yaml(), "name": sc.name, "device": str(problem.device), "dtype": sc.dtype,
+             "n_params": problem.n_params, "n_examples": problem.n_examples}
+    target = store_mod.InMemory(attrs) if store is None else store
+    if store is not None:
+        store_mod.create(store, attrs)
+    execute_job(target, None, [Task(process, process, sc)], problem=problem, progress="bar" if progress else None)
+    if store is None:
+        return target.open()
+    store_mod.consolidate(store)
+    return store_mod.open(store)

@@ -10,6 +10,8 @@ empty ``step``, a store with no run yet an empty ``run``. When all its runs are 
 consolidated (:func:`consolidate`, for plain ``xarray.open_zarr``); a store reopened for writing drops it first
 (:func:`reopen`), and flowsim's own reads never use it.
 
+:class:`InMemory` is the same store held in numpy arrays (no zarr), for a result nobody asked to keep on disk.
+
 A store on disk also holds ``flowsim.lock`` (the pid and host of the process writing it; a lock left by a dead
 process on this host is taken over) and ``checkpoints/<run>.pt``: the latest checkpoint of each unfinished run,
 written atomically right after its rows are written (see :func:`save_checkpoint`).
@@ -178,11 +180,71 @@ class RunWriter:
         self.group.attrs.update(attrs)
 
 
+class InMemory:
+    """A store that stays in memory as numpy arrays, with no zarr behind it: what :func:`flowsim.simulate` records
+    into unless it is given a store. Its runs take a :class:`RunWriter`'s calls (:meth:`writer`), and
+    :meth:`open` gives the Dataset :func:`open` gives of the same rows. It keeps no checkpoints."""
+
+    def __init__(self, attrs: dict):
+        from flowsim import __version__
+        self.attrs = {"flowsim_version": __version__, "torch_version": torch.__version__,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs}
+        self.runs: dict[str, MemoryRun] = {}
+
+    def writer(self, name: str, attrs: dict, dims: dict[str, int]) -> "MemoryRun":
+        self.runs[name] = MemoryRun(attrs, dims)
+        return self.runs[name]
+
+    def open(self) -> xr.Dataset:
+        return _combine([(name, run.attrs, run.dataset()) for name, run in self.runs.items()], self.attrs)
+
+
+class MemoryRun:
+    """One run's rows in memory, with :class:`RunWriter`'s interface (``append``, ``truncate``, ``finish``,
+    ``length``) and its arrays' dims, dtypes (int64 steps, float64 values), NaN filling and attributes."""
+
+    def __init__(self, attrs: dict, dims: dict[str, int]):
+        self.attrs, self.dims, self.length = {**attrs, "status": "running"}, dims, 0
+        self.columns: dict[str, list[np.ndarray]] = {}
+
+    def _dims(self, name: str) -> tuple[str, ...]:
+        return () if name == "step" else VARIABLES[name][0]
+
+    def append(self, columns: dict[str, np.ndarray]) -> None:
+        n = len(columns["step"])
+        for name in {"step", *columns, *self.columns}:
+            shape = tuple(self.dims[d] for d in self._dims(name))
+            dtype = np.int64 if name == "step" else np.float64
+            if name not in self.columns:  # first recorded now: the rows before hold the fill value
+                self.columns[name] = [np.full((self.length, *shape), -1 if name == "step" else np.nan, dtype)]
+            data = columns.get(name)
+            self.columns[name].append(np.full((n, *shape), np.nan) if data is None else np.asarray(data, dtype))
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        for name, parts in self.columns.items():
+            self.columns[name] = [np.concatenate(parts)[:length]]
+        self.length = length
+
+    def finish(self, **attrs: Any) -> None:
+        self.attrs.update(attrs)
+
+    def dataset(self) -> xr.Dataset:
+        if "step" not in self.columns:
+            return xr.Dataset(coords={"step": np.zeros(0, dtype=np.int64)})
+        variables = {name: xr.Variable(("step", *self._dims(name)), np.concatenate(parts),
+                                       attrs={} if name == "step" else {"units": VARIABLES[name][1],
+                                                                        "long_name": VARIABLES[name][2]})
+                     for name, parts in self.columns.items()}
+        return xr.Dataset(variables).set_coords("step")
+
+
 def reopen(store: StoreLike) -> zarr.Group:
     """An existing store's root for writing. Its consolidated metadata (:func:`consolidate`), which appending
     would make stale, is dropped first; flowsim itself always reads the store unconsolidated."""
     root = zarr.open_group(store, mode="r+", use_consolidated=False)
-    if isinstance(store, (str, Path)) and "consolidated_metadata" in json.loads((Path(store) / "zarr.json").read_text()):
+    if isinstance(store, (str, Path)) and "consolidated_metadata" in json.loads(
+            (Path(store) / "zarr.json").read_text()):
         root.attrs.put(dict(root.attrs))  # rewrites zarr.json from the unconsolidated view
     return root
 
@@ -251,17 +313,21 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
         raise FileNotFoundError(f"{store} is not a flowsim store (it has no zarr.json: a run killed before it "
                                 "wrote anything, or another folder)")
     root = zarr.open_group(store, mode="r", use_consolidated=False)
-    names = sorted(root["runs"].group_keys() if "runs" in root else (),
-                   key=lambda n: root[f"runs/{n}"].attrs.get("order", 0))
+    names = root["runs"].group_keys() if "runs" in root else ()
+    return _combine([(name, dict(root[f"runs/{name}"].attrs), _open_group(root[f"runs/{name}"])) for name in names],
+                    dict(root.attrs))
+
+
+def _combine(runs: list[tuple[str, dict, xr.Dataset]], attrs: dict) -> xr.Dataset:
+    """One Dataset along ``run`` of the runs' (name, group attributes, rows), in the order they were started, with
+    the store's ``attrs``; runs of different lengths are NaN-padded."""
     parts = []
-    for name in names:
-        attrs = dict(root[f"runs/{name}"].attrs)
-        ds = _open_group(root[f"runs/{name}"])
-        coords = {**attrs.get("coords", {}), "status": attrs.get("status", "running")}
+    for name, run_attrs, ds in sorted(runs, key=lambda run: run[1].get("order", 0)):
+        coords = {**run_attrs.get("coords", {}), "status": run_attrs.get("status", "running")}
         ds = ds.expand_dims(run=[name]).assign_coords({k: ("run", [_coord_value(v)]) for k, v in coords.items()})
-        ds["diverged"] = ("run", [bool(attrs.get("diverged", False))], DIVERGED_ATTRS)
-        ds["diverged_at"] = ("run", [float("nan") if attrs.get("diverged_at") is None else attrs["diverged_at"]],
-                             DIVERGED_AT_ATTRS)
+        ds["diverged"] = ("run", [bool(run_attrs.get("diverged", False))], DIVERGED_ATTRS)
+        ds["diverged_at"] = ("run", [float("nan") if run_attrs.get("diverged_at") is None
+                                     else run_attrs["diverged_at"]], DIVERGED_AT_ATTRS)
         parts.append(ds)
     if not parts:  # killed before its first run began
         parts = [xr.Dataset(coords={"run": np.zeros(0, dtype=object), "step": np.zeros(0, dtype=np.int64)})]
@@ -269,7 +335,7 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
                    data_vars="all", coords="different", compat="equals")
     if "time" in ds:
         ds = ds.set_coords("time")
-    ds.attrs = dict(root.attrs)
+    ds.attrs = dict(attrs)
     return ds
 
 

@@ -3,7 +3,8 @@ SDE, central flow, rod flow) and step-size policies (how η is chosen) — and t
 
 ``RULES``, ``PROCESSES`` and ``POLICIES`` are the registries that scenario names resolve through.
 """
-from flowsim.solvers.rules import RULES, Rule, make_rule
+from flowsim.solvers.rules import (RULES, GD, Adam, AdamW, Lion, Momentum, NAdam, Nesterov, RMSProp, Rule,
+                                   ScalarRMSProp, make_rule)
 from flowsim.solvers.step_size import POLICIES, Cdat, Constant, Drop, Edge, StepContext, StepSize
 from flowsim.solvers.processes import Discrete, EpochSampler, Process, Trajectory
 from flowsim.solvers.flows import Modified, Stable
@@ -13,5 +14,6 @@ from flowsim.solvers.rod import Rod
 
 PROCESSES: dict[str, type[Process]] = {p.name: p for p in (Discrete, Stable, Modified, SDE, Central, Rod)}
 
-__all__ = ["POLICIES", "PROCESSES", "RULES", "Cdat", "Central", "Constant", "Discrete", "Drop", "Edge", "EpochSampler",
-           "Modified", "Process", "Rod", "Rule", "SDE", "Stable", "StepContext", "StepSize", "Trajectory", "make_rule"]
+__all__ = ["GD", "POLICIES", "PROCESSES", "RULES", "Adam", "AdamW", "Cdat", "Central", "Constant", "Discrete", "Drop",
+           "Edge", "EpochSampler", "Lion", "Modified", "Momentum", "NAdam", "Nesterov", "Process", "RMSProp", "Rod",
+           "Rule", "SDE", "ScalarRMSProp", "Stable", "StepContext", "StepSize", "Trajectory", "make_rule"]

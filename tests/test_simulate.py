@@ -3,8 +3,13 @@ import numpy as np
 import pytest
 import torch
 
+import zarr
+import zarr.storage
+
 import flowsim
+import flowsim.runner
 from flowsim.models.landscapes import QuadraticConfig
+from flowsim.solvers import Adam, Edge
 
 SPECTRUM = [4.0, 1.0, 0.25]
 EXACT_EDGE = {"edge": {"c": 0.9, "early": False, "eig_tol": 1e-10, "max_products": None, "hvp": "reverse"}}
@@ -23,6 +28,37 @@ def test_simulate_equals_the_scenario_run_of_the_same_settings():
     assert ds.loss.values.tobytes() == reference.loss.values.tobytes()
     assert ds.step_size.values.tobytes() == reference.step_size.values.tobytes()
     assert ds.rule.item() == "adam" and ds.lr.item() == 0.01 and ds.policy.item() == "constant"
+
+
+def test_objects_run_as_the_scenario_does_in_memory_and_to_the_bit(tmp_path, monkeypatch):
+    """A rule object and a policy object, with curvature recorded, equal flowsim.run of the same YAML-shaped
+    scenario in every variable and coordinate to the bit (wall time aside); the result is built without zarr,
+    and ``store=`` writes the same as a zarr store."""
+    doc = {"seed": 3, "device": "cpu", "steps": 25, "record": {"projection_dim": 8, "curvature_every": 5},
+           "problem": {"model": "mlp", "widths": [8], "activation": "tanh", "dataset": "digits",
+                       "classes": [0, 1, 2], "n_train": 60, "loss": "mse"},
+           "runs": {"discrete": {"rule": "adam", "beta1": 0.8, "step_size": {"edge": {"c": 0.4}}}}}
+    reference = flowsim.run(doc, progress=False).drop_vars("wall_time")
+    problem = flowsim.runner.build(flowsim.load_scenario(doc))
+    args = (problem, Adam(beta1=0.8), "discrete", Edge(c=0.4), 25)
+    kwargs = {"seed": 3, "record": flowsim.RecordSpec(projection_dim=8, curvature_every=5)}
+    written = flowsim.simulate(*args, **kwargs, store=tmp_path / "s.zarr").drop_vars("wall_time")
+
+    def no_zarr(*_, **__):
+        raise AssertionError("simulate opened a zarr store")
+    monkeypatch.setattr(zarr, "open_group", no_zarr)
+    monkeypatch.setattr(zarr.storage, "MemoryStore", no_zarr)
+    ds = flowsim.simulate(*args, **kwargs).drop_vars("wall_time")
+    for other in (reference, written):
+        assert set(ds.variables) == set(other.variables)
+        for name in ds.variables:
+            a, b = ds[name].values, other[name].values
+            assert a.dtype == b.dtype, name
+            assert a.tolist() == b.tolist() if a.dtype == object else a.tobytes() == b.tobytes(), name
+    stamped = lambda attrs: {k: v for k, v in attrs.items() if k != "created"}  # noqa: E731
+    assert stamped(ds.attrs) == stamped(written.attrs) and ds.attrs["n_params"] == reference.attrs["n_params"]
+    with pytest.raises(flowsim.ScenarioError, match=r"^beta1: give the rule's hyperparameters in its object"):
+        flowsim.simulate(problem, Adam(), "discrete", 0.01, 3, beta1=0.5)
 
 
 @pytest.mark.parametrize("process", ["discrete", "stable", "modified", "central"])

@@ -41,5 +41,5 @@ def make_rule(name: str, /, **hyper) -> Rule:
         raise ValueError(f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg) from None
 
 
-__all__ = ["RULES", "Adam", "AdamW", "GD", "Lion", "Momentum", "NAdam", "Nesterov", "RMSProp", "Rule", "ScalarRMSProp", "State",
-           "make_rule"]
+__all__ = ["RULES", "Adam", "AdamW", "GD", "Lion", "Momentum", "NAdam", "Nesterov", "RMSProp", "Rule", "ScalarRMSProp",
+           "State", "make_rule"]
