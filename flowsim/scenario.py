@@ -87,9 +87,6 @@ class RunSpec(BaseModel):
         self._policy.check(self.make_rule())
         return self
 
-    def rule_hyperparameters(self) -> dict:
-        return dict(self._hyper)
-
     def make_rule(self):
         return make_rule(self.rule, **self._hyper)
 

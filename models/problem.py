@@ -149,12 +149,6 @@ class Problem:
     def grad(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         return self.loss_and_grad(w, idx)[1]
 
-    def batch_loss_and_grad(self, w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Minibatch loss and gradient on the examples ``idx`` (a 1-D index tensor)."""
-        if self.X is None:
-            raise ValueError("this problem has no data: minibatches are not defined for a landscape")
-        return self.loss_and_grad(w, idx)
-
     def hvp(self, w: Tensor, v: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         """Hessian-vector product H(w) v, forward-over-reverse (jvp of grad)."""
         X, Y = self._data(idx)

@@ -1,5 +1,5 @@
 """Curvature of the loss along a trajectory: Hessian-vector products, a warm-started top-k eigensolver,
-preconditioned sharpness, Hutchinson trace, and the noise kernel norm K of small-batch SGD.
+preconditioned sharpness, the gradient-noise trace, and the noise kernel norm K of small-batch SGD.
 
 Conventions: H = ∇²L(w) of the loss averaged over examples (``Problem`` conventions); the *sharpness* is
 λ_max(H); the *preconditioned sharpness* is λ_max(P̃⁻¹H), computed on the symmetric P̃^{-1/2} H P̃^{-1/2}, where
@@ -294,25 +294,6 @@ def precond_eigenpairs(hvp: Callable[[Tensor], Tensor], precond: Optional[Tensor
         return block_eigenpairs(op, v0, k, tol=tol, seed=seed, values_only=values_only)
     return top_eigenpairs(op, w.numel(), k, v0=v0, tol=tol, max_iter=max_iter, dtype=w.dtype, device=w.device,
                           seed=seed, values_only=values_only)
-
-
-def hutchinson_trace(matvec: Callable[[Tensor], Tensor], n: int, samples: int = 100, *, seed: int = 0,
-                     dtype: torch.dtype = torch.float64, device: Optional[torch.device] = None) -> tuple[float, float]:
-    """Hutchinson's estimate of tr A with ``samples`` Rademacher vectors z (A z·z has mean tr A).
-
-    Returns (estimate, standard error); the standard error is the sample standard deviation of zᵀAz over
-    √samples, so |estimate − tr A| ≤ 3·stderr holds with ≈ 99.7 % probability for samples ≳ 30.
-    """
-    if samples < 2:
-        raise ValueError(f"samples: must be ≥ 2, got {samples}")
-    device = torch.get_default_device() if device is None else torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(samples):
-        z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype=dtype, device=device)
-        values.append(torch.dot(z, matvec(z)).item())
-    v = torch.tensor(values, dtype=torch.float64)
-    return v.mean().item(), (v.std() / samples ** 0.5).item()
 
 
 # ---- noise --------------------------------------------------------------------------------------------------

@@ -201,6 +201,8 @@ class Discrete(Process):
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, seed, batch_size, options)
+        if batch_size is not None and problem.n_examples == 0:
+            raise ValueError("batch_size: this problem has no data to batch (a landscape)")
         full = batch_size is None or batch_size >= problem.n_examples
         if batch_size is None and "sampling" in self.options.model_fields_set:
             raise ValueError("sampling: applies only to minibatch runs (give a batch_size)")

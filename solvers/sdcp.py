@@ -17,12 +17,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def residual_operator(A0: np.ndarray, B: np.ndarray):
-    """A(X) = A0 + B[X] as a function of X (for checking solutions)."""
-    k = A0.shape[0]
-    return lambda X: A0 + (B @ X.reshape(-1)).reshape(k, k)
-
-
 class SDCPError(ValueError):
     """The SDCP has no solution, or the interior-point method did not reach its tolerance."""
 

@@ -96,14 +96,15 @@ class SDE(Stable):
     full_batch: ClassVar[bool] = False
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
-        super().__init__(problem, rule, seed, batch_size, options)
+        noise = (options if options is not None else self.Options()).noise
         if rule.sde is not None:
             raise ValueError(f"rule: {rule.sde}")
+        if noise == "minibatch" and problem.n_examples == 0:
+            raise ValueError("noise: minibatch noise needs data; this landscape has none (use noise: isotropic)")
+        super().__init__(problem, rule, seed, batch_size, options)
         if self.options.noise == "isotropic" and batch_size is not None:
             raise ValueError("batch_size: does not apply with noise: isotropic (σ sets the noise)")
         if self.options.noise == "minibatch":
-            if problem.n_examples == 0:
-                raise ValueError("noise: minibatch noise needs data; this landscape has none (use noise: isotropic)")
             if batch_size is None:
                 raise ValueError("batch_size: the sde process with minibatch noise needs a batch_size")
             n, B = problem.n_examples, min(batch_size, problem.n_examples)

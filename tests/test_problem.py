@@ -36,7 +36,7 @@ def test_hvp_matches_finite_differences_of_the_gradient(tiny_mlp_problem):
 def test_minibatch_gradient_is_the_mean_over_its_examples(tiny_mlp_problem):
     p = tiny_mlp_problem
     idx = torch.tensor([3, 17, 42, 5])
-    loss, g = p.batch_loss_and_grad(p.w0, idx)
+    loss, g = p.loss_and_grad(p.w0, idx)
     torch.testing.assert_close(g, p.per_example_grads(p.w0, idx).mean(0), rtol=0, atol=1e-12)
     torch.testing.assert_close(loss, p.per_example_losses(p.w0)[idx].mean(), rtol=0, atol=1e-12)
 
@@ -71,8 +71,8 @@ def test_cross_entropy_matches_torch():
 def test_landscapes_have_their_closed_form(name, point, value):
     p = build_problem({"model": name, "init": point}, device="cpu")
     assert p.loss(p.w0).item() == pytest.approx(value, abs=1e-14)
-    with pytest.raises(ValueError, match="no data"):
-        p.batch_loss_and_grad(p.w0, torch.tensor([0]))
+    with pytest.raises(flowsim.ScenarioError, match="^batch_size: this problem has no data to batch"):
+        flowsim.simulate(p, "gd", "discrete", 0.1, 2, batch_size=1)
 
 
 def test_quadratic_hessian_is_its_spectrum():

@@ -8,7 +8,7 @@ import torch
 
 import flowsim
 from flowsim.solvers import make_rule
-from test_rules import MARGIN, check_against_torch
+from test_rules import MARGIN, check_against_torch, growth, held_adam_state
 
 
 def test_it_is_torch_adamw():
@@ -56,15 +56,7 @@ def test_it_diverges_exactly_past_its_threshold_with_the_preconditioner_held(bet
     edge = 2 * k / (h / P + decay * k)  # η with ηh/P = (2 − ηλ)k
     for side in (-1, 1):
         lr = edge * (1 + side * MARGIN)
-        theta = torch.ones(1, dtype=torch.float64)
-        state = {"m": torch.zeros(1, dtype=torch.float64), "v": torch.full((1,), v, dtype=torch.float64),
-                 "t": torch.tensor(1e18, dtype=torch.float64)}
-        for step in range(20000):
-            delta, state = rule.update(h * theta, state, lr, theta)
-            theta = theta + delta
-            if step == 9999:
-                half = theta.abs().item()
-        rate = theta.abs().item() / half
+        rate = growth(rule, h, lr, 20000, held_adam_state(v))
         assert (rate > 1) == (side > 0)
         assert math.log(rate) == pytest.approx(10000 * math.log(spectral_radius(beta1, 1 - lr * decay, lr * h / P)),
                                                rel=1e-2)

@@ -7,7 +7,7 @@ import torch
 
 from flowsim.solvers import make_rule
 from test_rule_nesterov import spectral_radius
-from test_rules import MARGIN, check_against_torch
+from test_rules import MARGIN, check_against_torch, growth, held_adam_state
 
 
 def test_it_is_torch_nadam_with_a_constant_momentum_coefficient():
@@ -35,15 +35,7 @@ def test_it_diverges_exactly_past_its_threshold_with_the_preconditioner_held(bet
     P = math.sqrt(v) + 1e-8
     for side in (-1, 1):
         lr = c * P / lam * (1 + side * MARGIN)
-        theta = torch.ones(1, dtype=torch.float64)
-        state = {"m": torch.zeros(1, dtype=torch.float64), "v": torch.full((1,), v, dtype=torch.float64),
-                 "t": torch.tensor(1e18, dtype=torch.float64)}
-        for k in range(20000):
-            delta, state = rule.update(lam * theta, state, lr, theta)
-            theta = theta + delta
-            if k == 9999:
-                half = theta.abs().item()
-        rate = theta.abs().item() / half
+        rate = growth(rule, lam, lr, 20000, held_adam_state(v))
         assert (rate > 1) == (side > 0)
         x = lr * lam / P * (1 - beta1)  # the heavy-ball form's ηλ
         assert math.log(rate) == pytest.approx(10000 * math.log(spectral_radius(beta1, x)), rel=1e-2)

@@ -12,10 +12,11 @@ from flowsim.solvers import PROCESSES, RULES, Discrete, Drop, make_rule
 MARGIN = 1e-6  # relative distance to the threshold
 
 
-def growth(rule, lam: float, lr: float, steps: int) -> float:
-    """|θ_N| / |θ_{N/2}| for the rule on the 1-D quadratic ½λθ² (transients have died out by N/2)."""
+def growth(rule, lam: float, lr: float, steps: int, state=None) -> float:
+    """|θ_N| / |θ_{N/2}| for the rule on the 1-D quadratic ½λθ² from θ = 1 and ``state`` (None: the rule's initial
+    one); transients have died out by N/2."""
     theta = torch.ones(1, dtype=torch.float64)
-    state = rule.init(theta, lam * theta)
+    state = rule.init(theta, lam * theta) if state is None else state
     half = None
     for k in range(steps):
         delta, state = rule.update(lam * theta, state, lr, theta)
@@ -23,6 +24,13 @@ def growth(rule, lam: float, lr: float, steps: int) -> float:
         if k == steps // 2 - 1:
             half = theta.abs().item()
     return theta.abs().item() / half
+
+
+def held_adam_state(v: float) -> dict:
+    """An Adam-family state whose clock is past every bias correction (β^t = 0) and whose v is ``v``: with β2 =
+    1 − 1e-15 it barely moves, so that the preconditioner is held."""
+    return {"m": torch.zeros(1, dtype=torch.float64), "v": torch.full((1,), v, dtype=torch.float64),
+            "t": torch.tensor(1e18, dtype=torch.float64)}
 
 
 def test_gd_on_a_quadratic_converges_just_below_two_over_lambda_and_diverges_just_above():

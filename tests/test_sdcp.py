@@ -3,9 +3,15 @@ and agreement with an independent convex solver (cvxpy, Clarabel) on the equival
 import numpy as np
 import pytest
 
-from flowsim.solvers.sdcp import residual_operator, solve_sdcp
+from flowsim.solvers.sdcp import solve_sdcp
 
 cp = pytest.importorskip("cvxpy", reason="cvxpy is the independent reference (the 'test' extra installs it)")
+
+
+def residual_operator(A0: np.ndarray, B: np.ndarray):
+    """A(X) = A0 + B[X] as a function of X."""
+    k = A0.shape[0]
+    return lambda X: A0 + (B @ X.reshape(-1)).reshape(k, k)
 
 
 def random_instance(k: int, rng: np.random.Generator):
