@@ -25,7 +25,7 @@ Ratios are the baseline's (``BASELINE``) / the method's (> 1: the method is fast
 
 The flowsim methods (the grids, ``EDGE`` and ``CDAT``) run through :func:`flowsim.simulate` as ``process: discrete``
 under their step-size policy. Full batch, the loss at w_k is step k's own (recorded every step, for free); on
-minibatch tasks a one-dimensional projection makes flowsim record η and the wall time at every step, the weights are
+minibatch tasks flowsim records η and the wall time at every step, as it always does, the weights are
 kept every ``eval_every`` steps and the full-batch loss is evaluated from them after the run, so that no evaluation
 made only for this table is timed. A method's wall time at step k counts everything it did before step k (the edge
 controller's curvature estimates included; on minibatch tasks also the one full-batch loss and gradient that flowsim
@@ -302,8 +302,8 @@ def flowsim_curve(task: dict, seed: int, method: Method) -> tuple[Curve, dict]:
     steps, batch, every = task["steps"], task["batch_size"], task["eval_every"]
     if batch is None:  # the loss at w_k is step k's own, measured for free
         record = {"every": 1, "projection_dim": 0}
-    else:  # a row every step (for η and wall time), the weights every eval_every steps (for the loss)
-        record = {"every": steps, "projection_dim": 1, "projection_every": 1, "keep_weights": every}
+    else:  # η and wall time are recorded every step; the weights every eval_every steps (for the loss)
+        record = {"every": steps, "projection_dim": 0, "keep_weights": every}
     ds = flowsim.simulate(problem, method.rule, "discrete", method.step_size, steps, batch_size=batch, seed=seed,
                           options=method.options or None, record=record).isel(run=0)
     coords = {k: ds[k].item() for k in ("process", "rule", "policy", "lr", "max_lr")}

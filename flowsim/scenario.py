@@ -131,7 +131,8 @@ def _make_policy(spec: Optional[StepSizeSpec], lr: Optional[float]) -> StepSize:
 
 class RecordSpec(Strict):
     """What is recorded. Steps are optimizer steps; step 0 is the initial point."""
-    every: PositiveInt = Field(1, description="record loss and grad_norm every this many steps")
+    every: PositiveInt = Field(1, description="record loss and grad_norm every this many steps (η, time and wall "
+                               "time are recorded at every step)")
     projection_dim: NonNegativeInt = Field(256, description="size of the random projection w_proj (0 = none)")
     projection_every: PositiveInt = Field(10, description="record w_proj every this many steps")
     keep_weights: NonNegativeInt = Field(0, description="store the full weights w every this many steps (0 = never)")

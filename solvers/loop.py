@@ -133,17 +133,16 @@ def advance(engine, traj, members: list[Member], steps: int, *, start: int = 0, 
 
 
 def _record(m: Member, k: int, row: dict, values: dict, measure: bool, factor: float) -> bool:
-    """Hand step k's row to the run's sink when it is measured, carries probe values or diverged; returns
-    whether the sink stored a chunk. Sets the divergence limit at the first step seen."""
+    """Hand step k's row to the run's sink: its time, wall time and η at every step, its loss and gradient norm
+    where measured, and whatever its probes measured; returns whether the sink stored a chunk. Sets the
+    divergence limit at the first step seen."""
     step_loss = values.pop("step_loss", values.get("loss"))
     if m.limit is None:
         m.limit = factor * max(abs(step_loss), 1.0) if math.isfinite(step_loss) else 0.0
     bad = not math.isfinite(step_loss) or abs(step_loss) > m.limit
-    stored = False
-    if measure or bad or len(row) > 1:
-        row.update(values if measure else {k_: v for k_, v in values.items() if k_ == "step_size"})
-        row["wall_time"] = time.perf_counter() - m.t0
-        stored = bool(m.sink(k, row))
+    row.update(values if measure else {k_: v for k_, v in values.items() if k_ == "step_size"})
+    row["wall_time"] = time.perf_counter() - m.t0
+    stored = bool(m.sink(k, row))
     if bad:
         m.diverged_at, m.done = k, True
     return stored

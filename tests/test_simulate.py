@@ -9,7 +9,7 @@ import zarr.storage
 import flowsim
 import flowsim.runner
 from flowsim.models.landscapes import QuadraticConfig
-from flowsim.solvers import Adam, Edge
+from flowsim.solvers import Adam, Drop, Edge
 
 SPECTRUM = [4.0, 1.0, 0.25]
 EXACT_EDGE = {"edge": {"c": 0.9, "early": False, "eig_tol": 1e-10, "max_products": None, "hvp": "reverse"}}
@@ -59,6 +59,17 @@ def test_objects_run_as_the_scenario_does_in_memory_and_to_the_bit(tmp_path, mon
     assert stamped(ds.attrs) == stamped(written.attrs) and ds.attrs["n_params"] == reference.attrs["n_params"]
     with pytest.raises(flowsim.ScenarioError, match=r"^beta1: give the rule's hyperparameters in its object"):
         flowsim.simulate(problem, Adam(), "discrete", 0.01, 3, beta1=0.5)
+
+
+def test_the_step_size_is_recorded_at_every_step_and_the_loss_at_its_cadence():
+    """record.every = 4 over 10 steps of a drop from 0.2 to 0.05 at step 6: η is stored at every step (the
+    schedule's own value; the final point takes no step), the loss at steps 0, 4, 8 and the last."""
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    ds = flowsim.simulate(problem, "gd", "discrete", Drop(lr=0.2, at=6, lr_after=0.05), 10,
+                          record={"every": 4, "projection_dim": 0}).isel(run=0)
+    assert ds.step.values.tolist() == list(range(11))
+    assert ds.step_size.values[:10].tolist() == [0.2] * 6 + [0.05] * 4 and np.isnan(ds.step_size.values[10])
+    assert np.flatnonzero(np.isfinite(ds.loss.values)).tolist() == [0, 4, 8, 10]
 
 
 @pytest.mark.parametrize("process", ["discrete", "stable", "modified", "central"])
