@@ -64,8 +64,10 @@ import flowsim
 from benchmarks import report
 from benchmarks.bench import parser
 from flowsim import store as store_mod
+from flowsim.record import CurvatureProbe, declared
 from flowsim.models import build_problem
 from flowsim.solvers import EpochSampler
+from flowsim.solvers.processes import RUN_VARIABLES
 
 SEEDS = (0, 1, 2)
 HALVES = ("tuning", "held-out", "stress")
@@ -489,7 +491,7 @@ def _write(root, name: str, task: dict, outcomes: dict[str, Outcome], targets: l
             if np.isfinite(curve.step_size).any():
                 columns["step_size"] = np.asarray(curve.step_size)
             writer = store_mod.RunWriter(root, f"{name}[{method},seed={seed}]", {"order": order, "coords": coords},
-                                         dims={})
+                                         STORED, dims={})
             writer.append(columns)
             diverged = curve.diverged_at is not None
             writer.finish(status="diverged" if diverged else "complete", diverged=diverged,
@@ -499,6 +501,8 @@ def _write(root, name: str, task: dict, outcomes: dict[str, Outcome], targets: l
 
 
 THEORY_VARIABLES = ("loss", "step_size", "wall_time", "sharpness", "precond_sharpness", "threshold")
+STORED = declared(RUN_VARIABLES, CurvatureProbe.variables)
+"""What this benchmark's store holds of each run: the curves, and the curvature of the theory runs."""
 
 
 def _write_theory(root, name: str, task: dict, runs: dict[str, xr.Dataset], order: int) -> int:
@@ -511,7 +515,7 @@ def _write_theory(root, name: str, task: dict, runs: dict[str, xr.Dataset], orde
                   "seed": THEORY_SEED, "target": math.nan, "steps_to_target": math.nan,
                   "wall_to_target": math.nan}
         writer = store_mod.RunWriter(root, f"{name}[{method},seed={THEORY_SEED}]",
-                                     {"order": order, "coords": coords}, dims={})
+                                     {"order": order, "coords": coords}, STORED, dims={})
         writer.append({"step": ds.step.values.astype(np.int64),
                        **{v: ds[v].values.astype(float) for v in THEORY_VARIABLES if v in ds}})
         diverged = bool(ds["diverged"])

@@ -1,10 +1,12 @@
 """What is measured per recorded step, buffered in memory and handed to the store in chunks, at least once a
 minute (:class:`Recorder`).
 
-``VARIABLES`` is the one table of recorded variables: extra dims beyond ``step``, units and a description —
-the store writes them as attrs, so every stored array says what it is. Probes compute measurements at a
-recorded step from the problem and the trajectory (projection, weights, curvature through flowsim.solvers.curvature).
-This module never opens files: the writer it is given does.
+Each recorded variable is declared once, by what records it (a :class:`~flowsim.solvers.processes.Variable`:
+extra dims beyond ``step``, units and a description, which the store writes as attrs, so every stored array says
+what it is): every run's loss, η and clocks (``RUN_VARIABLES``), a process's own (``Process.variables``: the
+central and rod flows' Σ), and each probe's (``Probe.variables``, here). Probes compute measurements at a
+recorded step from the problem and the trajectory (projection, weights, curvature through
+flowsim.solvers.curvature). This module never opens files: the writer it is given does.
 """
 from __future__ import annotations
 
@@ -17,38 +19,18 @@ import torch
 from torch import Tensor
 
 from flowsim.solvers.curvature import (LossGraph, gradient_noise_trace, hessian_operator, noise_kernel_norm,
-                               ntk_eigenvalues, precond_eigenpairs)
+                                       ntk_eigenvalues, precond_eigenpairs)
+from flowsim.solvers.processes import Variable
 
-# name: (extra dims, units, long_name)
-VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "loss": ((), "loss", "training loss on the full batch, averaged over examples"),
-    "grad_norm": ((), "loss/weight", "‖∇L(w)‖₂ on the full batch"),
-    "step_size": ((), "1", "step size η used from this step to the next"),
-    "time": ((), "gradient-flow time", "Σ η over the steps before this one"),
-    "wall_time": ((), "s", "wall-clock seconds since the run started"),
-    "w_proj": (("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the scenario seed"),
-    "w": (("param",), "weight", "the full weight vector (flat, Problem order), every record.keep_weights steps"),
-    "predicted_loss": ((), "loss", "central flow: L(w) + ½⟨H, Σ⟩; rod flow: ½[L(c + δ) + L(c − δ)]: the "
-                       "predicted time-averaged loss of the discrete run"),
-    "predicted_grad_norm_sq": ((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH); rod flow: ½[‖∇L(c + δ)‖² + "
-                               "‖∇L(c − δ)‖²]: the predicted time-averaged ‖g‖²"),
-    "sigma_eigs": (("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, descending; rod "
-                   "flow: ‖δ_w‖² first (its Σ = δ_w δ_wᵀ)"),
-    "sigma_oscillation_sq": (("crit",), "weight²", "central and rod flows: ¼(e·(w_discrete(t+1) − w_discrete(t)))², "
-                             "the discrete run's period-two amplitude² along each unit eigenvector e of Σ"),
-    "sharpness": ((), "loss/weight²", "λ_max of the Hessian of the loss (on record.curvature_examples)"),
-    "eigs": (("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
-    "precond_sharpness": ((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before the first step"),
-    "threshold": ((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
-    "noise_kernel_norm": ((), "1", "K = (κ/C) Σ ηλ/(2 − (1 − κ)ηλ), κ = (1/B − 1/D)·D/(D − 1), NTK eigenvalues λ, "
-                          "C outputs (minibatch runs; flowsim.solvers.curvature.noise_kernel_norm)"),
-    "batch_sharpness": ((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same minibatch B, "
-                        "over record.stochastic_edge_batches of the run's upcoming batches (minibatch SGD runs)"),
-    "second_moment_contraction": ((), "1", "E_B‖(I − ηH_B)u‖² over the same batches, u the unit top eigenvector of "
-                                  "the Hessian: > 1 where the mean square of a perturbation along the sharpest "
-                                  "direction grows under the step (minibatch SGD runs)"),
-    "grad_noise_trace": ((), "(loss/weight)²", "trace of the per-example gradient covariance"),
-}
+def declared(*tables: dict[str, Variable]) -> dict[str, Variable]:
+    """One run's recorded variables: the union of the tables that declare them (every run's, its process's, its
+    probes'); a name declared twice is an error, so that each variable has one owner."""
+    out: dict[str, Variable] = {}
+    for table in tables:
+        for name in table.keys() & out.keys():
+            raise ValueError(f"recorded variable {name!r} is declared twice")
+        out.update(table)
+    return out
 
 
 class Projection:
@@ -66,10 +48,12 @@ class Projection:
 class Probe:
     """A measurement taken at step k (before the step) every ``every`` steps and at the last step.
 
-    ``__call__(traj, process, lr)`` returns a dict of VARIABLES entries measured at ``traj.w`` (and rule state);
-    ``lr`` is η_k, the step size of the step about to be taken from there.
+    ``__call__(traj, process, lr)`` returns a dict of its ``variables`` measured at ``traj.w`` (and rule state);
+    ``lr`` is η_k, the step size of the step about to be taken from there. ``dims`` sizes their extra dims.
     """
     every: int = 1
+    variables: dict[str, Variable] = {}
+    dims: dict[str, int] = {}
 
     def __call__(self, traj, process, lr: float) -> dict:
         raise NotImplementedError
@@ -84,9 +68,12 @@ class Probe:
 
 class ProjectionProbe(Probe):
     """Records ``w_proj``."""
+    variables = {"w_proj": Variable(("proj",), "weight", "random projection R·w, R_ij ~ N(0, 1/proj) with the "
+                                    "scenario seed")}
 
     def __init__(self, projection: Projection, every: int):
         self.projection, self.every = projection, every
+        self.dims = {"proj": projection.matrix.shape[0]}
 
     def __call__(self, traj, process, lr) -> dict:
         return {"w_proj": self.projection(traj.w)}
@@ -94,9 +81,11 @@ class ProjectionProbe(Probe):
 
 class WeightsProbe(Probe):
     """Records the full weights ``w`` (for exact weight-space distances in :func:`flowsim.compare`)."""
+    variables = {"w": Variable(("param",), "weight", "the full weight vector (flat, Problem order), every "
+                               "record.keep_weights steps")}
 
-    def __init__(self, every: int):
-        self.every = every
+    def __init__(self, every: int, n_params: int):
+        self.every, self.dims = every, {"param": n_params}
 
     def __call__(self, traj, process, lr) -> dict:
         return {"w": traj.w.detach().cpu().numpy()}
@@ -121,9 +110,29 @@ class CurvatureProbe(Probe):
     continues with the same warm starts.
     """
 
+    variables = {
+        "sharpness": Variable((), "loss/weight²", "λ_max of the Hessian of the loss (on record.curvature_examples)"),
+        "eigs": Variable(("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
+        "precond_sharpness": Variable((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before "
+                                      "the first step"),
+        "threshold": Variable((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
+        "noise_kernel_norm": Variable((), "1", "K = (κ/C) Σ ηλ/(2 − (1 − κ)ηλ), κ = (1/B − 1/D)·D/(D − 1), NTK "
+                                      "eigenvalues λ, C outputs (minibatch runs; "
+                                      "flowsim.solvers.curvature.noise_kernel_norm)"),
+        "grad_noise_trace": Variable((), "(loss/weight)²", "trace of the per-example gradient covariance"),
+        "batch_sharpness": Variable((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same "
+                                    "minibatch B, over record.stochastic_edge_batches of the run's upcoming batches "
+                                    "(minibatch SGD runs)"),
+        "second_moment_contraction": Variable((), "1", "E_B‖(I − ηH_B)u‖² over the same batches, u the unit top "
+                                              "eigenvector of the Hessian: > 1 where the mean square of a "
+                                              "perturbation along the sharpest direction grows under the step "
+                                              "(minibatch SGD runs)"),
+    }
+
     def __init__(self, every: int, top_k: int, tol: float, precond: bool, noise_kernel: bool,
                  examples: Optional[int], noise_examples: int, n_examples: int, edge_batches: int = 0):
         self.every, self.top_k, self.tol, self.edge_batches = every, top_k, tol, edge_batches
+        self.dims = {"eig": top_k}
         self.precond, self.noise_kernel = precond, noise_kernel
         self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
         self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
@@ -185,16 +194,17 @@ class Recorder:
     work, or the steps between two recorded rows when they take longer, only in memory, where a kill loses it.
     """
 
-    def __init__(self, writer, dims: dict[str, int], chunk: int = 500, seconds: float = 60.0):
-        self.writer, self.dims, self.chunk, self.seconds = writer, dims, chunk, seconds
+    def __init__(self, writer, variables: dict[str, Variable], dims: dict[str, int], chunk: int = 500,
+                 seconds: float = 60.0):
+        self.writer, self.variables, self.dims, self.chunk, self.seconds = writer, variables, dims, chunk, seconds
         self.rows: list[dict] = []
         self.written = -math.inf
 
     def add(self, step: int, values: dict) -> bool:
         """Buffer one row; returns whether the rows were handed to the writer."""
-        unknown = set(values) - set(VARIABLES)
+        unknown = set(values) - set(self.variables)
         if unknown:
-            raise KeyError(f"not a recorded variable: {sorted(unknown)}")
+            raise KeyError(f"not a declared variable of this run: {sorted(unknown)}")
         self.rows.append({"step": step, **values})
         if len(self.rows) >= self.chunk or time.monotonic() - self.written >= self.seconds:
             self.flush()
@@ -206,7 +216,7 @@ class Recorder:
             return
         n = len(self.rows)
         columns: dict[str, np.ndarray] = {"step": np.array([r["step"] for r in self.rows], dtype=np.int64)}
-        for name, (extra, _, _) in VARIABLES.items():
+        for name, (extra, _, _) in self.variables.items():
             if not any(name in r for r in self.rows):
                 continue
             shape = tuple(self.dims[d] for d in extra)

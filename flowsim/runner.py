@@ -24,13 +24,12 @@ from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
 from flowsim import sweep as sweep_mod
 from flowsim.models.problem import Problem, resolve_device
-from flowsim.record import CurvatureProbe, Probe, Projection, ProjectionProbe, Recorder, WeightsProbe
+from flowsim.record import CurvatureProbe, Probe, Projection, ProjectionProbe, Recorder, WeightsProbe, declared
 from flowsim.scenario import RecordSpec, RunSpec, Scenario, ScenarioError
 from flowsim.solvers import PROCESSES, Rule, StepSize
 from flowsim.solvers.batched import BatchedDiscrete
-from flowsim.solvers.central import CRIT_DIM
 from flowsim.solvers.loop import Member, Single, advance, restore
-from flowsim.solvers.processes import discrete_start
+from flowsim.solvers.processes import RUN_VARIABLES, discrete_start
 from flowsim.sweep import Task, problem_key
 
 PROGRESS_SECONDS = 30.0  # at most one progress line per this many seconds where stderr is not a terminal
@@ -78,13 +77,6 @@ def run_attrs(name: str, run: RunSpec, sc: Scenario, order: int) -> dict:
             "step_size": run.policy.model_dump(mode="json")}
 
 
-def record_dims(sc: Scenario, problem: Optional[Problem] = None) -> dict[str, int]:
-    """Sizes of the recorded variables' extra dims (``proj``; curvature adds ``eig``; ``param`` = the number of
-    weights, for ``record.keep_weights``, when the problem is given)."""
-    dims = {"proj": sc.record.projection_dim, "eig": sc.record.top_k, "crit": CRIT_DIM}
-    return dims if problem is None else {**dims, "param": problem.n_params}
-
-
 def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
     """The measurements a scenario's ``record:`` asks for, besides loss and grad_norm (shared by all runs)."""
     probes: list[Probe] = []
@@ -92,7 +84,7 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
         projection = Projection(problem.n_params, sc.record.projection_dim, sc.seed, problem.dtype, problem.device)
         probes.append(ProjectionProbe(projection, sc.record.projection_every))
     if sc.record.keep_weights:
-        probes.append(WeightsProbe(sc.record.keep_weights))
+        probes.append(WeightsProbe(sc.record.keep_weights, problem.n_params))
     if sc.record.curvature_every:
         rec = sc.record
         probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.eig_tol, rec.precond, rec.noise_kernel,
@@ -121,7 +113,6 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
     saved = store_mod.load_checkpoint(store, name) if resume else None
     if saved is not None and not all(t.name in saved for t in tasks):
         saved = None
-    dims = record_dims(sc, problem)
     members, writers, recorders = [], [], []
     t0 = time.perf_counter()
     for task in tasks:
@@ -130,15 +121,18 @@ def execute_job(store, group: Optional[str], tasks: list[Task], resume: bool = F
             del root[f"runs/{task.name}"]
         attrs = run_attrs(task.key, spec, task.scenario, task.order)
         attrs["coords"] = {**task.coords, **attrs["coords"]}
-        writer = (store.writer(task.name, attrs, dims) if in_memory
-                  else store_mod.RunWriter(root, task.name, attrs, dims, chunk=sc.record.chunk))
+        probes, process = make_probes(problem, task.scenario), PROCESSES[spec.process]
+        variables = declared(RUN_VARIABLES, process.variables, *(p.variables for p in probes))
+        dims = {key: size for part in (process, *probes) for key, size in part.dims.items()}
+        writer = (store.writer(task.name, attrs, variables, dims) if in_memory
+                  else store_mod.RunWriter(root, task.name, attrs, variables, dims, chunk=sc.record.chunk))
         if saved is not None:
             writer.truncate(saved[task.name]["length"])
-        recorder = Recorder(writer, dims, chunk=sc.record.chunk)
+        recorder = Recorder(writer, variables, dims, chunk=sc.record.chunk)
         sink = recorder.add
         if progress == "lines" and not members:
             sink = ProgressLines(task.name if group is None else group, sc.steps, sink)
-        members.append(Member(spec.policy, sink, make_probes(problem, task.scenario), t0=t0))
+        members.append(Member(spec.policy, sink, probes, t0=t0))
         writers.append(writer)
         recorders.append(recorder)
     engine = _engine(tasks, problem, group is not None)

@@ -36,7 +36,7 @@ import xarray as xr
 import zarr
 import zarr.storage
 
-from flowsim.record import VARIABLES
+from flowsim.solvers.processes import Variable
 
 StoreLike = Union[str, Path, zarr.storage.StoreLike]
 
@@ -135,17 +135,19 @@ def create(store: StoreLike, attrs: dict, overwrite: bool = False) -> zarr.Group
 
 
 class RunWriter:
-    """Appends recorded columns (``step`` plus VARIABLES) to one run group; keeps all arrays the same length."""
+    """Appends recorded columns (``step`` plus the run's declared ``variables``) to one run group; keeps all
+    arrays the same length."""
 
-    def __init__(self, root: zarr.Group, name: str, attrs: dict, dims: dict[str, int], chunk: int = 512):
+    def __init__(self, root: zarr.Group, name: str, attrs: dict, variables: dict[str, Variable],
+                 dims: dict[str, int], chunk: int = 512):
         self.group = root.require_group(f"runs/{name}")
         self.group.attrs.update({**attrs, "status": "running"})
-        self.dims, self.chunk, self.length = dims, chunk, 0
+        self.variables, self.dims, self.chunk, self.length = variables, dims, chunk, 0
 
     def _array(self, name: str) -> zarr.Array:
         if name in self.group:
             return self.group[name]
-        extra = () if name == "step" else VARIABLES[name][0]
+        extra = () if name == "step" else self.variables[name].dims
         shape = tuple(self.dims[d] for d in extra)
         is_step = name == "step"
         arr = self.group.create_array(
@@ -153,7 +155,7 @@ class RunWriter:
             dtype="i8" if is_step else "f8", fill_value=-1 if is_step else np.nan,
             dimension_names=["step", *extra])
         if not is_step:
-            _, units, long_name = VARIABLES[name]
+            _, units, long_name = self.variables[name]
             arr.attrs.update({"units": units, "long_name": long_name})
         return arr
 
@@ -191,8 +193,8 @@ class InMemory:
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs}
         self.runs: dict[str, MemoryRun] = {}
 
-    def writer(self, name: str, attrs: dict, dims: dict[str, int]) -> "MemoryRun":
-        self.runs[name] = MemoryRun(attrs, dims)
+    def writer(self, name: str, attrs: dict, variables: dict[str, Variable], dims: dict[str, int]) -> "MemoryRun":
+        self.runs[name] = MemoryRun(attrs, variables, dims)
         return self.runs[name]
 
     def open(self) -> xr.Dataset:
@@ -203,12 +205,12 @@ class MemoryRun:
     """One run's rows in memory, with :class:`RunWriter`'s interface (``append``, ``truncate``, ``finish``,
     ``length``) and its arrays' dims, dtypes (int64 steps, float64 values), NaN filling and attributes."""
 
-    def __init__(self, attrs: dict, dims: dict[str, int]):
-        self.attrs, self.dims, self.length = {**attrs, "status": "running"}, dims, 0
+    def __init__(self, attrs: dict, variables: dict[str, Variable], dims: dict[str, int]):
+        self.attrs, self.variables, self.dims, self.length = {**attrs, "status": "running"}, variables, dims, 0
         self.columns: dict[str, list[np.ndarray]] = {}
 
     def _dims(self, name: str) -> tuple[str, ...]:
-        return () if name == "step" else VARIABLES[name][0]
+        return () if name == "step" else self.variables[name].dims
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
         n = len(columns["step"])
@@ -233,8 +235,8 @@ class MemoryRun:
         if "step" not in self.columns:
             return xr.Dataset(coords={"step": np.zeros(0, dtype=np.int64)})
         variables = {name: xr.Variable(("step", *self._dims(name)), np.concatenate(parts),
-                                       attrs={} if name == "step" else {"units": VARIABLES[name][1],
-                                                                        "long_name": VARIABLES[name][2]})
+                                       attrs={} if name == "step" else {"units": self.variables[name].units,
+                                                                        "long_name": self.variables[name].long_name})
                      for name, parts in self.columns.items()}
         return xr.Dataset(variables).set_coords("step")
 

@@ -72,11 +72,23 @@ from torch.autograd import forward_ad as fwAD
 from torch.func import jvp, vmap
 
 from flowsim.solvers.curvature import LossGraph, precond_eigenpairs
-from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
+from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory, Variable
 from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.sdcp import SDCPError, solve_sdcp
 
 CRIT_DIM = 4  # Σ eigenvalues recorded per step (the ``crit`` dimension), largest first, NaN-padded
+FLOW_VARIABLES = {
+    "predicted_loss": Variable((), "loss", "central flow: L(w) + ½⟨H, Σ⟩; rod flow: ½[L(c + δ) + L(c − δ)]: the "
+                               "predicted time-averaged loss of the discrete run"),
+    "predicted_grad_norm_sq": Variable((), "(loss/weight)²", "central flow: ‖∇L‖² + tr(HΣH); rod flow: "
+                                       "½[‖∇L(c + δ)‖² + ‖∇L(c − δ)‖²]: the predicted time-averaged ‖g‖²"),
+    "sigma_eigs": Variable(("crit",), "weight²", "central flow: eigenvalues of the oscillation covariance Σ, "
+                           "descending; rod flow: ‖δ_w‖² first (its Σ = δ_w δ_wᵀ)"),
+    "sigma_oscillation_sq": Variable(("crit",), "weight²", "central and rod flows: ¼(e·(w_discrete(t+1) − "
+                                     "w_discrete(t)))², the discrete run's period-two amplitude² along each unit "
+                                     "eigenvector e of Σ"),
+}
+"""What the central and rod flows record beside every run's variables."""
 
 
 class CentralOptions(DiscreteStart):
@@ -100,6 +112,8 @@ class Central(Process):
     docstring."""
     name: ClassVar[str] = "central"
     Options: ClassVar[type[BaseModel]] = CentralOptions
+    variables: ClassVar[dict[str, Variable]] = FLOW_VARIABLES
+    dims: ClassVar[dict[str, int]] = {"crit": CRIT_DIM}
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         if rule.central_flow is not None:

@@ -120,10 +120,7 @@ def advance(engine, traj, members: list[Member], steps: int, *, start: int = 0, 
         values = engine.measure(traj) if last else engine.step(traj, [m.eta for m in members], measure, ctxs)
         stored = False
         for b, row in rows.items():
-            m = members[b]
-            if measure and not last:
-                values[b].update(m.policy.recorded(m.policy_state))
-            stored |= _record(m, k, row, values[b], measure, divergence_factor)
+            stored |= _record(members[b], k, row, values[b], measure, divergence_factor)
         if all(m.done for m in members):
             break
         bar.update(1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal, NamedTuple, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
@@ -24,6 +24,24 @@ from torch.func import grad_and_value
 from flowsim.models.problem import Problem
 from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.step_size import StepContext
+
+
+class Variable(NamedTuple):
+    """A recorded variable: its dims beyond ``step``, its units and what it is (stored as the array's attrs)."""
+    dims: tuple[str, ...]
+    units: str
+    long_name: str
+
+
+RUN_VARIABLES: dict[str, Variable] = {
+    "loss": Variable((), "loss", "training loss on the full batch, averaged over examples"),
+    "grad_norm": Variable((), "loss/weight", "‖∇L(w)‖₂ on the full batch"),
+    "step_size": Variable((), "1", "step size η used from this step to the next"),
+    "time": Variable((), "gradient-flow time", "Σ η over the steps before this one"),
+    "wall_time": Variable((), "s", "wall-clock seconds since the run started"),
+}
+"""What every run records (the loop: η, time and wall time at every step; loss and grad_norm at ``record.every``).
+A process declares what it records beside them in its ``variables``, a probe in its own."""
 
 
 @dataclass
@@ -145,6 +163,9 @@ class Process:
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     full_batch: ClassVar[bool] = True  # False where the process runs on minibatches (``batch_size`` applies)
+    # what its step records beside RUN_VARIABLES, and the sizes of those variables' extra dims
+    variables: ClassVar[dict[str, Variable]] = {}
+    dims: ClassVar[dict[str, int]] = {}
     # True for the rule's own iterates (the reference the flows approximate, drawing real minibatches where a
     # batch size is set), which is also what a vmapped pass of several runs steps (``solvers/batched.py``)
     iterates: ClassVar[bool] = False

@@ -50,7 +50,7 @@ from pydantic import BaseModel, Field, PositiveInt
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from flowsim.solvers.central import CRIT_DIM, state_rate
+from flowsim.solvers.central import CRIT_DIM, FLOW_VARIABLES, state_rate
 from flowsim.solvers.flows import Layout
 from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import State
@@ -69,6 +69,8 @@ class Rod(Process):
     the module docstring)."""
     name: ClassVar[str] = "rod"
     Options: ClassVar[type[BaseModel]] = RodOptions
+    variables: ClassVar[dict] = FLOW_VARIABLES
+    dims: ClassVar[dict[str, int]] = {"crit": CRIT_DIM}
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         if rule.rod_flow is not None:

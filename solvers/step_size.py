@@ -103,10 +103,6 @@ class StepSize(BaseModel):
         sets η) and ``max_lr`` (a controller's cap; NaN for a schedule)."""
         return {"policy": self.kind, "lr": getattr(self, "lr", math.nan), "max_lr": math.nan}
 
-    def recorded(self, state: PolicyState) -> dict:
-        """Recorded variables the policy adds at a measured step (none by default)."""
-        return {}
-
 
 class Constant(StepSize):
     """η_k = lr."""

@@ -4,6 +4,8 @@ itself, so that a new one needs no edit elsewhere)."""
 import ast
 from pathlib import Path
 
+import pytest
+
 from flowsim.solvers import PROCESSES, RULES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,4 +85,19 @@ def test_the_import_check_sees_an_upward_import(tmp_path):
     assert [hit.split()[0] for hit in upward_imports(module, LAYERS["models"], tmp_path)] == ["m.py:2", "m.py:4",
                                                                                                 "m.py:5"]
     assert [hit.split()[0] for hit in upward_imports(module, LAYERS["solvers"], tmp_path)] == ["m.py:4", "m.py:5"]
+
+
+def test_each_recorded_variable_has_one_owner():
+    """Every run's variables, each process's and each probe's are disjoint tables (the flows share one), and
+    ``declared`` refuses a name declared twice."""
+    from flowsim import record
+    from flowsim.solvers.processes import RUN_VARIABLES, Variable
+    probes = [cls for cls in vars(record).values() if isinstance(cls, type) and issubclass(cls, record.Probe)]
+    tables = {id(t): t for t in [RUN_VARIABLES, *(p.variables for p in PROCESSES.values()),
+                                 *(p.variables for p in probes)]}
+    union = record.declared(*tables.values())
+    assert {"loss", "step_size", "sigma_eigs", "w_proj", "w", "sharpness", "batch_sharpness"} <= set(union)
+    assert all(isinstance(v, Variable) and v.units and v.long_name for v in union.values())
+    with pytest.raises(ValueError, match="^recorded variable 'loss' is declared twice$"):
+        record.declared(RUN_VARIABLES, {"loss": RUN_VARIABLES["loss"]})
 

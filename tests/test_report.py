@@ -30,8 +30,8 @@ N = 200          # recorded steps 0..N, every step; curvature every 10 steps
 
 
 def synthetic() -> xr.Dataset:
-    """Five runs holding every recorded variable of flowsim.record.VARIABLES (gaps come from flowsim.compare), with
-    known crossings, NaN between measurements and a divergence.
+    """Five runs holding every recorded variable (every run's, the flows' and the probes'; gaps come from
+    flowsim.compare), with known crossings, NaN between measurements and a divergence.
 
     gd (the reference): sharpness 1 + 3.2k/N vs threshold 2/η = 4 (0.95·4 first reached at the measured step
     180, time 90); adam: sharpness far above its threshold but precond_sharpness = 38/η · k/150 (0.95 first at
