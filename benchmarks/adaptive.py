@@ -64,7 +64,7 @@ import flowsim
 from benchmarks import report
 from benchmarks.bench import parser
 from flowsim import store as store_mod
-from flowsim.record import CurvatureProbe, declared
+from flowsim.record import PrecondSharpnessProbe, SharpnessProbe, declared
 from flowsim.models import build_problem
 from flowsim.solvers import EpochSampler
 from flowsim.solvers.processes import RUN_VARIABLES
@@ -501,7 +501,7 @@ def _write(root, name: str, task: dict, outcomes: dict[str, Outcome], targets: l
 
 
 THEORY_VARIABLES = ("loss", "step_size", "wall_time", "sharpness", "precond_sharpness", "threshold")
-STORED = declared(RUN_VARIABLES, CurvatureProbe.variables)
+STORED = declared(RUN_VARIABLES, SharpnessProbe.variables, PrecondSharpnessProbe.variables)
 """What this benchmark's store holds of each run: the curves, and the curvature of the theory runs."""
 
 

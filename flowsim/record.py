@@ -91,35 +91,106 @@ class WeightsProbe(Probe):
         return {"w": traj.w.detach().cpu().numpy()}
 
 
-class CurvatureProbe(Probe):
-    """Records ``sharpness``, ``eigs``, ``threshold`` and, when asked, ``precond_sharpness``,
-    ``noise_kernel_norm``/``grad_noise_trace`` and ``batch_sharpness``/``second_moment_contraction`` at the point
-    w_k, before step k.
-
-    ``threshold`` is c/η_k (``Rule.threshold_coefficient``, η_k the step size of step k): the value the sharpness (GD) or
-    the preconditioned sharpness (preconditioned rules) equilibrates at. The preconditioned sharpness uses the rule
-    state at step k; before the first step there is no state (it is NaN at step 0), and for rules without a
-    preconditioner (GD, momentum) it equals the sharpness. K is recorded for minibatch runs only (it is 0 in
-    full batch) and needs the MSE loss. Curvature is measured on the first ``examples`` training examples (all
-    when None), K and tr Σ on the first ``noise_examples``. The stochastic edge (``edge_batches`` > 0; minibatch
-    SGD runs only, the gd rule, whose step maps a perturbation by I − ηH_B) uses the batches of steps k, …,
-    k + edge_batches − 1 as the run's sampler draws them: one Hessian-vector product per batch for the batch
-    sharpness and one for mean_B ‖(I − η_k H_B)u‖² along the top Hessian eigenvector u that the sharpness
-    measurement has just found. Eigenvectors are kept between calls as warm starts
-    and forgotten when the probe sees a different process; they are its checkpoint state, so a resumed run
-    continues with the same warm starts.
-    """
-
+class SharpnessProbe(Probe):
+    """Records ``sharpness`` (λ_max of the Hessian), the top ``top_k`` eigenvalues ``eigs`` and the rule's
+    ``threshold`` c/η_k at the point w_k, before step k (``Rule.threshold_coefficient``, η_k the step size of step
+    k: the value the sharpness (GD) or the preconditioned sharpness (preconditioned rules) equilibrates at; NaN for
+    a rule without one). Curvature is measured on the first ``examples`` training examples (all when None), by
+    warm-started Lanczos to ``tol``. The probes that build on this one (:class:`PrecondSharpnessProbe`,
+    :class:`StochasticEdgeProbe`) read its Hessian operator and top eigenvector of the same step, so they follow it
+    in a run's probes. Its eigenvectors are kept between calls as warm starts, forgotten when it sees a different
+    process; they are its checkpoint state, so a resumed run continues with the same warm starts."""
     variables = {
         "sharpness": Variable((), "loss/weight²", "λ_max of the Hessian of the loss (on record.curvature_examples)"),
         "eigs": Variable(("eig",), "loss/weight²", "top record.top_k Hessian eigenvalues, descending"),
-        "precond_sharpness": Variable((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; NaN before "
-                                      "the first step"),
         "threshold": Variable((), "1/lr", "stability threshold c/η of the rule at this step (2/η for GD)"),
+    }
+
+    def __init__(self, every: int, top_k: int, tol: float, examples: Optional[int], n_examples: int):
+        self.every, self.top_k, self.tol, self.dims = every, top_k, tol, {"eig": top_k}
+        self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
+        self._process, self._warm = None, None
+        self.hessian, self.top = None, None  # this step's: the operator v ↦ Hv, (λ_max, its unit eigenvector)
+
+    def checkpoint_state(self) -> dict:
+        return {} if self._warm is None else {"vecs": self._warm}
+
+    def restore(self, state: dict) -> None:
+        self._process, self._warm = None, state.get("vecs")
+
+    def __call__(self, traj, process, lr: float) -> dict:
+        if process is not self._process:
+            self._process, self._warm = process, self._warm if self._process is None else None
+        w = traj.w
+        self.hessian = hessian_operator(process.problem, w, None if self.idx is None else self.idx.to(w.device))
+        res = precond_eigenpairs(self.hessian, None, w, self.top_k, v0=self._warm, tol=self.tol)
+        self._warm, self.top = res.vecs, (res.vals[0].item(), res.vecs[:, 0])
+        return {"sharpness": self.top[0], "eigs": res.vals.cpu().numpy(),
+                "threshold": (process.rule.threshold_coefficient() or math.nan) / lr}
+
+
+class PrecondSharpnessProbe(Probe):
+    """Records ``precond_sharpness`` λ_max(P̃⁻¹H) with the rule state at step k, on ``sharpness``'s Hessian of the
+    same step: NaN at step 0 (no state before the first step), the sharpness itself for a rule without a
+    preconditioner (GD, momentum). Warm-started as :class:`SharpnessProbe`."""
+    variables = {"precond_sharpness": Variable((), "1/lr", "λ_max(P̃⁻¹H), P̃ the rule's preconditioner without η; "
+                                               "NaN before the first step")}
+
+    def __init__(self, sharpness: SharpnessProbe):
+        self.sharpness, self.every = sharpness, sharpness.every
+        self._process, self._warm = None, None
+
+    def checkpoint_state(self) -> dict:
+        return {} if self._warm is None else {"vecs": self._warm}
+
+    def restore(self, state: dict) -> None:
+        self._process, self._warm = None, state.get("vecs")
+
+    def __call__(self, traj, process, lr: float) -> dict:
+        if traj.state is None:
+            return {}
+        P = process.rule.precond(traj.state)
+        if P is None:
+            return {"precond_sharpness": self.sharpness.top[0]}
+        if process is not self._process:
+            self._process, self._warm = process, self._warm if self._process is None else None
+        res = precond_eigenpairs(self.sharpness.hessian, P, traj.w, self.sharpness.top_k, v0=self._warm,
+                                 tol=self.sharpness.tol)
+        self._warm = res.vecs
+        return {"precond_sharpness": res.vals[0].item()}
+
+
+class NoiseKernelProbe(Probe):
+    """Records the noise kernel norm ``noise_kernel_norm`` K and ``grad_noise_trace`` tr Σ of a minibatch run (K is
+    0 in full batch, which records neither), on the first ``examples`` training examples; K needs the MSE loss."""
+    variables = {
         "noise_kernel_norm": Variable((), "1", "K = (κ/C) Σ ηλ/(2 − (1 − κ)ηλ), κ = (1/B − 1/D)·D/(D − 1), NTK "
                                       "eigenvalues λ, C outputs (minibatch runs; "
                                       "flowsim.solvers.curvature.noise_kernel_norm)"),
         "grad_noise_trace": Variable((), "(loss/weight)²", "trace of the per-example gradient covariance"),
+    }
+
+    def __init__(self, every: int, examples: int, n_examples: int):
+        self.every = every
+        self.idx = None if examples >= n_examples else torch.arange(examples)
+
+    def __call__(self, traj, process, lr: float) -> dict:
+        problem, w = process.problem, traj.w
+        if process.batch_size is None or process.batch_size >= problem.n_examples:
+            return {}
+        idx = None if self.idx is None else self.idx.to(w.device)
+        return {"noise_kernel_norm": noise_kernel_norm(ntk_eigenvalues(problem, w, idx), lr, process.batch_size,
+                                                       problem.n_examples, problem.Y[0].numel()),
+                "grad_noise_trace": gradient_noise_trace(problem, w, idx)}
+
+
+class StochasticEdgeProbe(Probe):
+    """Records ``batch_sharpness`` and ``second_moment_contraction`` of a minibatch run of a rule they apply to
+    (``Rule.stochastic_edge``: SGD, whose step maps a perturbation by I − ηH_B), on the batches of steps k, …,
+    k + ``batches`` − 1 as the run's sampler draws them: one Hessian-vector product per batch for the batch
+    sharpness and one for mean_B ‖(I − η_k H_B)u‖² along the top Hessian eigenvector u that ``sharpness`` has just
+    found (docs/stochastic-edge.md: why along it and not λ_max over all directions)."""
+    variables = {
         "batch_sharpness": Variable((), "loss/weight²", "E_B[g_Bᵀ H_B g_B / ‖g_B‖²], gradient and Hessian on the same "
                                     "minibatch B, over record.stochastic_edge_batches of the run's upcoming batches "
                                     "(minibatch SGD runs)"),
@@ -129,55 +200,18 @@ class CurvatureProbe(Probe):
                                               "(minibatch SGD runs)"),
     }
 
-    def __init__(self, every: int, top_k: int, tol: float, precond: bool, noise_kernel: bool,
-                 examples: Optional[int], noise_examples: int, n_examples: int, edge_batches: int = 0):
-        self.every, self.top_k, self.tol, self.edge_batches = every, top_k, tol, edge_batches
-        self.dims = {"eig": top_k}
-        self.precond, self.noise_kernel = precond, noise_kernel
-        self.idx = None if examples is None or examples >= n_examples else torch.arange(examples)
-        self.noise_idx = None if noise_examples >= n_examples else torch.arange(noise_examples)
-        self._process = None
-        self._warm: dict[str, Tensor] = {}
-
-    def checkpoint_state(self) -> dict:
-        return dict(self._warm)
-
-    def restore(self, state: dict) -> None:
-        self._process, self._warm = None, dict(state)
-
-    def _top(self, name: str, hvp, P, w: Tensor) -> Tensor:
-        res = precond_eigenpairs(hvp, P, w, self.top_k, v0=self._warm.get(name), tol=self.tol)
-        self._warm[name] = res.vecs
-        return res.vals
+    def __init__(self, sharpness: SharpnessProbe, batches: int):
+        self.sharpness, self.every, self.batches = sharpness, sharpness.every, batches
 
     def __call__(self, traj, process, lr: float) -> dict:
-        if self._process is None:
-            self._process = process
-        elif process is not self._process:
-            self._process, self._warm = process, {}
-        problem, w = process.problem, traj.w
-        idx = None if self.idx is None else self.idx.to(w.device)
-        H = hessian_operator(problem, w, idx)
-        vals = self._top("H", H, None, w)
-        out = {"sharpness": vals[0].item(), "eigs": vals.cpu().numpy(),
-               "threshold": (process.rule.threshold_coefficient() or math.nan) / lr}
-        if self.precond and traj.state is not None:
-            P = process.rule.precond(traj.state)
-            out["precond_sharpness"] = (out["sharpness"] if P is None else
-                                        self._top("PH", H, P, w)[0].item())
-        if self.noise_kernel and process.batch_size is not None and process.batch_size < problem.n_examples:
-            nidx = None if self.noise_idx is None else self.noise_idx.to(w.device)
-            out["noise_kernel_norm"] = noise_kernel_norm(ntk_eigenvalues(problem, w, nidx), lr, process.batch_size,
-                                                         problem.n_examples, problem.Y[0].numel())
-            out["grad_noise_trace"] = gradient_noise_trace(problem, w, nidx)
-        if self.edge_batches and getattr(process, "sampler", None) is not None and process.rule.stochastic_edge:
-            out.update(self._stochastic_edge(problem, w, process.sampler, traj.step, lr, self._warm["H"][:, 0]))
-        return out
+        if getattr(process, "sampler", None) is None or not process.rule.stochastic_edge:
+            return {}
+        return self.measure(process.problem, traj.w, process.sampler, traj.step, lr, self.sharpness.top[1])
 
-    def _stochastic_edge(self, problem, w: Tensor, sampler, step: int, lr: float, top: Tensor) -> dict:
-        """batch_sharpness and second_moment_contraction on the batches of steps step, step + 1, …; ``top`` the
-        Hessian's unit top eigenvector (docs/stochastic-edge.md: why along it and not λ_max over all directions)."""
-        graphs = [LossGraph(problem, w, sampler.indices(step + i)) for i in range(self.edge_batches)]
+    def measure(self, problem, w: Tensor, sampler, step: int, lr: float, top: Tensor) -> dict:
+        """Both measures at w on the batches of steps step, step + 1, …; ``top`` the Hessian's unit top
+        eigenvector."""
+        graphs = [LossGraph(problem, w, sampler.indices(step + i)) for i in range(self.batches)]
         rayleigh = [(g.grad() @ g.hvp(g.grad()) / g.grad().pow(2).sum()).item() for g in graphs]
         growth = [(top - lr * g.hvp(top)).pow(2).sum().item() for g in graphs]
         return {"batch_sharpness": float(np.mean(rayleigh)), "second_moment_contraction": float(np.mean(growth))}

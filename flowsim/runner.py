@@ -24,7 +24,8 @@ from flowsim import scenario as scenario_mod
 from flowsim import store as store_mod
 from flowsim import sweep as sweep_mod
 from flowsim.models.problem import Problem, resolve_device
-from flowsim.record import CurvatureProbe, Probe, Projection, ProjectionProbe, Recorder, WeightsProbe, declared
+from flowsim.record import (NoiseKernelProbe, PrecondSharpnessProbe, Probe, Projection, ProjectionProbe, Recorder,
+                            SharpnessProbe, StochasticEdgeProbe, WeightsProbe, declared)
 from flowsim.scenario import RecordSpec, RunSpec, Scenario, ScenarioError
 from flowsim.solvers import PROCESSES, Rule, StepSize
 from flowsim.solvers.batched import BatchedDiscrete
@@ -85,11 +86,17 @@ def make_probes(problem: Problem, sc: Scenario) -> list[Probe]:
         probes.append(ProjectionProbe(projection, sc.record.projection_every))
     if sc.record.keep_weights:
         probes.append(WeightsProbe(sc.record.keep_weights, problem.n_params))
-    if sc.record.curvature_every:
-        rec = sc.record
-        probes.append(CurvatureProbe(rec.curvature_every, rec.top_k, rec.eig_tol, rec.precond, rec.noise_kernel,
-                                     rec.curvature_examples, rec.noise_kernel_examples, problem.n_examples,
-                                     rec.stochastic_edge_batches if rec.stochastic_edge else 0))
+    rec = sc.record
+    if rec.curvature_every:
+        sharpness = SharpnessProbe(rec.curvature_every, rec.top_k, rec.eig_tol, rec.curvature_examples,
+                                   problem.n_examples)
+        probes.append(sharpness)
+        if rec.precond:
+            probes.append(PrecondSharpnessProbe(sharpness))
+        if rec.noise_kernel:
+            probes.append(NoiseKernelProbe(rec.curvature_every, rec.noise_kernel_examples, problem.n_examples))
+        if rec.stochastic_edge:
+            probes.append(StochasticEdgeProbe(sharpness, rec.stochastic_edge_batches))
     return probes
 
 

@@ -111,8 +111,10 @@ def tiny():
 
 
 def _probe(batches=8):
-    from flowsim.record import CurvatureProbe
-    return CurvatureProbe(1, 1, 1e-10, False, False, None, 24, 24, edge_batches=batches)
+    """The sharpness probe and, following it, the stochastic edge's over ``batches`` batches."""
+    from flowsim.record import SharpnessProbe, StochasticEdgeProbe
+    sharpness = SharpnessProbe(1, 1, 1e-10, None, 24)
+    return sharpness, StochasticEdgeProbe(sharpness, batches)
 
 
 def _top_eigenvector(p, w):
@@ -125,7 +127,8 @@ def test_batch_sharpness_and_second_moment_contraction_match_dense_hessians(tiny
     traj = process.start(p.w0)
     for _ in range(5):
         process.step(traj, lr, measure=False)
-    out = _probe()(traj, process, lr)
+    sharpness, edge = _probe()
+    out = {**sharpness(traj, process, lr), **edge(traj, process, lr)}
     u = _top_eigenvector(p, traj.w)
     sharp, growth = [], []
     for i in range(8):
@@ -149,7 +152,7 @@ def test_second_moment_contraction_in_full_batch_is_the_classical_edge(tiny):
             return torch.arange(p.n_examples)
 
     for lr in (1.0 / lam, 2.0 / lam, 3.0 / lam):
-        out = _probe()._stochastic_edge(p, p.w0, WholeData(), 0, lr, _top_eigenvector(p, p.w0))
+        out = _probe()[1].measure(p, p.w0, WholeData(), 0, lr, _top_eigenvector(p, p.w0))
         assert out["second_moment_contraction"] == pytest.approx((1 - lr * lam) ** 2, rel=1e-8, abs=1e-12)
 
 
@@ -168,7 +171,7 @@ def test_stochastic_edge_costs_one_hessian_vector_product_per_batch_and_quantity
     p, lr = tiny, 0.5
     process = Discrete(p, make_rule("gd"), seed=0, batch_size=4, options=Discrete.Options(sampling="iid"))
     traj = process.start(p.w0)
-    _probe(8)._stochastic_edge(p, traj.w, process.sampler, 0, lr, _top_eigenvector(p, p.w0))
+    _probe(8)[1].measure(p, traj.w, process.sampler, 0, lr, _top_eigenvector(p, p.w0))
     assert len(calls) == 2 * 8
 
 
