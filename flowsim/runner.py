@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import xarray as xr
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 import zarr
 import zarr.storage
 
@@ -271,7 +271,7 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
     return store_mod.open(target)
 
 
-def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: str = "discrete",
+def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str, BaseModel] = "discrete",
              step_size: Union[float, str, dict, StepSize] = 0.1, steps: int = 100, *,
              batch_size: Optional[int] = None, seed: int = 0, options: Optional[dict] = None,
              record: Union[dict, RecordSpec, None] = None, store: Union[str, Path, None] = None,
@@ -280,13 +280,23 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: str = "di
     recorded as the Dataset :func:`flowsim.open` gives (one run, named after the process).
 
     ``rule``: a rule object (``Adam(beta1=0.8)``, :mod:`flowsim.solvers`) or a name with its hyperparameters as
-    keywords (``"adam", beta1=0.8``); ``process``: a process name, its options in ``options``; ``step_size``: a
+    keywords (``"adam", beta1=0.8``); ``process``: a process's options object (``Central.Options(substeps=8)``,
+    ``Rod.Options()``: each process's own class, so it names the process) or a process name with its options in
+    ``options``; ``step_size``: a
     policy object (``Edge(c=0.5)``, ``Drop(lr=0.1, at=100, lr_after=0.01)``), a number (a constant η), or a
     policy as a scenario spells it (``"edge"``, ``{"edge": {"c": 0.5}}``); ``record``: a :class:`RecordSpec` or
     the scenario's ``record:`` keys. Objects and names run the same: they are checked as a scenario's keys are
     (one-line :class:`ScenarioError`). The result is built in memory; with ``store`` (a path that does not exist
     yet) it is also written there as a zarr store, as ``flowsim run`` writes one.
     """
+    if isinstance(process, BaseModel):
+        processes = {cls.Options: name for name, cls in PROCESSES.items()}
+        if type(process) not in processes:
+            raise ScenarioError(f"process: {type(process).__name__} is not a process's options (Central.Options(...), "
+                                f"…) nor a process name; choose from {sorted(PROCESSES)}")
+        if options:
+            raise ScenarioError("options: give the process's options in its object or with its name, not both")
+        process, options = processes[type(process)], process.model_dump(exclude_unset=True)
     if isinstance(rule, Rule):
         if hyperparameters:
             raise ScenarioError(f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object "

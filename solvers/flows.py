@@ -144,7 +144,7 @@ class StepCount(BaseModel):
 
 
 class FlowOptions(StepCount, DiscreteStart):
-    """Scenario keys of the stable and modified flows."""
+    """Scenario keys of the stable flow (and, as :class:`ModifiedOptions`, of the modified flow)."""
     method: Literal["euler", "rk4", "dopri5"] = Field(
         "rk4", description="integrator: euler or rk4 (fixed substeps), or dopri5 (adaptive, to rtol and atol)")
     rtol: PositiveFloat = Field(1e-7, description="dopri5 relative tolerance")
@@ -155,6 +155,11 @@ class FlowOptions(StepCount, DiscreteStart):
         if self.method == "dopri5" and self.substeps is not None:
             raise ValueError("substeps: only for the fixed-step methods euler and rk4 (dopri5 adapts its steps)")
         return self
+
+
+class ModifiedOptions(FlowOptions):
+    """Scenario keys of the modified flow: the stable flow's. Its own class, so that an options object names its
+    process (``Modified.Options(substeps=8)``)."""
 
 
 class Stable(Process):
@@ -245,4 +250,5 @@ class Stable(Process):
 class Modified(Stable):
     """The modified flow: the stable flow of L + (η/4)‖∇L‖² (for GD; see the module docstring)."""
     name: ClassVar[str] = "modified"
+    Options: ClassVar[type[BaseModel]] = ModifiedOptions
     modified: ClassVar[bool] = True

@@ -9,7 +9,7 @@ import zarr.storage
 import flowsim
 import flowsim.runner
 from flowsim.models.landscapes import QuadraticConfig
-from flowsim.solvers import Adam, Drop, Edge
+from flowsim.solvers import GD, PROCESSES, Adam, Drop, Edge
 
 SPECTRUM = [4.0, 1.0, 0.25]
 EXACT_EDGE = {"edge": {"c": 0.9, "early": False, "eig_tol": 1e-10, "max_products": None, "hvp": "reverse"}}
@@ -59,6 +59,20 @@ def test_objects_run_as_the_scenario_does_in_memory_and_to_the_bit(tmp_path, mon
     assert stamped(ds.attrs) == stamped(written.attrs) and ds.attrs["n_params"] == reference.attrs["n_params"]
     with pytest.raises(flowsim.ScenarioError, match=r"^beta1: give the rule's hyperparameters in its object"):
         flowsim.simulate(problem, Adam(), "discrete", 0.01, 3, beta1=0.5)
+
+
+@pytest.mark.parametrize("process", sorted(PROCESSES))
+def test_a_process_options_object_runs_as_its_name_with_those_options(process):
+    """Each process has its own options class, so an options object names its process; it runs as the name with
+    the same options as a dict, to the bit."""
+    assert len({cls.Options for cls in PROCESSES.values()}) == len(PROCESSES)
+    problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
+    options = {"discrete": {}, "sde": {"noise": "isotropic", "sigma": 0.01}}.get(process, {"discrete_start": 1})
+    obj = flowsim.simulate(problem, GD(), PROCESSES[process].Options(**options), 0.1, 4, record={"projection_dim": 0})
+    named = flowsim.simulate(problem, "gd", process, 0.1, 4, options=options, record={"projection_dim": 0})
+    assert obj.process.item() == process and obj.loss.values.tobytes() == named.loss.values.tobytes()
+    with pytest.raises(flowsim.ScenarioError, match="^options: give the process's options in its object"):
+        flowsim.simulate(problem, GD(), PROCESSES[process].Options(), 0.1, 4, options={"seed": 1})
 
 
 def test_the_step_size_is_recorded_at_every_step_and_the_loss_at_its_cadence():
