@@ -8,8 +8,9 @@ weights enter the step only through ``decay(w)``, a decoupled weight decay (Adam
 Every rule is w ← w − η (P̃⁻¹ d + decay(w)), with ``direction(g, state) = d`` (g for GD, the momentum m, or a
 look-ahead mixing the two) and a diagonal ``precond(state) = P̃`` (None for the identity). P̃ excludes η: the
 central-flow preconditioner is P = P̃/η. The *preconditioned sharpness* is λ_max(P̃⁻¹H), measured on
-P̃^{-1/2} H P̃^{-1/2}, and ``threshold_coefficient`` c gives its stability threshold c/η on a quadratic (2 for GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam). Every rule declares it
-(None for a rule with no threshold), with the edge controller's default fraction ``edge_fraction`` of it.
+P̃^{-1/2} H P̃^{-1/2}, and ``threshold_coefficient`` c gives its stability threshold c/η on a quadratic (2 for
+GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam). Every rule declares it (None for a rule with no threshold),
+with the edge controller's default fraction ``edge_fraction`` of it.
 
 The continuous processes read a rule through these same functions only: the stable flow's state ODE is
 ``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) differentiates
