@@ -127,11 +127,16 @@ def create(store: StoreLike, attrs: dict, overwrite: bool = False) -> zarr.Group
             if child.name != LOCK_NAME:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     root = zarr.open_group(store, mode="a" if isinstance(store, (str, Path)) else "w", zarr_format=3)
-    from flowsim import __version__
-    root.attrs.update({"flowsim_version": __version__, "torch_version": torch.__version__,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs})
+    root.attrs.update(_with_provenance(attrs))
     root.create_group("runs")
     return root
+
+
+def _with_provenance(attrs: dict) -> dict:
+    """A store's root ``attrs`` with the versions that wrote it and when."""
+    from flowsim import __version__
+    return {"flowsim_version": __version__, "torch_version": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs}
 
 
 class RunWriter:
@@ -188,9 +193,7 @@ class InMemory:
     :meth:`open` gives the Dataset :func:`open` gives of the same rows. It keeps no checkpoints."""
 
     def __init__(self, attrs: dict):
-        from flowsim import __version__
-        self.attrs = {"flowsim_version": __version__, "torch_version": torch.__version__,
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **attrs}
+        self.attrs = _with_provenance(attrs)
         self.runs: dict[str, MemoryRun] = {}
 
     def writer(self, name: str, attrs: dict, variables: dict[str, Variable], dims: dict[str, int]) -> "MemoryRun":
@@ -202,8 +205,9 @@ class InMemory:
 
 
 class MemoryRun:
-    """One run's rows in memory, with :class:`RunWriter`'s interface (``append``, ``truncate``, ``finish``,
-    ``length``) and its arrays' dims, dtypes (int64 steps, float64 values), NaN filling and attributes."""
+    """One run's rows in memory, with :class:`RunWriter`'s interface for a run that is never resumed (``append``,
+    ``finish``, ``length``) and its arrays' dims, dtypes (int64 steps, float64 values), NaN filling and
+    attributes."""
 
     def __init__(self, attrs: dict, variables: dict[str, Variable], dims: dict[str, int]):
         self.attrs, self.variables, self.dims, self.length = {**attrs, "status": "running"}, variables, dims, 0
@@ -222,11 +226,6 @@ class MemoryRun:
             data = columns.get(name)
             self.columns[name].append(np.full((n, *shape), np.nan) if data is None else np.asarray(data, dtype))
         self.length += n
-
-    def truncate(self, length: int) -> None:
-        for name, parts in self.columns.items():
-            self.columns[name] = [np.concatenate(parts)[:length]]
-        self.length = length
 
     def finish(self, **attrs: Any) -> None:
         self.attrs.update(attrs)
