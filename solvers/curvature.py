@@ -213,7 +213,10 @@ def hessian_operator(problem, w: Tensor, idx: Optional[Tensor] = None, method: s
         scale = root_eps * max(1.0, w.norm().item())
 
         def product(v: Tensor) -> Tensor:
-            eps = scale / v.norm().item()
+            norm = v.norm().item()
+            if norm == 0:  # H0 = 0 (a zero update: CDAT's on a batch whose gradient is exactly 0)
+                return torch.zeros_like(v)
+            eps = scale / norm
             return (problem.loss_and_grad(w + eps * v, idx)[1] - g0) / eps
         return product
     if method != "reverse":

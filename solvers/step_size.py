@@ -24,6 +24,7 @@ import math
 from functools import cached_property
 from typing import Callable, ClassVar, Literal, Optional
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import Tensor
 
@@ -140,6 +141,11 @@ class Edge(StepSize):
     (shrink × growth = 1) η cannot rise across an interval that had a spike, and spikes do not compound from one
     interval to the next.
 
+    The loss's rounding floor, ``eps`` of its dtype × the first step's loss (1.2e-7 × L0 in float32): where a step's
+    loss is at or below it, S measured there is rounding error (separable cross-entropy reaches it, and S → 0 there
+    let η double at every estimate, to 10⁷ over Adam), so an estimate on such a step never raises η, and such a
+    loss is no reference for the guard (on small batches that fit exactly, any nonzero batch loss would be a spike).
+
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
     """
@@ -151,7 +157,8 @@ class Edge(StepSize):
     every: PositiveInt = Field(10, description="re-estimate S every this many steps")
     early: bool = Field(True, description="also re-estimate at steps 1, 2, 4, … below every")
     guard: float = Field(2.0, gt=1, description="a step loss above this × the smallest since the last estimate "
-                         "re-estimates S and shrinks the step until the next regular estimate")
+                         "(of those above the loss's rounding floor) re-estimates S and shrinks the step until the "
+                         "next regular estimate")
     shrink: float = Field(0.5, gt=0, lt=1, description="the guard's factor: at a spike η is at most this × the "
                           "η set at the last regular estimate")
     growth: float = Field(2.0, gt=1, description="η grows by at most this factor per re-estimate")
@@ -175,19 +182,25 @@ class Edge(StepSize):
         return self.c if self.c is not None else rule.edge_fraction
 
     def init(self) -> PolicyState:
-        return {"eta": math.nan, "base": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "vecs": None}
+        return {"eta": math.nan, "base": math.nan, "scale": 1.0, "S": math.nan, "ref": math.inf, "floor": 0.0,
+                "vecs": None}
 
     # ---- the controller ---------------------------------------------------------------------------------
     def update(self, k: int, ctx: StepContext, state: PolicyState) -> tuple[float, PolicyState]:
         state = dict(state)
-        if math.isnan(state["eta"]):
+        first = math.isnan(state["eta"])
+        if first:
             self._estimate(ctx, state, first=True)
         elif k % self.every == 0 or (self.early and k < self.every and k & (k - 1) == 0):
             self._estimate(ctx, state)
-        step_loss = ctx.loss_and_grad()[0].item()
+        loss = ctx.loss_and_grad()[0]  # after the estimate: a reverse-mode estimate computes it on its way
+        step_loss = loss.item()
+        if first:
+            state["floor"] = torch.finfo(loss.dtype).eps * abs(step_loss)
         if step_loss > self.guard * state["ref"]:
             self._estimate(ctx, state, spike=True)
-        state["ref"] = min(state["ref"], step_loss)
+        if step_loss > state["floor"]:  # a loss at its rounding floor is no reference for a spike
+            state["ref"] = min(state["ref"], step_loss)
         return state["eta"], state
 
     def sharpness(self, ctx: StepContext, state: PolicyState, first: bool) -> float:
@@ -206,6 +219,8 @@ class Edge(StepSize):
         eta = state["scale"] * target
         if spike:  # at most shrink × the η of the last regular estimate, whatever S says now
             eta = min(eta, self.shrink * state["base"])
+        elif not first and ctx.loss_and_grad()[0].item() <= state["floor"]:  # S is rounding error there
+            eta = min(eta, state["eta"])
         elif not first:
             eta = min(eta, self.growth * state["eta"])
         state["eta"] = min(self.max_lr, eta)

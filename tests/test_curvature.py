@@ -343,3 +343,5 @@ def test_difference_hessian_operator_is_the_hessian_to_the_root_of_machine_epsil
     assert ((Hv - exact).norm() / exact.norm()).item() <= rel
     g = q.loss_and_grad(w)[1]
     torch.testing.assert_close(hessian_operator(q, w, method="difference", grad=g)(v.to(w.dtype)).double(), Hv)
+    zero = torch.zeros_like(w)  # H·0 = 0, where a step of ε/‖v‖ would divide by zero
+    assert torch.equal(hessian_operator(q, w, method="difference", grad=g)(zero), zero)

@@ -307,16 +307,17 @@ def test_cdat_steps_along_the_rule_update_with_averaged_numerator_and_denominato
         flowsim.simulate(problem, "gd", "discrete", {"cdat": {"sigma": -1}}, 3)
 
 
-def separable_ce(seed=0):
+def separable_ce(seed=0, dtype="float64", raw=True):
     """64 points of two classes whose means are ±1 per coordinate (unit noise; separable but for a few points),
-    features scaled by 0.1 … 100 as a user's raw table is, a GELU MLP 4-16-2, cross-entropy, float64."""
+    with ``raw`` features scaled by 0.1 … 100 as a user's raw table is, a GELU MLP 4-16-2, cross-entropy."""
     gen = torch.Generator().manual_seed(seed)
     y = torch.arange(64) % 2
-    X = ((2 * y[:, None] - 1) + torch.randn(64, 4, generator=gen, dtype=torch.float64)) * torch.logspace(
-        -1, 2, 4, dtype=torch.float64)
+    X = (2 * y[:, None] - 1) + torch.randn(64, 4, generator=gen, dtype=torch.float64)
+    if raw:
+        X = X * torch.logspace(-1, 2, 4, dtype=torch.float64)
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
-    return flowsim.Problem.from_module(net, X, y, loss="ce", device="cpu")
+    return flowsim.Problem.from_module(net, X, y, loss="ce", dtype=dtype, device="cpu")
 
 
 class BeforeTheSafeguard(Edge):
@@ -360,15 +361,50 @@ def test_the_curvature_collapse_runaway_on_separable_cross_entropy_is_stopped(ru
     etas = np.array([rows[k]["step_size"] for k in range(steps)])
     losses = np.array([rows[k]["loss"] for k in range(steps + 1)])
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
-    base, ref, spikes = etas[0], math.inf, 0
-    for k in range(1, steps):
+    spikes, _ = check_the_definition(policy, etas, torch.finfo(torch.float64).eps * policy.seen[0])
+    assert spikes > 0  # the guard acted
+
+
+def check_the_definition(policy, etas, floor):
+    """Check every η_k against the controller's definition, from its step losses ``policy.seen``: at a regular
+    estimate (steps 1, 2, 4, 8, 10, 20, …) η_k ≤ growth·η_{k−1}, and η_k ≤ η_{k−1} where the step's loss is at
+    ``floor``; at a spike (a step loss above ``guard`` × the smallest above ``floor`` since the last estimate)
+    η_k ≤ shrink × the η set at the last regular estimate; elsewhere η_k = η_{k−1}. Returns (spikes, settled
+    estimates)."""
+    base, ref, spikes, settled = etas[0], math.inf, 0, 0
+    for k in range(1, len(etas)):
+        loss = policy.seen[k]
         if k % 10 == 0 or k in (1, 2, 4, 8):
-            assert etas[k] <= policy.growth * etas[k - 1] * (1 + 1e-12)
+            settled += loss <= floor
+            assert etas[k] <= (1 if loss <= floor else policy.growth) * etas[k - 1] * (1 + 1e-12)
             base, ref = etas[k], math.inf
-        elif policy.seen[k] > policy.guard * ref:
+        elif loss > policy.guard * ref:
             assert etas[k] <= policy.shrink * base * (1 + 1e-12)
             spikes, ref = spikes + 1, math.inf
         else:
             assert etas[k] == etas[k - 1]
-        ref = min(ref, policy.seen[k])
-    assert spikes > 0  # the guard acted
+        if loss > floor:
+            ref = min(ref, loss)
+    return spikes, settled
+
+
+@pytest.mark.parametrize("rule", ["adam", "gd"])
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_eta_is_not_raised_once_the_loss_is_at_its_rounding_floor(rule, batch_size):
+    """In float32 separable cross-entropy reaches its rounding floor (eps × the first loss, 1.2e-7 × L0: 0 here)
+    and the estimate S there is rounding error. Before the floor rule, full batch, η doubled at every estimate with
+    nothing to stop it (2⁴³ × its first value over GD, 2 × 10¹² over Adam, in 400 steps: the loss is 0 and never
+    spikes). With it η follows the definition step by step (``check_the_definition``): it is never raised by an
+    estimate whose loss is at the floor, and a loss at the floor is no reference for a spike."""
+    steps, problem = 400, separable_ce(dtype="float32", raw=False)
+    if batch_size is None:
+        rows, _, _ = drive(problem, rule, BeforeTheSafeguard(), steps)
+        before = np.array([rows[k]["step_size"] for k in range(steps)])
+        assert before.max() > 1e10 * before[0] and rows[steps]["loss"] == 0
+    policy = StepLosses(seen=[])
+    rows, _, _ = drive(problem, rule, policy, steps, batch_size=batch_size)
+    etas = np.array([rows[k]["step_size"] for k in range(steps)])
+    floor = torch.finfo(torch.float32).eps * policy.seen[0]
+    _, settled = check_the_definition(policy, etas, floor)
+    if batch_size is None:
+        assert settled > 10  # the floor was reached and held η
