@@ -30,6 +30,8 @@ VARIANTS: dict[str, dict] = {
     "no guard": {"guard": 1e300},
     "no growth cap": {"growth": 1e300},
     "S to eig_tol (no product cap)": {"max_products": None},
+    "2 products per re-estimate": {"max_products": 2},
+    "re-estimate every 20": {"every": 20},
     "exact products": {"hvp": "reverse"},
 }
 """Variant name → the controller's options that differ from its defaults."""

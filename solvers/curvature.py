@@ -136,11 +136,12 @@ def block_eigenpairs(matvec: Callable[[Tensor], Tensor], V0: Tensor, k: int, *, 
     V = torch.linalg.qr(V0).Q
     S, AS = V, apply(V)
     products, previous, Pd, APd = p, None, None, None
+    without_p = p  # the columns of S before P's: [V, R]
     for iteration in range(max_iter + 1):
         GA = (S.T @ AS).double().cpu().numpy()
         GB = (S.T @ S).double().cpu().numpy()
         if np.linalg.cond(GB) > limit:  # P has become dependent on [V, R]: drop it
-            S, AS = S[:, :V.shape[1] + Ra.shape[1]], AS[:, :V.shape[1] + Ra.shape[1]]
+            S, AS = S[:, :without_p], AS[:, :without_p]
             GA, GB = GA[:S.shape[1], :S.shape[1]], GB[:S.shape[1], :S.shape[1]]
         theta, C = scipy.linalg.eigh(0.5 * (GA + GA.T), 0.5 * (GB + GB.T))
         theta, C = theta[::-1][:p].copy(), torch.from_numpy(C[:, ::-1][:, :p].copy()).to(V)
@@ -166,6 +167,7 @@ def block_eigenpairs(matvec: Callable[[Tensor], Tensor], V0: Tensor, k: int, *, 
         ARa = apply(Ra)
         products += len(active)
         S, AS = torch.cat([V, Ra], 1), torch.cat([AV, ARa], 1)
+        without_p = S.shape[1]
         if Pd is not None:
             S, AS = torch.cat([S, Pd[:, active]], 1), torch.cat([AS, APd[:, active]], 1)
     rest = top_eigenpairs(matvec, n, k, v0=V[:, :k], tol=tol, dtype=V.dtype, device=V.device, seed=seed,
