@@ -12,7 +12,10 @@ for RMSprop and Adam):
     dw = −η P̃(E_ξ s⁺)⁻¹ d(g, s⁺) dt − η P̃⁻¹ ∂_g d √(cΣ/B) dW,
 
 so RMSProp's and Adam's ν follow E[g_B²] = g² + c·diag(Σ)/B, a momentum's m carries the noise to w, and GD's SDE is
-dw = −η g dt + η √(cΣ/B) dW. The derivation is in docs/sde.md. Σ^{1/2} dW is applied as Gᵀ dW / √n with G the
+dw = −η g dt + η √(cΣ/B) dW. A momentum m ← βm + c·g is then taken to every order in 1 − β (:func:`exact_ema`):
+its drift × ln(1/β)/(1 − β), its noise × √(2 ln(1/β)/(1 − β²)), and w moves along m advanced by the fraction
+(1 − βκ)/(1 − β) of its step in place of s⁺, which makes m and w exact at every step under a constant gradient
+and noise. The derivation is in docs/sde.md. Σ^{1/2} dW is applied as Gᵀ dW / √n with G the
 centred n × P per-example gradient matrix and W an n-dimensional Brownian motion (torchsde ``general`` noise
 through ``f_and_g_prod``); no P × P matrix is formed. For a rule without a second moment, Gᵀv is a
 vector–Jacobian product of the per-example losses in the same backward pass as ∇L; a second moment needs the n
@@ -27,7 +30,7 @@ reproduces a path and resuming at any step is exact. :func:`ensemble` integrates
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal, NamedTuple, Optional
 
 import torch
 import torchsde
@@ -112,6 +115,7 @@ class SDE(Stable):
             self._second_moments = rule.second_moments(problem.w0)
         else:
             self._second_moments = frozenset()
+        self._ema = exact_ema(rule, problem.w0)
 
     def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int) -> Tensor:
         return self.advance_paths(layout, y[None], lr, substeps, step, self.seed)[0]
@@ -146,11 +150,18 @@ class SDE(Stable):
         the advanced state s⁺ = advance_state(g, s) as the discrete step takes it (g for GD and RMSProp, the
         advanced m = β1 m + (1 − β1)g for momentum and Adam), and s by s⁺ − s. Noise: w gets −η P̃⁻¹ ∂_g d·ξ,
         the state ∂_g s⁺·ξ (m: (1 − β1)ξ) except for second moments (ν), which follow their mean only: the
-        part of s⁺ quadratic in g adds E_ξ of itself to the drift (ν: (1 − β2)·c·diag(Σ)/B). One forward pass
-        of the per-example losses and one vmapped backward (all n per-example gradients for a rule with a
-        second moment)."""
+        part of s⁺ quadratic in g adds E_ξ of itself to the drift (ν: (1 − β2)·c·diag(Σ)/B). A momentum's
+        increment and noise take the factors of :func:`exact_ema`, and d takes it advanced by its lag fraction.
+        One forward pass of the per-example losses and one vmapped backward (all n per-example gradients for a
+        rule with a second moment)."""
         scale = math.sqrt(self._noise_variance / self.problem.n_examples)
-        problem, rule, second_moments = self.problem, self.rule, self._second_moments
+        problem, rule, second_moments, ema = self.problem, self.rule, self._second_moments, self._ema
+
+        def state_of_the_step(u: Tensor, state: State) -> State:
+            """The state w's drift is taken at: the advanced one, each momentum advanced by its lag factor only."""
+            advanced = rule.advance_state(u, state)
+            return {key: state[key] + ema[key].lag * (value - state[key]) if key in ema else value
+                    for key, value in advanced.items()}
 
         def drift_and_noise(y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             w, state = layout.unpack(y)
@@ -165,19 +176,52 @@ class SDE(Stable):
                 cotangents = torch.stack([torch.full_like(losses, 1.0 / losses.numel()), scale * (v - v.mean())])
                 g, xi = vmap(pullback)(cotangents)[0]
                 bias = {}
-            d, d_noise = jvp(lambda u: rule.direction(u, rule.advance_state(u, state)), (g,), (xi,))
+            d, d_noise = jvp(lambda u: rule.direction(u, state_of_the_step(u, state)), (g,), (xi,))
             advanced, s_noise = jvp(lambda u: rule.advance_state(u, state), (g,), (xi,)) if state else ({}, {})
             advanced = {key: value + bias.get(key, 0.0) for key, value in advanced.items()}  # E over ξ
             P = rule.precond(advanced)
-            drift_s = {key: advanced[key] - value for key, value in state.items()}
-            noise_s = {key: torch.zeros_like(value) if key in second_moments else value
-                       for key, value in s_noise.items()}
+            drift_s = {key: (advanced[key] - value) * (ema[key].rate if key in ema else 1.0)
+                       for key, value in state.items()}
+            noise_s = {key: torch.zeros_like(value) if key in second_moments else
+                       value * (ema[key].noise if key in ema else 1.0) for key, value in s_noise.items()}
             decay = rule.decay(w)
             drift_w = -lr * (d if P is None else d / P)
             return (layout.pack(drift_w if decay is None else drift_w - lr * decay, drift_s),
                     layout.pack(-lr * (d_noise if P is None else d_noise / P), noise_s))
 
         return drift_and_noise
+
+
+class EMAFactors(NamedTuple):
+    """A momentum's factors over its first-order increment (``exact_ema``): ``rate`` on its drift, ``noise`` on its
+    noise, ``lag`` on the advance of the state w's drift is taken at."""
+    rate: Tensor
+    noise: Tensor
+    lag: Tensor
+
+
+def exact_ema(rule: Rule, w: Tensor) -> dict[str, EMAFactors]:
+    """For each momentum of ``rule`` (``Rule.momenta``: m ← βm + c·g, EMA or heavy ball), the factors that make the
+    SDE's m and w equal the discrete run's at every step under a constant gradient and noise (docs/sde.md):
+    rate κ = ln(1/β)/(1 − β) (m gathers as 1 − βᵏ, not 1 − e^{−(1−β)k}), noise √(2 ln(1/β)/(1 − β²)) (m's
+    variance at rest is the discrete c²σ²/(1 − β²), not c²σ²/(2(1 − β))), and lag (1 − βκ)/(1 − β) (w then
+    gathers Σⱼ mⱼ: w's drift takes m advanced by that fraction of its step, not all of it). β is read off the
+    rule as ∂m⁺/∂m; a momentum with β outside (0, 1) keeps the first-order SDE (factors 1)."""
+    zero = torch.zeros_like(w)
+    init = rule.init(w, torch.ones_like(w))
+    ones = {key: torch.ones_like(value) for key, value in init.items()}
+    at_ones = rule.advance_state(zero, ones)
+    at_zeros = rule.advance_state(zero, {key: torch.zeros_like(value) for key, value in init.items()})
+    factors = {}
+    for key in rule.momenta(w):
+        beta = (at_ones[key] - at_zeros[key]).to(torch.float64)
+        inside = (beta > 0) & (beta < 1)
+        b = torch.where(inside, beta, torch.full_like(beta, 0.5))  # any β in (0, 1), replaced below
+        log = -torch.log(b)
+        rate = log / (1 - b)
+        factors[key] = EMAFactors(*(torch.where(inside, f, torch.ones_like(f)).to(w.dtype) for f in (
+            rate, torch.sqrt(2 * log / (1 - b * b)), (1 - b * rate) / (1 - b))))
+    return factors
 
 
 def _noise_second_moment(rule: Rule, state: State, centred: Tensor, variance: float) -> State:

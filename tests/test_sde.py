@@ -12,7 +12,7 @@ from flowsim.scenario import ScenarioError
 from flowsim.solvers import PROCESSES, make_rule
 from flowsim.solvers.flows import Layout
 from flowsim.sde_check import discrete_ensemble, sde_ensemble
-from flowsim.solvers.sde import SDE, SDEOptions, ensemble
+from flowsim.solvers.sde import SDE, SDEOptions, ensemble, exact_ema
 
 
 def linear_regression(n=64):
@@ -177,10 +177,18 @@ def test_rmsprops_nu_follows_the_minibatch_second_moment_and_its_step_the_miniba
     assert np.abs(M[P_:]).max() == 0
 
 
-def test_a_momentum_carries_the_noise_in_m_and_w_moves_along_the_advanced_m():
-    # EMA momentum: m⁺ = β m + (1 − β)(g + ξ), Δw = −η m⁺: drift (−η(βm + (1 − β)g), (1 − β)(g − m)); noise
-    # ((−η(1 − β)ξ, (1 − β)ξ)), so Cov = (1 − β)² c Σ/B ⊗ [[η², −η], [−η, 1]].
+def ema_factors(beta):
+    """The exact-EMA factors of a momentum with coefficient β, in closed form (docs/sde.md): rate κ, noise, lag."""
+    kappa = math.log(1 / beta) / (1 - beta)
+    return kappa, math.sqrt(2 * math.log(1 / beta) / (1 - beta ** 2)), (1 - beta * kappa) / (1 - beta)
+
+
+def test_a_momentum_carries_the_noise_in_m_and_w_moves_along_m_advanced_by_its_lag():
+    # EMA momentum: m⁺ = β m + (1 − β)(g + ξ), Δw = −η m⁺. The SDE takes m's increment (1 − β)(g + ξ − m) at rate
+    # κ and its noise × √(2 ln(1/β)/(1 − β²)), and w along m + lag·(1 − β)(g + ξ − m): drift
+    # (−η(m + lag(1 − β)(g − m)), κ(1 − β)(g − m)), noise (−η·lag·(1 − β)ξ, noise·(1 − β)ξ).
     problem, lr, B, beta = linear_regression(), 0.1, 8, 0.8
+    kappa, noise, lag = ema_factors(beta)
     G = problem.per_example_grads(problem.w0).numpy()
     n, g = G.shape[0], G.mean(0)
     c = (n - B) / (n - 1)
@@ -188,13 +196,48 @@ def test_a_momentum_carries_the_noise_in_m_and_w_moves_along_the_advanced_m():
     m = 0.3 * g[::-1].copy()
     drift, M = _one_unit_noise(problem, make_rule("momentum", beta1=beta), lr, B, {"m": torch.tensor(m)})
     P_ = problem.n_params
-    np.testing.assert_allclose(drift[:P_], -lr * (beta * m + (1 - beta) * g), rtol=1e-10)
-    np.testing.assert_allclose(drift[P_:], (1 - beta) * (g - m), rtol=1e-10)
+    np.testing.assert_allclose(drift[:P_], -lr * (m + lag * (1 - beta) * (g - m)), rtol=1e-10)
+    np.testing.assert_allclose(drift[P_:], kappa * (1 - beta) * (g - m), rtol=1e-10)
     C = (1 - beta) ** 2 * c / B * Sigma
     cov = M @ M.T
-    np.testing.assert_allclose(cov[:P_, :P_], lr ** 2 * C, rtol=1e-9, atol=1e-18)
-    np.testing.assert_allclose(cov[:P_, P_:], -lr * C, rtol=1e-9, atol=1e-18)
-    np.testing.assert_allclose(cov[P_:, P_:], C, rtol=1e-9, atol=1e-18)
+    np.testing.assert_allclose(cov[:P_, :P_], (lr * lag) ** 2 * C, rtol=1e-9, atol=1e-18)
+    np.testing.assert_allclose(cov[:P_, P_:], -lr * lag * noise * C, rtol=1e-9, atol=1e-18)
+    np.testing.assert_allclose(cov[P_:, P_:], noise ** 2 * C, rtol=1e-9, atol=1e-18)
+
+
+@pytest.mark.parametrize("heavy_ball", [False, True])
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.99])
+def test_the_sdes_momentum_and_weights_equal_the_discrete_run_under_a_constant_gradient(beta, heavy_ball):
+    """The factors ``exact_ema`` reads off the rule make the SDE's mean exact at every step under a constant
+    gradient: its drift, integrated by a reference ODE solver, meets the discrete recursion of m and w at each
+    integer time, where the first-order drift (factors 1) does not; and its noise gives m the discrete run's
+    variance at rest, c²σ²/(1 − β²) for m ← βm + c(g + ξ)."""
+    from scipy.integrate import solve_ivp
+    rule = make_rule("momentum", beta1=beta, heavy_ball=heavy_ball)
+    factors = exact_ema(rule, torch.zeros(3, dtype=torch.float64))["m"]
+    kappa, noise, lag = (float(f[0]) for f in factors)
+    assert (kappa, noise, lag) == pytest.approx(ema_factors(beta), rel=1e-12)
+    gain = 1.0 if heavy_ball else 1 - beta  # m ← βm + gain·g
+    g, m0, eta, steps = 1.3, -0.4, 0.1, 40
+
+    def solved(kappa, lag):
+        def field(t, y):
+            w, m = y
+            increment = (beta - 1) * m + gain * g  # the discrete step's m⁺ − m
+            return [-eta * (m + lag * increment), kappa * increment]
+        return solve_ivp(field, (0, steps), [0.0, m0], t_eval=np.arange(steps + 1), rtol=1e-12, atol=1e-14).y
+    w, m, ws, ms = 0.0, m0, [0.0], [m0]
+    for _ in range(steps):
+        m = beta * m + gain * g
+        w -= eta * m
+        ws.append(w), ms.append(m)
+    exact = solved(kappa, lag)
+    np.testing.assert_allclose(exact[1], ms, rtol=1e-8)
+    np.testing.assert_allclose(exact[0], ws, rtol=1e-8, atol=1e-10)
+    first_order = solved(1.0, 1.0)
+    assert np.abs(first_order[1] - ms).max() > 1e-3 * np.abs(ms).max()
+    rest = (noise * gain) ** 2 / (2 * kappa * (1 - beta))  # an OU process's variance: s²/(2·rate), σ = 1
+    assert rest == pytest.approx(gain ** 2 / (1 - beta ** 2), rel=1e-12)
 
 
 @pytest.mark.parametrize("name, hyper, lr", [("adam", {}, 0.01), ("rmsprop", {}, 0.01),
