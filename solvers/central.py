@@ -68,7 +68,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 from torch import Tensor
-from torch.autograd import forward_ad as fwAD
 from torch.func import jvp, vmap
 
 from flowsim.solvers.curvature import LossGraph, precond_eigenpairs
@@ -359,17 +358,11 @@ def state_rate(rule: Rule, g: Tensor, state: State) -> tuple[State, State]:
     (A(g, s) − s)/β lags β/(1 − β), the stable flow's A(g, s) − s lags 1/(1 − β): for RMSProp's β2 = 0.99 all
     three agree within 1 %; for a momentum at β1 = 0.5 they differ by 2×, and on the digits MLP at the edge only
     the Tustin rate keeps the central flow closer to the discrete run than the stable flow
-    (``docs/central-momentum.md``). β is the forward-mode derivative of A in s along ones (exact for a
-    diagonal affine A). EMA momentum: (2(1 − β1)/(1 + β1))(g − m); GD: {}.
+    (``docs/central-momentum.md``). β is ``Rule.advance_and_pole``'s. EMA momentum: (2(1 − β1)/(1 + β1))(g − m); GD: {}.
     """
     if not state:
         return {}, {}
-    with fwAD.dual_level():
-        out = rule.advance_state(g, {key: fwAD.make_dual(value, torch.ones_like(value))
-                                     for key, value in state.items()})
-        advanced, beta = {}, {}
-        for key, value in out.items():
-            advanced[key], beta[key] = fwAD.unpack_dual(value)
+    advanced, beta = rule.advance_and_pole(g, state)
     for key in state:
         if beta[key] is None or bool((beta[key] == 0).any()):
             raise ValueError(f"rule: {rule.name!r} forgets its state {key!r} in one step (∂A/∂s = 0), so its "

@@ -113,9 +113,9 @@ class SDE(Stable):
             n, B = problem.n_examples, min(batch_size, problem.n_examples)
             self._noise_variance = (n - B) / max(n - 1, 1) / B  # c/B: one step's gradient noise is (c/B)·Σ
             self._second_moments = rule.second_moments(problem.w0)
+            self._ema = exact_ema(rule, problem.w0)  # the isotropic SDE runs over the stable flow instead
         else:
             self._second_moments = frozenset()
-        self._ema = exact_ema(rule, problem.w0)
 
     def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int) -> Tensor:
         return self.advance_paths(layout, y[None], lr, substeps, step, self.seed)[0]
@@ -205,16 +205,12 @@ def exact_ema(rule: Rule, w: Tensor) -> dict[str, EMAFactors]:
     SDE's m and w equal the discrete run's at every step under a constant gradient and noise (docs/sde.md):
     rate κ = ln(1/β)/(1 − β) (m gathers as 1 − βᵏ, not 1 − e^{−(1−β)k}), noise √(2 ln(1/β)/(1 − β²)) (m's
     variance at rest is the discrete c²σ²/(1 − β²), not c²σ²/(2(1 − β))), and lag (1 − βκ)/(1 − β) (w then
-    gathers Σⱼ mⱼ: w's drift takes m advanced by that fraction of its step, not all of it). β is read off the
-    rule as ∂m⁺/∂m; a momentum with β outside (0, 1) keeps the first-order SDE (factors 1)."""
-    zero = torch.zeros_like(w)
-    init = rule.init(w, torch.ones_like(w))
-    ones = {key: torch.ones_like(value) for key, value in init.items()}
-    at_ones = rule.advance_state(zero, ones)
-    at_zeros = rule.advance_state(zero, {key: torch.zeros_like(value) for key, value in init.items()})
+    gathers Σⱼ mⱼ: w's drift takes m advanced by that fraction of its step, not all of it). β is the rule's pole
+    ∂m⁺/∂m (``Rule.advance_and_pole``); a momentum with β outside (0, 1) keeps the first-order SDE (factors 1)."""
+    poles = rule.advance_and_pole(torch.zeros_like(w), rule.init(w, torch.ones_like(w)))[1]
     factors = {}
     for key in rule.momenta(w):
-        beta = (at_ones[key] - at_zeros[key]).to(torch.float64)
+        beta = poles[key].to(torch.float64)
         inside = (beta > 0) & (beta < 1)
         b = torch.where(inside, beta, torch.full_like(beta, 0.5))  # any β in (0, 1), replaced below
         log = -torch.log(b)

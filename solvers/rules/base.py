@@ -28,6 +28,7 @@ from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as fwAD
 
 State = dict[str, Tensor]
 
@@ -95,6 +96,18 @@ class Rule:
         """The step's part per unit η that does not come from the gradient and is not preconditioned: a decoupled
         weight decay λw (AdamW's); None where the rule has none."""
         return None
+
+    def advance_and_pole(self, g: Tensor, state: State) -> tuple[State, State]:
+        """(advance_state(g, state), β): β is ∂A/∂s along ones for each state tensor, the pole of the advance
+        s' = A(g, s) = β ⊙ s + A(g, 0) (exact for a diagonal affine A; None where s' does not depend on s), from
+        one forward-mode pass."""
+        with fwAD.dual_level():
+            out = self.advance_state(g, {key: fwAD.make_dual(value, torch.ones_like(value))
+                                         for key, value in state.items()})
+            advanced, beta = {}, {}
+            for key, value in out.items():
+                advanced[key], beta[key] = fwAD.unpack_dual(value)
+        return advanced, beta
 
     def advance_parts(self, g: Tensor, state: State) -> tuple[State, State]:
         """(even, odd) parts of advance_state in g: ((a(g) + a(−g))/2, (a(g) − a(−g))/2). For a state affine in
