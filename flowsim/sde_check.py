@@ -4,7 +4,8 @@
 batches every step, the sampling the SDE models); :func:`sde_ensemble` integrates as many SDE paths, each from
 its own seed's discrete start. Both return per-step ensemble statistics of the loss and of the norm of each
 rule-state tensor, on the same clock (one unit = one step at η). :func:`does_the_sde_hold` runs SVAG at several l
-beside the SDE and gives a one-line verdict; :func:`plot` draws it. This module only runs and summarises; it
+beside the SDE and gives a one-line verdict; :func:`plot` draws it. :func:`square_root_slowdown` measures, at a
+point, the premise of Adam's and RMSProp's square-root scaling rule. This module only runs and summarises; it
 never touches storage.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.flows import Layout
 from flowsim.solvers.processes import DiscreteOptions, discrete_start
 from flowsim.solvers.rules import Rule
-from flowsim.solvers.sde import SDE, SDEOptions
+from flowsim.solvers.sde import SDE, SDEOptions, noise_variance
 
 
 def _record(out: dict, problem: Problem, W: torch.Tensor, state) -> None:
@@ -125,6 +126,29 @@ def does_the_sde_hold(problem: Problem, rule: Rule, lr: float, steps: int, batch
     verdict = head
     return {"svag": svag, "sde": sde, "gaps": {"svag": svag_gap, "sde": sde_gap},
             "standard_error": {"svag": svag_se, "sde": sde_se}, "holds": holds, "verdict": verdict}
+
+
+def square_root_slowdown(problem: Problem, w: torch.Tensor, batch_size: int,
+                         kappas: tuple[float, ...] = (2, 4)) -> dict[float, float]:
+    """For each κ, how fast the loss falls on the SDE's clock (step × κ) under the square-root rule at κ (batch
+    κB, η × √κ, ε / √κ: ``Rule.scaled``) relative to κ = 1, at w, for Adam and RMSProp (elementwise ν, ε ≪ √ν).
+
+    1 where the gradient noise dominates ν, the rule's premise; 1/√κ where the gradient does. With ν at its mean
+    over batches of b examples, g² + s_b (s_b = c_b·diag(Σ)/b, c_b the finite-population factor), and m at g, a
+    step at κ moves each weight by −η√κ g/√(g² + s_κB), so per unit of the clock (1/κ step) the loss falls at
+    Σ g²/√(κ(g² + s_κB)), against Σ g²/√(g² + s_B) at κ = 1 (docs/sde.md). Weights whose per-example gradients
+    are all zero are left out."""
+    G = problem.per_example_grads(w)
+    g2 = G.mean(0).pow(2)
+    variance = G.var(0, unbiased=False)
+    moving = (g2 + variance) > 0
+    g2, variance = g2[moving], variance[moving]
+
+    def rate(kappa: float) -> torch.Tensor:
+        s = variance * noise_variance(problem.n_examples, round(kappa * batch_size))
+        return (g2 / (kappa * (g2 + s)).sqrt()).sum()
+
+    return {float(k): float(rate(k) / rate(1)) for k in kappas}
 
 
 def plot(result: dict, ax=None):

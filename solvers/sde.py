@@ -110,8 +110,7 @@ class SDE(Stable):
         if self.options.noise == "minibatch":
             if batch_size is None:
                 raise ValueError("batch_size: the sde process with minibatch noise needs a batch_size")
-            n, B = problem.n_examples, min(batch_size, problem.n_examples)
-            self._noise_variance = (n - B) / max(n - 1, 1) / B  # c/B: one step's gradient noise is (c/B)·Σ
+            self._noise_variance = noise_variance(problem.n_examples, batch_size)
             self._second_moments = rule.second_moments(problem.w0)
             self._ema = exact_ema(rule, problem.w0)  # the isotropic SDE runs over the stable flow instead
         else:
@@ -190,6 +189,13 @@ class SDE(Stable):
                     layout.pack(-lr * (d_noise if P is None else d_noise / P), noise_s))
 
         return drift_and_noise
+
+
+def noise_variance(n: int, batch_size: int) -> float:
+    """c/B: the gradient noise of one batch of B distinct examples of n has covariance (c/B)·Σ, Σ the per-example
+    gradients' covariance and c = (n − B)/(n − 1) the finite-population factor (0 for the full batch)."""
+    B = min(batch_size, n)
+    return (n - B) / max(n - 1, 1) / B
 
 
 class EMAFactors(NamedTuple):

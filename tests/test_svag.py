@@ -1,6 +1,7 @@
 """SVAG (``svag: l`` on the discrete process): l = 1 is the plain run to the bit, the vmapped ensemble equals the
 single runs, and on linear regression the SVAG ensemble's mean loss approaches the SDE's exact mean as l grows;
 the rules' scaling rules and SVAG's errors."""
+import itertools
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from scipy.integrate import solve_ivp
 import flowsim
 from flowsim.models import build_problem
 from flowsim.scenario import ScenarioError
-from flowsim.sde_check import discrete_ensemble, does_the_sde_hold
+from flowsim.sde_check import discrete_ensemble, does_the_sde_hold, square_root_slowdown
 from flowsim.sde_check import plot as plot_sde_check
 from flowsim.solvers import make_rule
 from flowsim.solvers.batched import BatchedDiscrete
@@ -111,6 +112,35 @@ def test_each_rule_scales_by_its_own_rule(name, hyper, kappa, expected, factor):
     assert f == pytest.approx(factor)
     for key, value in expected.items():
         assert getattr(rule, key) == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_the_square_root_slowdown_is_the_scaled_rules_mean_step_over_every_batch(name):
+    """At w, each κ's rule (``Rule.scaled``, ε = 0) steps from ν = E[g_B²] over every batch of κB distinct examples
+    of 6, enumerated, and m = g; its loss rate on the clock step × κ, −gᵀΔw/κ, over κ = 1's is the slowdown. An
+    independent check of the closed form, its finite-population factor included; with identical examples (no
+    noise) it is 1/√κ exactly."""
+    problem = build_problem({"model": "mlp", "widths": [3], "activation": "tanh", "n_train": 6,
+                             "dataset": {"name": "teacher_student", "dim": 2, "outputs": 1, "noise": 0.5}},
+                            device="cpu")
+    w = problem.w0 + 0.3 * torch.randn(problem.n_params, generator=torch.Generator().manual_seed(0),
+                                       dtype=problem.dtype)
+    g = problem.loss_and_grad(w)[1]
+
+    def rate(kappa):
+        rule, factor = make_rule(name, eps=0.0).scaled(kappa)
+        batches = itertools.combinations(range(problem.n_examples), 2 * kappa)
+        nu = torch.stack([problem.loss_and_grad(w, torch.tensor(b))[1].pow(2) for b in batches]).mean(0)
+        state = {"m": g, "v": nu, "t": torch.tensor(1e6, dtype=w.dtype)} if name == "adam" else {"nu": nu}
+        return -(g * rule.step_from(g, state, 0.01 * factor, w)).sum() / kappa
+
+    measured = square_root_slowdown(problem, w, batch_size=2, kappas=(2, 3))
+    for kappa in (2, 3):
+        assert measured[kappa] == pytest.approx(float(rate(kappa) / rate(1)), rel=1e-10)
+    assert 1 / math.sqrt(3) < measured[3] < measured[2] < 1
+    identical = build_problem({"model": "mlp", "widths": [3], "activation": "tanh", "n_train": 1,
+                               "dataset": {"name": "teacher_student", "dim": 2, "outputs": 1}}, device="cpu")
+    assert square_root_slowdown(identical, identical.w0, 1, (4,))[4] == pytest.approx(0.5, rel=1e-12)
 
 
 def test_svag_errors_name_the_key():
