@@ -91,7 +91,8 @@ class _IsotropicSDE(torch.nn.Module):
 class SDE(Stable):
     """SGD's SDE (or the isotropic-noise SDE) over any rule; one unit of time per ``step``.
 
-    Substeps per unit: ``substeps``, else max(4, ⌈2 S_eff⌉) as for the stable flow. ``seed`` seeds the noise.
+    Substeps per unit: ``substeps``, else max(4, ⌈2 S_eff⌉), as for the stable flow by euler. ``seed`` seeds the
+    noise.
     """
     name: ClassVar[str] = "sde"
     Options: ClassVar[type[BaseModel]] = SDEOptions

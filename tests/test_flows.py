@@ -84,6 +84,55 @@ def test_modified_flow_substeps_account_for_the_modified_curvature():
     assert process.substeps(traj, lr) == math.ceil(2 * s * (1 + s / 2))
 
 
+def test_rk4_substeps_follow_the_momentum_flows_turning_rate_not_its_sharpness():
+    """EMA momentum's stable flow on a quadratic is linear: per eigenvalue λ, d(w, m)/dt = [[0, −η], [cλ, −c]] (w, m),
+    c = 1 − β, whose eigenvalues μ = −c/2 ± i√(cηλ − c²/4) turn w and m about each other (|μ| = √(cηλ)). The
+    substeps follow that mode, 2|μ|(|μ|/|Re μ|)^{1/4} = 12 here where ⌈2ηλ_max⌉ would be 100, and the flow they
+    integrate is the matrix exponential's to 1e-3 of w0 over 20 units past the momentum's edge (ηλ_max = 50 > 38):
+    GD's error budget, h|μ| = ½ over the 1/|μ| units its mode lives. Substeps at h|μ| = ½ alone (5) miss it."""
+    from scipy.linalg import expm
+
+    spectrum, lr, beta = [1.0, 5.0, 100.0], 0.5, 0.9
+    problem, c = quadratic(spectrum), 1 - beta
+    blocks = [np.array([[0.0, -lr], [c * lam, -c]]) for lam in spectrum]
+    modes = np.concatenate([np.linalg.eigvals(b) for b in blocks])
+    mode = modes[np.argmax(np.abs(modes))]
+    assert abs(mode) == pytest.approx(math.sqrt(c * lr * 100.0), rel=1e-12) and mode.real == pytest.approx(-c / 2)
+    expected = math.ceil(2 * abs(mode) * (abs(mode) / abs(mode.real)) ** 0.25)
+    w0, g0 = problem.w0.numpy(), np.asarray(spectrum) * problem.w0.numpy()
+    m0 = make_rule("momentum", beta1=beta).init(problem.w0, torch.as_tensor(g0))["m"].numpy()
+    exact = np.array([expm(20 * b) @ np.array([w, m]) for b, w, m in zip(blocks, w0, m0)])
+    process, traj = run_process(problem, "stable", lr, 20, rule=("momentum", {"beta1": beta}))
+    assert process.substeps(traj, lr) == expected == 12
+    assert np.abs(traj.w.numpy() - exact[:, 0]).max() <= 1e-3 * np.abs(w0).max()
+    _, coarse = run_process(problem, "stable", lr, 20, rule=("momentum", {"beta1": beta}),
+                            substeps=math.ceil(2 * abs(mode)))
+    assert np.abs(coarse.w.numpy() - exact[:, 0]).max() > 1e-3 * np.abs(w0).max()
+
+
+def test_the_dominant_mode_of_adams_flow_is_the_dense_jacobians():
+    """Adam's stable flow on an MLP (the ARPACK path, 2 × 97 unknowns in w and m, ν held): the dominant mode is
+    the eigenvalue of largest modulus of the dense Jacobian of the same field, taken independently by jacfwd, to
+    ARPACK's 1e-2; it is complex, Re μ = −(1 − β1)/2."""
+    problem = small_mlp()
+    rule = make_rule("adam", beta1=0.9, beta2=0.99)
+    process, traj = run_process(problem, "stable", 0.05, 12, rule=("adam", {"beta1": 0.9, "beta2": 0.99}))
+    mode = process.dominant_mode(traj, 0.05)
+    w, m, nu, t = traj.w, traj.state["m"], traj.state["v"], traj.state["t"]
+    n = w.numel()
+
+    def field(z):
+        state = {"m": z[n:], "v": nu, "t": t}
+        g = torch.func.grad(problem.loss)(z[:n])
+        return torch.cat([rule.step_from(g, state, 0.05, z[:n]), rule.state_rate(g, state)["m"]])
+
+    vals = np.linalg.eigvals(torch.func.jacfwd(field)(torch.cat([w, m])).numpy())
+    top = vals[np.argmax(np.abs(vals))]
+    assert 2 * n >= 64 and abs(mode) == pytest.approx(np.abs(top), rel=1e-2)
+    assert abs(top.imag) > 10 * abs(top.real) and top.real == pytest.approx(-0.05, rel=1e-2)
+    assert abs(mode.imag) == pytest.approx(abs(top.imag), rel=1e-2)
+
+
 def small_mlp():
     return build_problem({"model": "mlp", "widths": [8], "activation": "tanh",
                           "dataset": {"name": "teacher_student", "dim": 4}, "n_train": 32}, device="cpu")
