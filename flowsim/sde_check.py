@@ -138,6 +138,8 @@ def square_root_slowdown(problem: Problem, w: torch.Tensor, batch_size: int,
     step at κ moves each weight by −η√κ g/√(g² + s_κB), so per unit of the clock (1/κ step) the loss falls at
     Σ g²/√(κ(g² + s_κB)), against Σ g²/√(g² + s_B) at κ = 1 (docs/sde.md). Weights whose per-example gradients
     are all zero are left out."""
+    if batch_size < 1 or any(k < 1 for k in kappas):
+        raise ValueError(f"batch_size and kappas: at least 1, got {batch_size} and {tuple(kappas)}")
     G = problem.per_example_grads(w)
     g2 = G.mean(0).pow(2)
     variance = G.var(0, unbiased=False)

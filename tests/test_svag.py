@@ -141,6 +141,8 @@ def test_the_square_root_slowdown_is_the_scaled_rules_mean_step_over_every_batch
     identical = build_problem({"model": "mlp", "widths": [3], "activation": "tanh", "n_train": 1,
                                "dataset": {"name": "teacher_student", "dim": 2, "outputs": 1}}, device="cpu")
     assert square_root_slowdown(identical, identical.w0, 1, (4,))[4] == pytest.approx(0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="batch_size and kappas: at least 1"):
+        square_root_slowdown(problem, w, 0)
 
 
 def test_svag_errors_name_the_key():
