@@ -136,7 +136,9 @@ def test_rmsprop_central_flow_holds_the_preconditioned_sharpness_at_two_and_trac
     (η·λ_max(P̃⁻¹H) = 1.4) and reaches it by step ≈ 17; then for 200 steps the central flow (4 Euler
     substeps, ν flowing with its diag(HΣH) term) must hold its preconditioned sharpness at 2 within 2% wherever
     Σ ≠ 0, end within 0.10 of RMSProp relative to its travel and ≥ 1.5x closer than the stable flow, and predict
-    the oscillation variance along Σ's top eigenvector within 2x. (Measured: 1.4e-4, 0.094, 0.156, 1.15.)"""
+    the oscillation variance along Σ's top eigenvector within 2x. (Measured: 1.4e-4, 0.094, 0.156, 1.15.) Every
+    critical pair the SDCP is given at a step's start, including one that joined the critical ones there, has
+    the eigensolver's residual: ‖P̃^{-1/2}(H u − λ P u)‖ ≤ eig_tol · λ_1 with UᵀPU = I."""
     p = _digits_mlp([32, 16], 200)
     rule, lr, steps = make_rule("rmsprop", eps=1e-3), 0.004, 200
     cf = Central(p, rule, options=CentralOptions())
@@ -145,12 +147,17 @@ def test_rmsprop_central_flow_holds_the_preconditioned_sharpness_at_two_and_trac
     t_cf, t_sf, t_rmsprop = cf.start(p.w0), stable.start(p.w0), discrete.start(p.w0)
     eigs, sigma, disp = [], [], []
     for _ in range(steps):
+        t_pre = t_cf.w
         out = cf.step(t_cf, lr, measure=True)
         stable.step(t_sf, lr, measure=False)
         discrete.step(t_rmsprop, lr, measure=False)
         eigs.append(cf.last["eigs"][0].item())
         sigma.append(out["sigma_eigs"][0])
         disp.append(out["sigma_oscillation_sq"][0])
+        U, P, lam = cf.last["U"], cf.last["P"], cf.last["eigs"]
+        HU = torch.stack([p.hvp(t_pre, U[:, j]) for j in range(U.shape[1])], 1) if U.shape[1] else U
+        residual = ((HU - P[:, None] * U * lam[:U.shape[1]]) / P.sqrt()[:, None]).norm(dim=0)
+        assert (residual <= 1e-3 * lam[0] * (1 + 1e-6)).all()
     eigs, sigma, disp = np.array(eigs), np.nan_to_num(np.array(sigma)), np.array(disp)
     edge = sigma > 0
     assert eigs[0] < 1.9 and edge.sum() >= 150
@@ -201,20 +208,45 @@ def test_float32_central_flow_follows_the_float64_one():
 
 
 class _FullSolves(Central):
-    """The central flow solving for every tracked pair at every field evaluation (the default solves for all of
-    them at a step's first evaluation only)."""
+    """The central flow taking its whole tracked block at every field evaluation, the critical pairs and the next
+    converged (the default takes the block at a step's first evaluation only)."""
 
     def field(self, w, state, lr, dt, full=True):
         return super().field(w, state, lr, dt, full=True)
+
+
+def test_critical_pairs_are_converged_even_where_they_join_from_a_stale_block():
+    """A quadratic with effective eigenvalues ηλ = 1.99, 1.98, 1.97, 1.90, ... (GD, η = 1) and a carried block of
+    its top four eigenvectors perturbed by 5e-2 (restored as from a checkpoint of a step where nothing was
+    critical): the step's first evaluation converges only the pairs it needs, the critical ones and the next, and
+    must go on while the next one is critical too. The SDCP gets all three critical directions, each with the
+    eigensolver's residual ‖Hu − λu‖ ≤ 1e-3 λ₁ and its eigenvalue from dense eigvalsh to that."""
+    n = 30
+    lam = torch.cat([torch.tensor([1.99, 1.98, 1.97, 1.90], dtype=torch.float64),
+                     torch.linspace(1.2, 0.1, n - 4, dtype=torch.float64)])
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    A = Q @ torch.diag(lam) @ Q.T
+    p = Problem.from_function(lambda w: 0.5 * w @ A @ w, torch.ones(n, dtype=torch.float64), device="cpu")
+    noise = torch.randn(n, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    stale = Q[:, :4] + 5e-2 * noise / noise.norm(dim=0)
+    process = central(p, shadow=False)
+    process.restore({"k": 4, "critical": 0, "vecs": stale / stale.norm(dim=0)})
+    f = process.field(p.w0, {}, 1.0, 0.25)
+    U, eigs = f["U"], f["eigs"]
+    assert U.shape[1] == 3
+    torch.testing.assert_close(eigs[:3], lam[:3], rtol=0, atol=1e-3 * 1.99)
+    assert ((A @ U - U * eigs[:3]).norm(dim=0) <= 1e-3 * eigs[0] * (1 + 1e-9)).all()
 
 
 def test_the_default_eigensolve_holds_the_edge_where_it_is_reached_within_a_step():
     """RMSProp (η = 0.004, β2 = 0.99, ε = 1e-3) on the 64-32-32-4 tanh MLP (400 digits): its top effective
     eigenvalue rises from 1.50 to 1.81 in step 1 and crosses the edge within step 2, before any direction was
     critical at a step's start. The default flow (pairs to a residual of 1e-3, between a step's substeps only
-    the critical pairs and the next one) against every tracked pair to 1e-10 at every substep, over 12 steps:
+    the critical pairs and the next one) against the whole block, its critical pairs and the next to 1e-10, at
+    every substep, over 12 steps:
     the edge held to 1e-2 at every step with Σ ≠ 0 (measured 6.1e-3 for both; solving only for the critical
-    pairs between substeps let it reach 2.22), losses within 1e-4 (measured 3e-6)."""
+    pairs between substeps let it reach 2.22), losses within 1e-4 (measured 3e-6; 2e-6 since the block carries
+    its pairs beyond the next)."""
     from flowsim.models import build_problem
     p = build_problem({"model": "mlp", "widths": [64, 32, 32], "activation": "tanh", "dataset": "digits",
                        "classes": [0, 1, 2, 3], "n_train": 400, "loss": "mse"}, dtype="float64", device="cpu")

@@ -113,6 +113,30 @@ def test_a_converged_block_costs_one_product_per_pair_and_lanczos_finishes_what_
     assert (res.vals - spectrum[:4]).abs().max() <= 1e-8 * 5.0
 
 
+def test_a_block_wider_than_its_pairs_carries_the_others_at_one_product_each():
+    """k = 2 of a block of 5 (two exact eigenvectors, three random columns): a converged start stops after the
+    block's 5 products, the carried columns are not iterated, and they come back orthonormal to the top pairs with
+    Ritz values no larger than the eigenvalues of their rank (Cauchy interlacing); with a start that has not
+    converged, LOBPCG iterates only the top pairs, and Lanczos's finish keeps the block's 5 columns orthonormal."""
+    from flowsim.solvers.curvature import block_eigenpairs
+    n = 300
+    spectrum = torch.linspace(-1, 1, n, dtype=torch.float64)
+    spectrum[:5] = torch.tensor([5.0, 4.9, 4.0, 3.0, 2.0], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    A = Q @ torch.diag(spectrum) @ Q.T
+    random = torch.randn(n, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    res = block_eigenpairs(lambda v: A @ v, torch.cat([Q[:, :2], random], 1), 2, tol=1e-10)
+    assert res.matvecs == 5 and res.vecs.shape == (n, 5)
+    torch.testing.assert_close(res.vals[:2], spectrum[:2], rtol=0, atol=1e-12)
+    assert (res.vals[2:] <= spectrum[2:5] + 1e-12).all()
+    torch.testing.assert_close(res.vecs.T @ res.vecs, torch.eye(5, dtype=A.dtype), rtol=0, atol=1e-10)
+    start = torch.randn(n, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    res = block_eigenpairs(lambda v: A @ v, start, 2, tol=1e-8, max_iter=1)
+    assert res.matvecs > 5 + 2  # the block's 5, one iteration of the 2 top pairs, then Lanczos
+    assert (res.vals[:2] - spectrum[:2]).abs().max() <= 1e-8 * 5.0
+    torch.testing.assert_close(res.vecs.T @ res.vecs, torch.eye(5, dtype=A.dtype), rtol=0, atol=1e-10)
+
+
 def test_precond_eigenpairs_by_lobpcg_and_by_lanczos_agree(mlp_and_hessian):
     """The two methods of the one helper on P̃^{-1/2} H P̃^{-1/2}, k = 3, from the same warm start: the same
     eigenvalues to the tolerance; an unknown method is a one-line error."""
