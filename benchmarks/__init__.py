@@ -43,7 +43,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "central-speed": Benchmark("benchmarks.central_speed:main", "5 min | 20 s",
                                "the central flow's cost per step in GD steps, part by part (central-gd-mlp, "
                                "-gd-cnn, -adam-mlp; targets ≤ 60 and 400 steps ≤ 5 min); --linear: against "
-                               "k = 1..8 critical directions"),
+                               "k = 1..8 critical directions; --reference DIR: beside the JAX central-flows "
+                               "reference (target ≥ 6x)"),
     "models": Benchmark("benchmarks.models:main", "7 s | 4 s",
                         "seconds per GD step and per HVP of each bundled network family"),
     "sweep": Benchmark("benchmarks.sweep:main_sweep", "10 s | 10 s",

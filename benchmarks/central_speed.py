@@ -20,16 +20,35 @@ every step does):
   λ_k and λ_{k+1} are closer than the eigensolver's tolerance). The target: a cost per step that grows at most
   linearly in k.
 
+- ``--reference DIR``: flowsim against the JAX central-flows reference (a checkout of
+  alex-damian/central_flows_jax, whose ``Flow.central`` is the central flow of GD and RMSProp), on central-gd-mlp's
+  problem (η = 0.5, 4 substeps, float64, from w0, ``REFERENCE_STEPS`` steps), run A B A B on one thread each; the
+  reference runs under ``--reference-python`` (a Python with jax, jaxtyping, cvxpy and cvxopt) from
+  ``benchmarks/central_reference_jax.py``, on the problem exported here, and tracks a fixed block of
+  ``REFERENCE_K`` eigenvectors (flowsim's own block on this problem at the edge: 3 or 4 pairs, the tracked ones
+  and the guard). Prints
+  each program's median and mean seconds per step (the reference's first step, its compilation, left out), their
+  ratio (target ≥ 6x), each in its own plain GD steps, and the largest relative difference between the two losses
+  at any step (target ≤ 1 %).
+
 The shares come from wrapping the engine's functions here (the engine keeps no timers). Timings on a busy
-machine are not comparable; the GD step is timed right before each case so that the ratio is. Writes nothing.
+machine are not comparable; the GD step is timed right before each case so that the ratio is. Writes nothing
+but the reference's temporary files.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Optional
 
+import numpy as np
 import torch
 
 import flowsim.solvers.central as central_module
@@ -46,6 +65,9 @@ LINEAR_K = tuple(range(1, 9))
 LINEAR_PROBLEM = {"model": "mlp", "widths": [32, 16], "activation": "tanh", "dataset": "digits", "n_train": 200,
                   "loss": "mse"}
 PARTS = ("eigensolve", "third derivatives", "SDCP", "gradient", "recording")
+REFERENCE_STEPS = 400
+REFERENCE_K = 4
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 
 
 class Timers:
@@ -148,11 +170,53 @@ def linear(ks: tuple[int, ...], repeats: int) -> None:
         print(f"| {critical} | {lr:.4f} | {1e3 * seconds:.1f} | {seconds / gd:.0f} | {seconds / gd / critical:.0f} |")
 
 
+def against_reference(ref_dir: str, python: str, steps: int, repeats: int = 2) -> None:
+    """The ``--reference`` table (see the module docstring)."""
+    problem, process, lr = central_process("central-gd-mlp")
+    doc = bundled("central-gd-mlp")["problem"]
+    X, Y = problem.X.reshape(len(problem.X), -1), problem.Y
+    dims = [X.shape[1], *doc["widths"], Y.shape[1]]
+    driver = Path(__file__).with_name("central_reference_jax.py")
+    ours, theirs = {"seconds": []}, {"seconds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz, out = os.path.join(tmp, "problem.npz"), os.path.join(tmp, "reference.json")
+        np.savez(npz, X=X.cpu().numpy(), Y=Y.cpu().numpy(), w0=problem.w0.cpu().numpy(), dims=np.array(dims))
+        for _ in range(repeats):
+            process = central_process("central-gd-mlp")[1]
+            traj, losses = process.start(problem.w0), []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                losses.append(process.step(traj, lr, measure=False)["step_loss"])
+                ours["seconds"].append(time.perf_counter() - t0)
+            ours.update(loss=np.array(losses), gd_step=gd_step_seconds(problem))
+            subprocess.run([python, str(driver), ref_dir, npz, str(steps), str(REFERENCE_K), str(lr), out],
+                           check=True, env={**os.environ, **ONE_THREAD})
+            with open(out) as f:
+                run = json.load(f)
+            theirs["seconds"] += run["seconds"][1:]  # the first step compiles
+            theirs.update(loss=np.array(run["loss"]), gd_step=run["gd_step"])
+    a, b = np.array(ours["seconds"]), np.array(theirs["seconds"])
+    gap = np.abs(ours["loss"] - theirs["loss"]) / np.abs(theirs["loss"])
+    print(f"\n| program | ms/step (median) | ms/step (mean) | own GD steps/step (median) |  (central-gd-mlp's problem, "
+          f"{steps} steps × {repeats}, A B A B)")
+    print("|---|---|---|---|")
+    for name, t, run in (("flowsim", a, ours), (f"JAX reference (k = {REFERENCE_K})", b, theirs)):
+        print(f"| {name} | {1e3 * np.median(t):.1f} | {1e3 * t.mean():.1f} | "
+              f"{np.median(t) / run['gd_step']:.0f} (GD step {1e3 * run['gd_step']:.3f} ms) |")
+    print(f"flowsim is {np.median(b) / np.median(a):.1f}x faster (median; mean {b.mean() / a.mean():.1f}x; target "
+          f"≥ 6x); the losses differ by at most {gap.max():.1e} relative at any step (step {int(gap.argmax())}; "
+          f"target ≤ 1e-2)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = parser("central-speed", "The central flow's cost per unit of time in GD-step equivalents, part by part.",
                quick="central-gd-mlp only, 20 warm-up steps, 3 timed")
     p.add_argument("--linear", action="store_true", help="also the cost per step against the number k = 1..8 of "
                    "critical directions")
+    p.add_argument("--reference", metavar="DIR", help="also run the JAX central-flows reference checked out in DIR "
+                   "beside flowsim on central-gd-mlp's problem (see the module docstring)")
+    p.add_argument("--reference-python", metavar="PYTHON", default=sys.executable,
+                   help="the Python that runs the reference (with jax, jaxtyping, cvxpy, cvxopt; default: this one)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cases = {"central-gd-mlp": 20} if args.quick else CASES
@@ -168,4 +232,6 @@ def main(argv: Optional[list[str]] = None) -> int:
               + f" | {100 * other:.0f} % | {r['products']:.1f} | {r['tracked']} | {r['critical']} |")
     if args.linear:
         linear(LINEAR_K[:2] if args.quick else LINEAR_K, repeats=1 if args.quick else 3)
+    if args.reference:
+        against_reference(args.reference, args.reference_python, 20 if args.quick else REFERENCE_STEPS)
     return 0
