@@ -173,7 +173,8 @@ class Central(Process):
 
     def field(self, w: Tensor, state: State, lr: float, dt: float, full: bool = True) -> dict:
         """dw/dt, ds/dt and the quantities they were built from, at (w, state), for a substep of length dt.
-        ``full``: solve for every tracked pair (else for the critical pairs and the next: the module docstring).
+        ``full``: take the whole tracked block, converging its critical pairs and the next (else only those: the
+        module docstring).
 
         Returns a dict: ``loss``, ``g``, ``eigs`` (effective, desc), ``U`` (n, k critical generalized
         eigenvectors, UᵀPU = I), ``X`` (k, k), ``dw``, ``ds`` (dict like the state).
