@@ -173,6 +173,7 @@ def linear(ks: tuple[int, ...], repeats: int) -> None:
 def against_reference(ref_dir: str, python: str, steps: int, repeats: int = 2) -> None:
     """The ``--reference`` table (see the module docstring)."""
     problem, process, lr = central_process("central-gd-mlp")
+    rule, options = process.rule, process.options
     doc = bundled("central-gd-mlp")["problem"]
     X, Y = problem.X.reshape(len(problem.X), -1), problem.Y
     dims = [X.shape[1], *doc["widths"], Y.shape[1]]
@@ -182,7 +183,7 @@ def against_reference(ref_dir: str, python: str, steps: int, repeats: int = 2) -
         npz, out = os.path.join(tmp, "problem.npz"), os.path.join(tmp, "reference.json")
         np.savez(npz, X=X.cpu().numpy(), Y=Y.cpu().numpy(), w0=problem.w0.cpu().numpy(), dims=np.array(dims))
         for _ in range(repeats):
-            process = central_process("central-gd-mlp")[1]
+            process = Central(problem, rule, options=options)  # a fresh flow on the same problem
             traj, losses = process.start(problem.w0), []
             for _ in range(steps):
                 t0 = time.perf_counter()
