@@ -17,7 +17,8 @@ own momentum in the state, which follows ∇L as in the stable flow, while the o
 (``docs/central-momentum.md``: the derivation, and the alternatives measured against the discrete runs).
 
 The flow is generic over update rules: it reads a rule only through ``advance_state``, ``precond``,
-``direction`` and ``direction_gain``, the first two differentiated in forward mode. The state held in the
+``direction`` and ``direction_gain`` (``precond`` differentiated in forward mode, ``advance_state`` exact by its
+pole and by polarization, since it is affine in s and quadratic in g). The state held in the
 trajectory is the one the step uses at time t (for the discrete rule: the state after its advance at step t);
 for an advance s' = A(g, s) = β ⊙ s + A(g, 0) it flows at ds/dt = 2(A(g, s) − s)/(1 + β), the bilinear (Tustin)
 image of the discrete average, plus the oscillation's time average D²_g A[HΣH]/(1 + β) (:func:`state_rate`,
@@ -371,13 +372,13 @@ def state_rate(rule: Rule, g: Tensor, state: State) -> tuple[State, State]:
     (A(g, s) − s)/β lags β/(1 − β), the stable flow's A(g, s) − s lags 1/(1 − β): for RMSProp's β2 = 0.99 all
     three agree within 1 %; for a momentum at β1 = 0.5 they differ by 2×, and on the digits MLP at the edge only
     the Tustin rate keeps the central flow closer to the discrete run than the stable flow
-    (``docs/central-momentum.md``). β is ``Rule.advance_and_pole``'s. EMA momentum: (2(1 − β1)/(1 + β1))(g − m); GD: {}.
+    (``docs/central-momentum.md``). β is ``Rule.pole``'s. EMA momentum: (2(1 − β1)/(1 + β1))(g − m); GD: {}.
     """
     if not state:
         return {}, {}
-    advanced, beta = rule.advance_and_pole(g, state)
+    advanced, beta = rule.advance_state(g, state), rule.pole(g, state)
     for key in state:
-        if beta[key] is None or bool((beta[key] == 0).any()):
+        if bool((beta[key] == 0).any()):
             raise ValueError(f"rule: {rule.name!r} forgets its state {key!r} in one step (∂A/∂s = 0), so its "
                              f"state has no central-flow rate")
     scale = {key: 2 / (1 + beta[key]) for key in state}
@@ -387,20 +388,22 @@ def state_rate(rule: Rule, g: Tensor, state: State) -> tuple[State, State]:
 def state_rate_sigma(rule: Rule, state: State, scale: State, HU: Tensor) -> State:
     """The Σ part of ds/dt as a map on vec(X): key ↦ (k², *shape), entry a·k + b = ½ D²_g A[(HU)_a, (HU)_b] times
     the rate's scale 2/(1 + β) (:func:`state_rate`), so that Σ_ab X_ab entry_ab is the oscillation's time
-    average ½ D²_g A[H Σ H], scaled. A is quadratic in g (``Rule.central_flow``), so D²_g A is constant and
-    D²_g A[u, v] = D_g A(v)[u] − D_g A(0)[u]: one level of forward mode, vmapped over the pairs a ≤ b (cheaper
-    than a nested jvp). RMSProp: (2(1 − β2)/(1 + β2))(HU)_a ⊙ (HU)_b (scalar RMSProp: its sum); a momentum: 0."""
+    average ½ D²_g A[H Σ H], scaled. A is quadratic in g and affine in s (``Rule.central_flow``), so D²_g A is
+    constant, and by polarization at s = 0, D²_g A[u, v] = ¼[A(u + v) + A(−u − v) − A(u − v) − A(v − u)]: plain
+    evaluations of the advance, vmapped over the pairs a ≤ b (a forward-mode jvp cost several times more on this
+    CPU). RMSProp: (2(1 − β2)/(1 + β2))(HU)_a ⊙ (HU)_b (scalar RMSProp: its sum); a momentum: 0."""
     k = HU.shape[1]
     a, b = torch.triu_indices(k, k, device=HU.device)
     m = a.numel()
     Y = HU.T
-    points = torch.cat([Y[b], torch.zeros_like(Y)])  # (HU)_b for each pair, then 0 for each a
-    tangents = torch.cat([Y[a], Y])
-    D1 = vmap(lambda x, u: jvp(lambda h: rule.advance_state(h, state), (x,), (u,))[1])(points, tangents)
+    plus, minus = Y[a] + Y[b], Y[a] - Y[b]
+    zero = {key: torch.zeros_like(value) for key, value in state.items()}
+    A = vmap(lambda h: rule.advance_state(h, zero))(torch.cat([plus, -plus, minus, -minus]))
     pair = torch.empty(k, k, dtype=torch.long, device=HU.device)  # (a, b) ↦ its row among the pairs, both orders
     pair[a, b] = pair[b, a] = torch.arange(m, device=HU.device)
     rows = pair.reshape(-1)
-    return {key: (0.5 * (D1[key][:m] - D1[key][m + a]) * scale[key])[rows] for key in state}
+    return {key: (0.125 * ((A[key][:m] + A[key][m:2 * m]) - (A[key][2 * m:3 * m] + A[key][3 * m:]))
+                  * scale[key])[rows] for key in state}
 
 
 def precond_drift(rule: Rule, state: State, tangents: State) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torchdiffeq import odeint
 
-from flowsim.solvers.curvature import hessian_operator, precond_eigenpairs
+from flowsim.solvers.curvature import difference_product, hessian_operator, precond_eigenpairs
 from flowsim.models.problem import Problem
 from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import Rule, State
@@ -149,23 +149,27 @@ ARNOLDI_VECTORS = 6
 converges in 7 products, |μ| within 0.1 % of ARPACK's default basis of 20, which takes 21."""
 
 
-def dominant_eigenvalue(field: Callable[[Tensor], Tensor], y: Tensor, v0: Optional[Tensor] = None,
+def dominant_eigenvalue(product: Callable[[Tensor], Tensor], y: Tensor, v0: Optional[Tensor] = None,
                         tol: float = 1e-2) -> tuple[complex, Tensor]:
-    """(μ, v): the eigenvalue of largest modulus of the Jacobian of ``field`` (y ↦ dy/dt, written in torch.func)
-    at y, and a real vector in the span of its eigenvector (the next call's warm start ``v0``). ARPACK's restarted
-    Arnoldi (``scipy.sparse.linalg.eigs``, relative accuracy ``tol``) on forward-mode Jacobian-vector products;
-    the dense Jacobian below DENSE_JACOBIAN unknowns. A flow with a momentum has complex pairs, which a symmetric
+    """(μ, v): the eigenvalue of largest modulus of the Jacobian J of a flow's field at y, given v ↦ Jv
+    (``product``), and a real vector in the span of its eigenvector (the next call's warm start ``v0``). ARPACK's
+    restarted Arnoldi (``scipy.sparse.linalg.eigs``, relative accuracy ``tol``); the dense Jacobian, from the same
+    products, below DENSE_JACOBIAN unknowns. A flow with a momentum has complex pairs, which a symmetric
     eigensolver cannot see. μ is infinite where y or the products are not finite."""
     n = y.numel()
     if not bool(torch.isfinite(y).all()):
         return complex(math.inf), torch.ones_like(y)
-    if n < DENSE_JACOBIAN:
-        vals, vecs = np.linalg.eig(torch.func.jacfwd(field)(y).detach().cpu().double().numpy())
-    else:
-        def matvec(v: np.ndarray) -> np.ndarray:
-            tangent = torch.as_tensor(np.ascontiguousarray(v).reshape(-1), dtype=y.dtype, device=y.device)
-            return jvp(field, (y,), (tangent,))[1].detach().cpu().double().numpy()
 
+    def matvec(v: np.ndarray) -> np.ndarray:
+        tangent = torch.as_tensor(np.ascontiguousarray(v).reshape(-1), dtype=y.dtype, device=y.device)
+        return product(tangent).detach().cpu().double().numpy()
+
+    if n < DENSE_JACOBIAN:
+        jacobian = np.stack([matvec(e) for e in np.eye(n)], 1)
+        if not np.isfinite(jacobian).all():
+            return complex(math.inf), torch.ones_like(y)
+        vals, vecs = np.linalg.eig(jacobian)
+    else:
         start = None if v0 is None else v0.detach().cpu().double().numpy()
         operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         try:
@@ -310,23 +314,32 @@ class Stable(Process):
         Jacobian −ηP̃⁻¹H is similar to a symmetric one, and ARPACK doubled the cost of GD's rk4 flow, 83 against
         42 ms per unit on the quickstart MLP). With one, ARPACK's Arnoldi (:func:`dominant_eigenvalue`) finds
         −c/2 ± i√(cηλ_max − c²/4), c = 1 − β, for an EMA momentum, whose w and m turn about each other rather than
-        decay. The rest of the state (ν, a clock) is held: it moves at rates 1 − β2, its coupling to w carries a
+        decay, on Jacobian-vector products by forward differences of the field
+        (:func:`~flowsim.solvers.curvature.difference_product`: one gradient each, with a relative error of order
+        √ε_m, far inside ARPACK's 1e-2), or by forward mode where the rule's step is not smooth
+        (``Rule.smooth_step``: Lion's sign). The rest of the state (ν, a clock) is held: it moves at rates 1 − β2, its coupling to w carries a
         factor 1 − β2, and √ν has no derivative where ν = 0."""
         if not self._momenta:  # the Jacobian in w alone, −ηP̃⁻¹H (modified: its S(1 + S/2)), has real eigenvalues
             return complex(-self.effective_sharpness(traj, lr))
         if self._mode is None or traj.step % self.options.sharpness_every == 0:
             rule, state = self.rule, traj.state
             fast = Layout(self.problem.n_params, {k: state[k] for k in self._momenta})
-            gradient = flow_gradient(self.problem, rule, lr, self.modified, functional=True)
+            gradient = flow_gradient(self.problem, rule, lr, self.modified, functional=not rule.smooth_step)
 
-            def fast_field(z: Tensor) -> Tensor:  # the held state enters as constants: no tangent through √ν
+            def fast_field(z: Tensor) -> Tensor:  # the held state enters as constants: no perturbation of √ν
                 w, moving = fast.unpack(z)
                 s = {**state, **moving}
                 g = gradient(w, s)
                 rate = rule.state_rate(g, s)
                 return fast.pack(rule.step_from(g, s, lr, w), {k: rate[k] for k in fast.keys})
 
-            self._mode, self._mode_vec = dominant_eigenvalue(fast_field, fast.pack(traj.w, state), self._mode_vec)
+            y = fast.pack(traj.w, state)
+            if rule.smooth_step:  # one gradient per product; a forward-mode jvp through the network cost 5–6
+                product = difference_product(fast_field, y, fast_field(y))
+            else:
+                def product(v: Tensor) -> Tensor:
+                    return jvp(fast_field, (y,), (v,))[1]
+            self._mode, self._mode_vec = dominant_eigenvalue(product, y, self._mode_vec)
         return self._mode
 
     def substeps(self, traj: Trajectory, lr: float) -> int:

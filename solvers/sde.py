@@ -213,8 +213,8 @@ def exact_ema(rule: Rule, w: Tensor) -> dict[str, EMAFactors]:
     rate κ = ln(1/β)/(1 − β) (m gathers as 1 − βᵏ, not 1 − e^{−(1−β)k}), noise √(2 ln(1/β)/(1 − β²)) (m's
     variance at rest is the discrete c²σ²/(1 − β²), not c²σ²/(2(1 − β))), and lag (1 − βκ)/(1 − β) (w then
     gathers Σⱼ mⱼ: w's drift takes m advanced by that fraction of its step, not all of it). β is the rule's pole
-    ∂m⁺/∂m (``Rule.advance_and_pole``); a momentum with β outside (0, 1) keeps the first-order SDE (factors 1)."""
-    poles = rule.advance_and_pole(torch.zeros_like(w), rule.init(w, torch.ones_like(w)))[1]
+    ∂m⁺/∂m (``Rule.pole``); a momentum with β outside (0, 1) keeps the first-order SDE (factors 1)."""
+    poles = rule.pole(w, rule.init(w, torch.ones_like(w)))
     factors = {}
     for key in rule.momenta(w):
         beta = poles[key].to(torch.float64)

@@ -133,6 +133,30 @@ def test_the_dominant_mode_of_adams_flow_is_the_dense_jacobians():
     assert abs(mode.imag) == pytest.approx(abs(top.imag), rel=1e-2)
 
 
+def test_the_stiffness_of_a_sign_step_comes_from_its_derivative_not_its_differences():
+    """Lion's stable flow steps along sign(c) (``Rule.smooth_step`` False), and along the flow entries of c cross 0.
+    At a point where one is 1e-12 its dominant mode is the dense Jacobian's (jacfwd, where sign' = 0) to 1e-2, so
+    its substeps stay at the floor of 4; a difference of the field would count that sign's flip (|μ| of order
+    1/ε)."""
+    problem = small_mlp()
+    rule = make_rule("lion")
+    process, traj = run_process(problem, "stable", 0.01, 3, rule=("lion", {}))
+    traj.state["interpolation"][0] = 1e-12
+    mode = process.dominant_mode(traj, 0.01)
+    w, state = traj.w, traj.state
+    n = w.numel()
+
+    def field(z):
+        s = {"interpolation": z[n:2 * n], "m": z[2 * n:]}
+        g = torch.func.grad(problem.loss)(z[:n])
+        rate = rule.state_rate(g, s)
+        return torch.cat([rule.step_from(g, s, 0.01, z[:n]), rate["interpolation"], rate["m"]])
+
+    vals = np.linalg.eigvals(torch.func.jacfwd(field)(torch.cat([w, state["interpolation"], state["m"]])).numpy())
+    assert abs(mode) == pytest.approx(np.abs(vals).max(), rel=1e-2) and abs(mode) < 2
+    assert process.substeps(traj, 0.01) == 4
+
+
 def small_mlp():
     return build_problem({"model": "mlp", "widths": [8], "activation": "tanh",
                           "dataset": {"name": "teacher_student", "dim": 4}, "n_train": 32}, device="cpu")

@@ -170,3 +170,22 @@ def test_the_edge_controller_runs_every_rule_with_a_threshold_and_refuses_the_ot
         H = torch.autograd.functional.hessian(tiny_mlp_problem.loss, tiny_mlp_problem.w0)
         top = torch.linalg.eigvalsh(H)[-1].item()
         assert eta[0] == pytest.approx(made.edge_fraction * made.threshold_coefficient() / top, rel=1e-2)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_pole_is_the_forward_mode_derivative_of_the_advance_in_its_state(rule):
+    """``Rule.pole`` (plain arithmetic) equals ∂A/∂s along ones by forward mode at a random gradient and state, to
+    the bit: the advance is affine in s with a constant β."""
+    gen = torch.Generator().manual_seed(0)
+    w, g = (torch.randn(7, dtype=torch.float64, generator=gen) for _ in range(2))
+    made = make_rule(rule)
+    state = {key: value + torch.rand(value.shape, dtype=value.dtype, generator=gen)
+             for key, value in made.init(w, g).items()}
+    with torch.autograd.forward_ad.dual_level():
+        out = made.advance_state(g, {key: torch.autograd.forward_ad.make_dual(value, torch.ones_like(value))
+                                     for key, value in state.items()})
+        derivative = {key: torch.autograd.forward_ad.unpack_dual(value).tangent for key, value in out.items()}
+    pole = made.pole(g, state)
+    assert pole.keys() == derivative.keys()
+    for key in pole:
+        assert torch.equal(pole[key], derivative[key] if derivative[key] is not None else torch.zeros_like(pole[key]))

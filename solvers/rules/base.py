@@ -13,9 +13,10 @@ GD, (2 + 2β1)/(1 − β1) for EMA momentum and Adam). Every rule declares it (N
 with the edge controller's default fraction ``edge_fraction`` of it.
 
 The continuous processes read a rule through these same functions only: the stable flow's state ODE is
-``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) differentiates
-``advance_state`` and ``precond`` in forward mode, and passes the oscillation's correction to the gradient
-through ``direction_gain``: a momentum settles to direction_gain·g under a gradient held fixed. The rod flow
+``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) reads ``advance_state``'s
+pole and its part quadratic in g, differentiates ``precond`` in forward mode, and passes the oscillation's
+correction to the gradient through ``direction_gain``: a momentum settles to direction_gain·g under a gradient
+held fixed. The rod flow
 (``solvers/rod.py``) needs only the step itself (``advance_state`` then ``step_from``) and β. ``central_flow`` and
 ``rod_flow`` (and ``sde``) are each rule's declarations of whether those flows apply to it: None when they do, else
 the reason why not; ``stochastic_edge`` whether the stochastic-edge measures do.
@@ -28,7 +29,6 @@ from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad as fwAD
 
 State = dict[str, Tensor]
 
@@ -50,6 +50,10 @@ class Rule:
     # None: the SDE (``solvers/sde.py``) applies: the step is differentiable in the gradient, so that its noise is
     # carried by the step's derivative along ξ. Otherwise: the reason why not, one line.
     sde: ClassVar[Optional[str]] = None
+    # Whether the step (``advance_state`` then ``step_from``) is a smooth map of (w, state, g), so that differences
+    # of it measure its Jacobian (the stable flow's stiffness, ``solvers/flows.py``); a sign step is not: a
+    # difference counts the signs a perturbation flips, and forward mode is used instead.
+    smooth_step: ClassVar[bool] = True
     # Whether the stochastic-edge measures (batch sharpness and the second-moment contraction, whose edge is 2/η for
     # minibatch SGD) apply to the rule's minibatch runs.
     stochastic_edge: ClassVar[bool] = False
@@ -97,17 +101,15 @@ class Rule:
         weight decay λw (AdamW's); None where the rule has none."""
         return None
 
-    def advance_and_pole(self, g: Tensor, state: State) -> tuple[State, State]:
-        """(advance_state(g, state), β): β is ∂A/∂s along ones for each state tensor, the pole of the advance
-        s' = A(g, s) = β ⊙ s + A(g, 0) (exact for a diagonal affine A; None where s' does not depend on s), from
-        one forward-mode pass."""
-        with fwAD.dual_level():
-            out = self.advance_state(g, {key: fwAD.make_dual(value, torch.ones_like(value))
-                                         for key, value in state.items()})
-            advanced, beta = {}, {}
-            for key, value in out.items():
-                advanced[key], beta[key] = fwAD.unpack_dual(value)
-        return advanced, beta
+    def pole(self, g: Tensor, state: State) -> State:
+        """β = ∂A/∂s for each state tensor, the pole of the advance s' = A(g, s) = β ⊙ s + A(g, 0) (a diagonal affine
+        A, β a constant of the rule; ``g`` and ``state`` give only shapes): A(0, 1) − A(0, 0), exact in floating
+        point for an EMA (β·1 + 0) and a clock (2 − 1); 0 where s' does not depend on s. Plain arithmetic: a
+        forward-mode pass cost ~30× the advance itself on this CPU (torch 2.13)."""
+        zero = torch.zeros_like(g)
+        ones = self.advance_state(zero, {key: torch.ones_like(value) for key, value in state.items()})
+        zeros = self.advance_state(zero, {key: torch.zeros_like(value) for key, value in state.items()})
+        return {key: ones[key] - zeros[key] for key in ones}
 
     def advance_parts(self, g: Tensor, state: State) -> tuple[State, State]:
         """(even, odd) parts of advance_state in g: ((a(g) + a(−g))/2, (a(g) − a(−g))/2). For a state affine in

@@ -27,6 +27,7 @@ class Lion(Rule):
     rod_flow: ClassVar[str] = "lion has no rod flow: its step, a sign, is not a smooth map of (w, m)"
     sde: ClassVar[str] = ("lion has no SDE here: a sign step is not differentiable in the gradient, and its noise "
                           "changes the drift itself (E sign(g + ξ) ≠ sign g), which the SDE's linear noise omits")
+    smooth_step: ClassVar[bool] = False
     beta1: float = field(default=0.9, metadata={"description": "weight of the momentum in the interpolation c whose "
                                                 "sign is the step, in [0, 1)"})
     beta2: float = field(default=0.99, metadata={"description": "EMA coefficient of the momentum m, in [0, 1)"})
