@@ -317,8 +317,8 @@ class Stable(Process):
         decay, on Jacobian-vector products by forward differences of the field
         (:func:`~flowsim.solvers.curvature.difference_product`: one gradient each, with a relative error of order
         √ε_m, far inside ARPACK's 1e-2), or by forward mode where the rule's step is not smooth
-        (``Rule.smooth_step``: Lion's sign). The rest of the state (ν, a clock) is held: it moves at rates 1 − β2, its coupling to w carries a
-        factor 1 − β2, and √ν has no derivative where ν = 0."""
+        (``Rule.smooth_step``: Lion's sign). The rest of the state (ν, a clock) is held: it moves at rates
+        1 − β2, its coupling to w carries a factor 1 − β2, and √ν has no derivative where ν = 0."""
         if not self._momenta:  # the Jacobian in w alone, −ηP̃⁻¹H (modified: its S(1 + S/2)), has real eigenvalues
             return complex(-self.effective_sharpness(traj, lr))
         if self._mode is None or traj.step % self.options.sharpness_every == 0:

@@ -16,10 +16,10 @@ The continuous processes read a rule through these same functions only: the stab
 ``state_rate`` = advance_state(g, s) − s, and the central flow (``solvers/central.py``) reads ``advance_state``'s
 pole and its part quadratic in g, differentiates ``precond`` in forward mode, and passes the oscillation's
 correction to the gradient through ``direction_gain``: a momentum settles to direction_gain·g under a gradient
-held fixed. The rod flow
-(``solvers/rod.py``) needs only the step itself (``advance_state`` then ``step_from``) and β. ``central_flow`` and
-``rod_flow`` (and ``sde``) are each rule's declarations of whether those flows apply to it: None when they do, else
-the reason why not; ``stochastic_edge`` whether the stochastic-edge measures do.
+held fixed. The rod flow (``solvers/rod.py``) needs only the step itself (``advance_state`` then ``step_from``)
+and β. ``central_flow`` and ``rod_flow`` (and ``sde``) are each rule's declarations of whether those flows apply
+to it: None when they do, else the reason why not; ``stochastic_edge`` whether the stochastic-edge measures do;
+``smooth_step`` whether differences of the step measure its Jacobian.
 Rules know nothing about processes, problems or storage, and nothing outside this package tests a rule's name.
 """
 from __future__ import annotations
