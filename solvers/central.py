@@ -75,6 +75,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from flowsim.solvers.curvature import LossGraph, precond_eigenpairs
+from flowsim.solvers.flows import Layout, rk4_step
 from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory, Variable
 from flowsim.solvers.rules import Rule, State
 from flowsim.solvers.sdcp import SDCPError, solve_sdcp
@@ -294,23 +295,18 @@ class Central(Process):
 
     def _rk4_substep(self, w: Tensor, state: State, lr: float, dt: float, f: dict) -> tuple[Tensor, State]:
         """One substep of a rule that steps along its momentum: the Σ-free flow (w' = −η P̃⁻¹ d, s' its rate) by
-        classical Runge-Kutta, with fresh gradients, plus the Σ parts of f held over the substep."""
-        sigma_dw = f["dw"] - f["dw0"]
-        sigma_ds = {key: f["ds"][key] - f["ds0"][key] for key in state}
+        classical Runge-Kutta (``flowsim.solvers.flows.rk4_step``) with fresh gradients, plus the Σ parts of f
+        held over the substep."""
+        layout = Layout(self.problem.n_params, state)
+        sigma = layout.pack(f["dw"] - f["dw0"], {key: f["ds"][key] - f["ds0"][key] for key in state})
 
-        def rate(w_, s_, g=None):
+        def rate(y: Tensor, g: Optional[Tensor] = None) -> Tensor:
+            w_, s_ = layout.unpack(y)
             g = self.problem.grad(w_) if g is None else g
-            ds, _ = state_rate(self.rule, g, s_)
-            return self._velocity(g, s_, lr) + sigma_dw, {key: ds[key] + sigma_ds[key] for key in s_}
+            return layout.pack(self._velocity(g, s_, lr), state_rate(self.rule, g, s_)[0]) + sigma
 
-        k1 = rate(w, state, f["g"])
-        k2 = rate(w + 0.5 * dt * k1[0], _axpy(state, 0.5 * dt, k1[1]))
-        k3 = rate(w + 0.5 * dt * k2[0], _axpy(state, 0.5 * dt, k2[1]))
-        k4 = rate(w + dt * k3[0], _axpy(state, dt, k3[1]))
-        w = w + dt / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
-        for k_, a in ((k1, 1), (k2, 2), (k3, 2), (k4, 1)):
-            state = _axpy(state, a * dt / 6, k_[1])
-        return w, state
+        y = layout.pack(w, state)
+        return layout.unpack(rk4_step(rate, y, dt, k1=rate(y, f["g"])))
 
     def _predictions(self, f: dict, shadow_step: Optional[Tensor]) -> dict:
         """Measurements at the start point from its field evaluation and the shadow run's step from the same

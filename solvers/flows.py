@@ -13,8 +13,9 @@ other rules it is the same correction with the preconditioned step, not a full s
 Reusable pieces (the central flow and the SDE build on them): :class:`Layout` packs (w, state) into one flat
 vector y; :func:`velocity` turns a gradient (or any force replacing it, :func:`flow_gradient`) into dy/dt;
 :func:`flow_field` gives the vector field f(t, y) of one unit (optionally vectorized over a batch of y);
-:func:`integrate_unit` integrates one unit, t = 0 → 1, with torchdiffeq; ``Stable.substeps`` picks the substeps
-from the stiffness (:func:`dominant_eigenvalue` for rk4). This module never touches storage.
+:func:`integrate_unit` integrates one unit, t = 0 → 1 (:func:`rk4_step`, or torchdiffeq's dopri5);
+``Stable.substeps`` picks the substeps from the stiffness (:func:`dominant_eigenvalue` for rk4). This module
+never touches storage.
 """
 from __future__ import annotations
 
@@ -114,11 +115,11 @@ def velocity(rule: Rule, lr: float, layout: Layout, w: Tensor, state: State, g: 
 
 def integrate_unit(field: VectorField, y0: Tensor, method: str = "rk4", substeps: int = 4, rtol: float = 1e-7,
                    atol: float = 1e-9) -> Tensor:
-    """y(1) for dy/dt = field(t, y), y(0) = y0, with torchdiffeq.
+    """y(1) for dy/dt = field(t, y), y(0) = y0 (an autonomous field: t is ignored).
 
-    ``euler``/``rk4``: ``substeps`` equal steps on [0, 1] (rk4 is torchdiffeq's 3/8-rule, order 4).
-    ``dopri5``: adaptive with ``rtol``/``atol``. A solution that blows up (dopri5's step size underflows)
-    returns NaN, so the caller sees divergence rather than an exception.
+    ``euler``/``rk4``: ``substeps`` equal steps on [0, 1], forward Euler or classical Runge–Kutta
+    (:func:`rk4_step`). ``dopri5``: adaptive with ``rtol``/``atol``, by torchdiffeq. A solution that blows up
+    (dopri5's step size underflows) returns NaN, so the caller sees divergence rather than an exception.
     """
     if method == "dopri5":
         t = torch.tensor([0.0, 1.0], dtype=y0.dtype, device=y0.device)
@@ -128,8 +129,24 @@ def integrate_unit(field: VectorField, y0: Tensor, method: str = "rk4", substeps
             if "underflow" not in str(e):
                 raise
             return torch.full_like(y0, math.nan)
-    t = torch.linspace(0.0, 1.0, substeps + 1, dtype=y0.dtype, device=y0.device)
-    return odeint(field, y0, t, method=method)[-1]
+    h, y = 1.0 / substeps, y0
+    for _ in range(substeps):
+        y = rk4_step(lambda z: field(None, z), y, h) if method == "rk4" else y + h * field(None, y)
+    return y
+
+
+def rk4_step(field: Callable[[Tensor], Tensor], y: Tensor, h: float, k1: Optional[Tensor] = None) -> Tensor:
+    """y + h(k₁ + 2k₂ + 2k₃ + k₄)/6: one classical Runge–Kutta step of length h of dy/dt = field(y) (``k1``:
+    field(y) where already known). The flows' one RK4: the stable flow's fixed grid, the rod flow, and the Σ-free
+    part of a momentum's central flow. Against torchdiffeq's fixed-grid rk4 (its 3/8 rule) on the stable flows of
+    central-momentum-mlp's and the Adam check's problems, 8 substeps: 35 field evaluations' time per unit against
+    42 and 48 (torchdiffeq's own work between evaluations), with an error against 64 substeps of 2.5e-6 and
+    7.9e-6 against 2.6e-6 and 1.5e-5."""
+    k1 = field(y) if k1 is None else k1
+    k2 = field(y + 0.5 * h * k1)
+    k3 = field(y + 0.5 * h * k2)
+    k4 = field(y + h * k3)
+    return y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
 def preconditioned_sharpness(problem: Problem, rule: Rule, w: Tensor, state: State,
@@ -212,7 +229,8 @@ class StepCount(BaseModel):
 class FlowOptions(StepCount, DiscreteStart):
     """Scenario keys of the stable flow (and, as :class:`ModifiedOptions`, of the modified flow)."""
     method: Literal["euler", "rk4", "dopri5"] = Field(
-        "rk4", description="integrator: euler or rk4 (fixed substeps), or dopri5 (adaptive, to rtol and atol)")
+        "rk4", description="integrator: euler or classical rk4 (fixed substeps), or dopri5 (adaptive, to rtol "
+               "and atol)")
     rtol: PositiveFloat = Field(1e-7, description="dopri5 relative tolerance")
     atol: PositiveFloat = Field(1e-9, description="dopri5 absolute tolerance (weight units)")
 

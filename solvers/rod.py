@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from flowsim.solvers.central import CRIT_DIM, FLOW_VARIABLES, state_rate
-from flowsim.solvers.flows import Layout
+from flowsim.solvers.flows import Layout, rk4_step
 from flowsim.solvers.processes import Discrete, DiscreteStart, Process, Trajectory
 from flowsim.solvers.rules import State
 
@@ -169,17 +169,18 @@ class Rod(Process):
     def _advance(self, c: Tensor, delta: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c, δ) one unit of time later by ``substeps`` classical Runge–Kutta substeps, and the losses and
         ‖∇L‖² at the ends of the rod at the start."""
-        dt = 1.0 / self.options.substeps
-        first = None
+        start = []
+
+        def rates(rod: Tensor) -> Tensor:
+            dc, d_delta, losses, grad_sq = self.field(rod[0], rod[1], lr)
+            if not start:
+                start.extend([losses, grad_sq])
+            return torch.stack([dc, d_delta])
+
+        rod = torch.stack([c, delta])
         for _ in range(self.options.substeps):
-            k1 = self.field(c, delta, lr)
-            first = k1 if first is None else first
-            k2 = self.field(c + 0.5 * dt * k1[0], delta + 0.5 * dt * k1[1], lr)
-            k3 = self.field(c + 0.5 * dt * k2[0], delta + 0.5 * dt * k2[1], lr)
-            k4 = self.field(c + dt * k3[0], delta + dt * k3[1], lr)
-            c = c + dt / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
-            delta = delta + dt / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-        return c, delta, first[2], first[3]
+            rod = rk4_step(rates, rod, 1.0 / self.options.substeps)
+        return rod[0], rod[1], start[0], start[1]
 
     def _predictions(self, c: Tensor, delta: Tensor, losses: Tensor, grad_sq: Tensor,
                      shadow_step: Optional[Tensor]) -> dict:
