@@ -163,43 +163,65 @@ DENSE_JACOBIAN = 64
 """Below this many unknowns :func:`dominant_eigenvalue` takes the dense Jacobian's eigenvalues."""
 ARNOLDI_VECTORS = 6
 """ARPACK's Krylov basis in :func:`dominant_eigenvalue`: warm-started on central-adam-mlp's stable flow it
-converges in 7 products, |μ| within 0.1 % of ARPACK's default basis of 20, which takes 21."""
+converges in 7 products, |μ| within 0.1 % of ARPACK's default basis of 20, which takes 21. The Rayleigh–Ritz
+step before it, on the last span, settles 61 % of the estimates in 2 products there, 74–83 % on the two
+full-scale central-flow checks' stable flows (docs/measurements.md)."""
 
 
-def dominant_eigenvalue(product: Callable[[Tensor], Tensor], y: Tensor, v0: Optional[Tensor] = None,
+def dominant_eigenvalue(product: Callable[[Tensor], Tensor], y: Tensor, basis: Optional[Tensor] = None,
                         tol: float = 1e-2) -> tuple[complex, Tensor]:
-    """(μ, v): the eigenvalue of largest modulus of the Jacobian J of a flow's field at y, given v ↦ Jv
-    (``product``), and a real vector in the span of its eigenvector (the next call's warm start ``v0``). ARPACK's
-    restarted Arnoldi (``scipy.sparse.linalg.eigs``, relative accuracy ``tol``); the dense Jacobian, from the same
-    products, below DENSE_JACOBIAN unknowns. A flow with a momentum has complex pairs, which a symmetric
-    eigensolver cannot see. μ is infinite where y or the products are not finite."""
+    """(μ, Q): the eigenvalue of largest modulus of the Jacobian J of a flow's field at y, given v ↦ Jv
+    (``product``), and an orthonormal real basis Q (n, 1 or 2) of its eigenvector's span (the real and imaginary
+    parts), the next call's warm start ``basis``. A warm start is tried first by Rayleigh–Ritz on that span (one
+    product per column): its top Ritz pair (μ, x) is taken when ‖Jx − μx‖ ≤ tol·|μ|·‖x‖, ARPACK's own test;
+    else ARPACK's restarted Arnoldi (``scipy.sparse.linalg.eigs``, relative accuracy ``tol``) starts from x.
+    The dense Jacobian, from the same products, below DENSE_JACOBIAN unknowns. A flow with a momentum has complex
+    pairs, which a symmetric eigensolver cannot see. μ is infinite where y or the products are not finite."""
     n = y.numel()
+    diverged = complex(math.inf), torch.ones_like(y)[:, None]
     if not bool(torch.isfinite(y).all()):
-        return complex(math.inf), torch.ones_like(y)
+        return diverged
 
     def matvec(v: np.ndarray) -> np.ndarray:
         tangent = torch.as_tensor(np.ascontiguousarray(v).reshape(-1), dtype=y.dtype, device=y.device)
         return product(tangent).detach().cpu().double().numpy()
 
+    start = None
     if n < DENSE_JACOBIAN:
         jacobian = np.stack([matvec(e) for e in np.eye(n)], 1)
         if not np.isfinite(jacobian).all():
-            return complex(math.inf), torch.ones_like(y)
+            return diverged
         vals, vecs = np.linalg.eig(jacobian)
     else:
-        start = None if v0 is None else v0.detach().cpu().double().numpy()
+        if basis is not None:  # Rayleigh–Ritz on the last span
+            Q = np.linalg.qr(basis.detach().cpu().double().numpy().reshape(n, -1))[0]
+            JQ = np.stack([matvec(q) for q in Q.T], 1)
+            vals, C = np.linalg.eig(Q.T @ JQ)
+            top = int(np.argmax(np.abs(vals)))
+            x, Jx = Q @ C[:, top], JQ @ C[:, top]
+            if np.isfinite(vals).all() and np.linalg.norm(Jx - vals[top] * x) <= tol * abs(vals[top]) * \
+                    np.linalg.norm(x):
+                return complex(vals[top]), _real_span(x, y)
+            start = x.real + x.imag
         operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         try:
             vals, vecs = scipy.sparse.linalg.eigs(operator, k=1, which="LM", v0=start, tol=tol, ncv=ARNOLDI_VECTORS)
         except scipy.sparse.linalg.ArpackNoConvergence as e:  # its best estimate still bounds the substeps
             vals, vecs = e.eigenvalues, e.eigenvectors
         except scipy.sparse.linalg.ArpackError:  # no Arnoldi factorization: products not finite
-            return complex(math.inf), torch.ones_like(y)
+            return diverged
     if len(vals) == 0 or not np.all(np.isfinite(vals)):
-        return complex(math.inf), torch.ones_like(y)
+        return diverged
     top = int(np.argmax(np.abs(vals)))
-    vec = vecs[:, top]
-    return complex(vals[top]), torch.as_tensor(vec.real + vec.imag, dtype=y.dtype, device=y.device)
+    return complex(vals[top]), _real_span(vecs[:, top], y)
+
+
+def _real_span(x: np.ndarray, like: Tensor) -> Tensor:
+    """An orthonormal real basis (n, 1 or 2) of the span of a complex vector's real and imaginary parts (one
+    column where the vector is real up to rounding), as a tensor like ``like``."""
+    Q, R = np.linalg.qr(np.stack([x.real, x.imag], 1))
+    keep = np.abs(np.diag(R)) > 1e-8 * np.abs(R).max()
+    return torch.as_tensor(Q[:, keep] if keep.any() else Q[:, :1], dtype=like.dtype, device=like.device)
 
 
 def rk4_substeps(mode: complex) -> float:
@@ -332,7 +354,8 @@ class Stable(Process):
         Jacobian −ηP̃⁻¹H is similar to a symmetric one, and ARPACK doubled the cost of GD's rk4 flow, 83 against
         42 ms per unit on the quickstart MLP). With one, ARPACK's Arnoldi (:func:`dominant_eigenvalue`) finds
         −c/2 ± i√(cηλ_max − c²/4), c = 1 − β, for an EMA momentum, whose w and m turn about each other rather than
-        decay, on Jacobian-vector products by forward differences of the field
+        decay (first by Rayleigh–Ritz on the last estimate's span), on Jacobian-vector products by forward
+        differences of the field
         (:func:`~flowsim.solvers.curvature.difference_product`: one gradient each, with a relative error of order
         √ε_m, far inside ARPACK's 1e-2), or by forward mode where the rule's step is not smooth
         (``Rule.smooth_step``: Lion's sign). The rest of the state (ν, a clock) is held: it moves at rates

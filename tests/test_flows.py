@@ -133,6 +133,55 @@ def test_the_dominant_mode_of_adams_flow_is_the_dense_jacobians():
     assert abs(mode.imag) == pytest.approx(abs(top.imag), rel=1e-2)
 
 
+def test_a_warm_dominant_mode_is_one_rayleigh_ritz_on_the_last_span_and_arnoldi_where_that_fails():
+    """J = Q B Qᵀ (Q a random orthogonal 200 × 200, B block-diagonal: the pair −0.1 ± 5i, then pairs and real
+    values of modulus ≤ 3; J is normal, so a Ritz pair with residual r is within r of an eigenvalue). Cold, ARPACK
+    finds −0.1 ± 5i. After J moves by 1e-3 (relative), the last span (2 columns) gives the new dominant pair by
+    Rayleigh–Ritz in 2 products, within ARPACK's 1e-2 of the dense eigenvalues; a random span fails the residual
+    test and Arnoldi finishes. A real dominant eigenvalue keeps a one-column span: 1 product."""
+    from flowsim.solvers.flows import dominant_eigenvalue
+    rng = np.random.default_rng(0)
+    n = 200
+
+    def normal(top):
+        blocks = [top] + [np.array([[a, -b], [b, a]]) for a, b in rng.uniform(-2, 2, (n // 2 - 1, 2)) * 0.7]
+        B = np.zeros((n, n))
+        for i, block in enumerate(blocks):
+            B[2 * i:2 * i + 2, 2 * i:2 * i + 2] = block
+        Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+        return Q @ B @ Q.T
+
+    def counted(J):
+        calls = [0]
+
+        def product(v):
+            calls[0] += 1
+            return torch.as_tensor(J) @ v
+        return product, calls
+
+    y = torch.zeros(n, dtype=torch.float64)
+    J = normal(np.array([[-0.1, -5.0], [5.0, -0.1]]))
+    product, _ = counted(J)
+    mode, span = dominant_eigenvalue(product, y)
+    assert abs(abs(mode) - abs(complex(-0.1, 5))) <= 1e-2 * 5 and span.shape == (n, 2)
+    E = rng.standard_normal((n, n))
+    moved = J + 1e-3 * np.linalg.norm(J, 2) * E / np.linalg.norm(E, 2)
+    vals = np.linalg.eigvals(moved)
+    top = vals[np.argmax(np.abs(vals))]
+    product, calls = counted(moved)
+    warm, _ = dominant_eigenvalue(product, y, span)
+    assert calls[0] == 2 and abs(warm - top) <= 1e-2 * abs(top) and warm.imag != 0
+    product, calls = counted(moved)
+    cold, _ = dominant_eigenvalue(product, y, torch.as_tensor(rng.standard_normal((n, 2))))
+    assert calls[0] > 2 and abs(abs(cold) - abs(top)) <= 1e-2 * abs(top)
+    real = normal(np.diag([-6.0, 0.5]))
+    product, _ = counted(real)
+    mode, span = dominant_eigenvalue(product, y)
+    product, calls = counted(real)
+    again, _ = dominant_eigenvalue(product, y, span)
+    assert span.shape == (n, 1) and calls[0] == 1 and again == pytest.approx(-6.0, rel=1e-2)
+
+
 def test_the_stiffness_of_a_sign_step_comes_from_its_derivative_not_its_differences():
     """Lion's stable flow steps along sign(c) (``Rule.smooth_step`` False), and along the flow entries of c cross 0.
     At a point where one is 1e-12 its dominant mode is the dense Jacobian's (jacfwd, where sign' = 0) to 1e-2, so
