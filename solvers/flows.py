@@ -196,11 +196,12 @@ def dominant_eigenvalue(product: Callable[[Tensor], Tensor], y: Tensor, basis: O
         if basis is not None:  # Rayleigh–Ritz on the last span
             Q = np.linalg.qr(basis.detach().cpu().double().numpy().reshape(n, -1))[0]
             JQ = np.stack([matvec(q) for q in Q.T], 1)
+            if not np.isfinite(JQ).all():
+                return diverged
             vals, C = np.linalg.eig(Q.T @ JQ)
             top = int(np.argmax(np.abs(vals)))
             x, Jx = Q @ C[:, top], JQ @ C[:, top]
-            if np.isfinite(vals).all() and np.linalg.norm(Jx - vals[top] * x) <= tol * abs(vals[top]) * \
-                    np.linalg.norm(x):
+            if np.linalg.norm(Jx - vals[top] * x) <= tol * abs(vals[top]) * np.linalg.norm(x):
                 return complex(vals[top]), _real_span(x, y)
             start = x.real + x.imag
         operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)

@@ -138,7 +138,8 @@ def test_a_warm_dominant_mode_is_one_rayleigh_ritz_on_the_last_span_and_arnoldi_
     values of modulus ≤ 3; J is normal, so a Ritz pair with residual r is within r of an eigenvalue). Cold, ARPACK
     finds −0.1 ± 5i. After J moves by 1e-3 (relative), the last span (2 columns) gives the new dominant pair by
     Rayleigh–Ritz in 2 products, within ARPACK's 1e-2 of the dense eigenvalues; a random span fails the residual
-    test and Arnoldi finishes. A real dominant eigenvalue keeps a one-column span: 1 product."""
+    test and Arnoldi finishes. A real dominant eigenvalue keeps a one-column span: 1 product. Products that are
+    not finite give an infinite μ."""
     from flowsim.solvers.flows import dominant_eigenvalue
     rng = np.random.default_rng(0)
     n = 200
@@ -180,6 +181,7 @@ def test_a_warm_dominant_mode_is_one_rayleigh_ritz_on_the_last_span_and_arnoldi_
     product, calls = counted(real)
     again, _ = dominant_eigenvalue(product, y, span)
     assert span.shape == (n, 1) and calls[0] == 1 and again == pytest.approx(-6.0, rel=1e-2)
+    assert dominant_eigenvalue(lambda v: v * math.nan, y, span)[0] == math.inf  # a product that overflowed
 
 
 def test_the_stiffness_of_a_sign_step_comes_from_its_derivative_not_its_differences():
