@@ -114,12 +114,13 @@ def velocity(rule: Rule, lr: float, layout: Layout, w: Tensor, state: State, g: 
 
 
 def integrate_unit(field: VectorField, y0: Tensor, method: str = "rk4", substeps: int = 4, rtol: float = 1e-7,
-                   atol: float = 1e-9) -> Tensor:
+                   atol: float = 1e-9, f0: Optional[Tensor] = None) -> Tensor:
     """y(1) for dy/dt = field(t, y), y(0) = y0 (an autonomous field: t is ignored).
 
     ``euler``/``rk4``: ``substeps`` equal steps on [0, 1], forward Euler or classical Runge–Kutta
-    (:func:`rk4_step`). ``dopri5``: adaptive with ``rtol``/``atol``, by torchdiffeq. A solution that blows up
-    (dopri5's step size underflows) returns NaN, so the caller sees divergence rather than an exception.
+    (:func:`rk4_step`); ``f0``: field(y0) where already known, the first substep's first evaluation.
+    ``dopri5``: adaptive with ``rtol``/``atol``, by torchdiffeq. A solution that blows up (dopri5's step size
+    underflows) returns NaN, so the caller sees divergence rather than an exception.
     """
     if method == "dopri5":
         t = torch.tensor([0.0, 1.0], dtype=y0.dtype, device=y0.device)
@@ -129,9 +130,13 @@ def integrate_unit(field: VectorField, y0: Tensor, method: str = "rk4", substeps
             if "underflow" not in str(e):
                 raise
             return torch.full_like(y0, math.nan)
-    h, y = 1.0 / substeps, y0
+    h, y, first = 1.0 / substeps, y0, f0
     for _ in range(substeps):
-        y = rk4_step(lambda z: field(None, z), y, h) if method == "rk4" else y + h * field(None, y)
+        if method == "rk4":
+            y = rk4_step(lambda z: field(None, z), y, h, k1=first)
+        else:
+            y = y + h * (field(None, y) if first is None else first)
+        first = None
     return y
 
 
@@ -314,7 +319,9 @@ class Stable(Process):
         if traj.state is None:
             traj.state = self.initial_state(traj, g)
         layout = Layout(self.problem.n_params, traj.state)
-        y = self.advance(layout, layout.pack(traj.w, traj.state), lr, self.substeps(traj, lr), traj.step)
+        force = g if ctx.idx is None and not self.modified else None  # the field's own force at the start
+        y = self.advance(layout, layout.pack(traj.w, traj.state), lr, self.substeps(traj, lr, force), traj.step,
+                         force)
         traj.w, traj.state = layout.unpack(y)
         traj.tick(lr)
         return out
@@ -333,11 +340,14 @@ class Stable(Process):
         mode = state.get("mode")
         self._mode, self._mode_vec = None if mode is None else complex(*mode), state.get("mode_vec")
 
-    def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int) -> Tensor:
-        """y at the end of unit ``step`` from y at its start."""
+    def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int,
+                force: Optional[Tensor] = None) -> Tensor:
+        """y at the end of unit ``step`` from y at its start (``force``: the flow's g̃ there, where the step has
+        it: the stable flow's ∇L at full batch, which then is not evaluated again)."""
         field = flow_field(self.problem, self.rule, lr, layout, modified=self.modified)
         o = self.options
-        return integrate_unit(field, y, o.method, substeps, o.rtol, o.atol)
+        f0 = None if force is None else velocity(self.rule, lr, layout, *layout.unpack(y), force)
+        return integrate_unit(field, y, o.method, substeps, o.rtol, o.atol, f0)
 
     def effective_sharpness(self, traj: Trajectory, lr: float) -> float:
         """S_eff = η λ_max(P̃⁻¹H) of this flow's Jacobian, in units of one step (re-estimated every
@@ -348,7 +358,7 @@ class Stable(Process):
         s = lr * max(self._sharpness, 0.0)
         return s * (1 + s / 2) if self.modified else s
 
-    def dominant_mode(self, traj: Trajectory, lr: float) -> complex:
+    def dominant_mode(self, traj: Trajectory, lr: float, force: Optional[Tensor] = None) -> complex:
         """μ, the eigenvalue of largest modulus of the flow field's Jacobian in w and the momenta
         (``Rule.momenta``) at the current point, in units of one step (re-estimated every ``sharpness_every``
         steps, warm-started). Without a momentum it is real, −S_eff (:meth:`effective_sharpness`, by Lanczos: the
@@ -360,7 +370,8 @@ class Stable(Process):
         (:func:`~flowsim.solvers.curvature.difference_product`: one gradient each, with a relative error of order
         √ε_m, far inside ARPACK's 1e-2), or by forward mode where the rule's step is not smooth
         (``Rule.smooth_step``: Lion's sign). The rest of the state (ν, a clock) is held: it moves at rates
-        1 − β2, its coupling to w carries a factor 1 − β2, and √ν has no derivative where ν = 0."""
+        1 − β2, its coupling to w carries a factor 1 − β2, and √ν has no derivative where ν = 0. ``force``: the
+        flow's g̃ at the current point where known (the differences' base point then costs no gradient)."""
         if not self._momenta:  # the Jacobian in w alone, −ηP̃⁻¹H (modified: its S(1 + S/2)), has real eigenvalues
             return complex(-self.effective_sharpness(traj, lr))
         if self._mode is None or traj.step % self.options.sharpness_every == 0:
@@ -368,32 +379,33 @@ class Stable(Process):
             fast = Layout(self.problem.n_params, {k: state[k] for k in self._momenta})
             gradient = flow_gradient(self.problem, rule, lr, self.modified, functional=not rule.smooth_step)
 
-            def fast_field(z: Tensor) -> Tensor:  # the held state enters as constants: no perturbation of √ν
-                w, moving = fast.unpack(z)
+            def fast_field(z: Tensor, g: Optional[Tensor] = None) -> Tensor:  # the held state enters as
+                w, moving = fast.unpack(z)  # constants: no perturbation of √ν
                 s = {**state, **moving}
-                g = gradient(w, s)
+                g = gradient(w, s) if g is None else g
                 rate = rule.state_rate(g, s)
                 return fast.pack(rule.step_from(g, s, lr, w), {k: rate[k] for k in fast.keys})
 
             y = fast.pack(traj.w, state)
             if rule.smooth_step:  # one gradient per product; a forward-mode jvp through the network cost 5–6
-                product = difference_product(fast_field, y, fast_field(y))
+                product = difference_product(fast_field, y, fast_field(y, force))
             else:
                 def product(v: Tensor) -> Tensor:
                     return jvp(fast_field, (y,), (v,))[1]
             self._mode, self._mode_vec = dominant_eigenvalue(product, y, self._mode_vec)
         return self._mode
 
-    def substeps(self, traj: Trajectory, lr: float) -> int:
+    def substeps(self, traj: Trajectory, lr: float, force: Optional[Tensor] = None) -> int:
         """Substeps of unit ``traj.step``: the fixed ``substeps`` option, else, capped at ``max_substeps`` (also
         where the estimate is not finite: the state has diverged, and the step records it), at least 4 and
         :func:`rk4_substeps` of the dominant mode for rk4, ⌈2 S_eff⌉ for euler (stable while
-        h ≤ 2|Re μ|/|μ|²: 2/S_eff for GD, 1/S_eff for a momentum, whose Re μ = −(1 − β)/2)."""
+        h ≤ 2|Re μ|/|μ|²: 2/S_eff for GD, 1/S_eff for a momentum, whose Re μ = −(1 − β)/2). ``force``: as for
+        :meth:`dominant_mode`."""
         if self.options.substeps is not None:
             return self.options.substeps
         if self.options.method == "dopri5":
             return 0
-        needed = rk4_substeps(self.dominant_mode(traj, lr)) if self.options.method == "rk4" else \
+        needed = rk4_substeps(self.dominant_mode(traj, lr, force)) if self.options.method == "rk4" else \
             2 * self.effective_sharpness(traj, lr)
         if not math.isfinite(needed):
             return self.options.max_substeps

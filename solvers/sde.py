@@ -117,7 +117,9 @@ class SDE(Stable):
         else:
             self._second_moments = frozenset()
 
-    def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int) -> Tensor:
+    def advance(self, layout: Layout, y: Tensor, lr: float, substeps: int, step: int,
+                force: Optional[Tensor] = None) -> Tensor:
+        """One path (``force`` is not used: the SDE's drift has its own noise)."""
         return self.advance_paths(layout, y[None], lr, substeps, step, self.seed)[0]
 
     def advance_paths(self, layout: Layout, ys: Tensor, lr: float, substeps: int, step: int, seed: int) -> Tensor:

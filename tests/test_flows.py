@@ -64,6 +64,28 @@ def test_rmsprop_stable_flow_matches_an_independent_ode_solver():
     assert np.abs(traj.w.numpy() - ref[:3]).max() / np.abs(ref[:3]).max() <= 1e-6
     assert np.abs(traj.state["nu"].numpy() - ref[3:]).max() / np.abs(ref[3:]).max() <= 1e-6
 
+@pytest.mark.parametrize("method, per_substep", [("rk4", 4), ("euler", 1)])
+def test_a_stable_step_evaluates_the_gradient_at_its_start_once(method, per_substep):
+    """The step's own gradient (its loss and grad_norm) is the field's first evaluation: a unit of 5 fixed
+    substeps costs 5·(evaluations per substep) gradients in all, counted at the problem, and each mode of the
+    quadratic (w0 = 1) is the integrator's own iterate, R(−hηλ)^(5·steps), R(z) = 1 + z + z²/2 + z³/6 + z⁴/24 for
+    rk4 and 1 + z for euler, h = 1/5."""
+    problem = quadratic()
+    calls = [0]
+    loss_and_grad = problem.loss_and_grad
+
+    def counted(w, idx=None):
+        calls[0] += 1
+        return loss_and_grad(w, idx)
+    problem.loss_and_grad = counted
+    lr, steps = 0.1, 3
+    _, traj = run_process(problem, "stable", lr, steps, method=method, substeps=5)
+    assert calls[0] == steps * 5 * per_substep
+    z = -0.2 * lr * torch.tensor(SPECTRUM, dtype=torch.float64)
+    R = 1 + z + z ** 2 / 2 + z ** 3 / 6 + z ** 4 / 24 if method == "rk4" else 1 + z
+    torch.testing.assert_close(traj.w, R ** (5 * steps), rtol=1e-12, atol=0)
+
+
 
 def test_substeps_follow_the_effective_sharpness_and_keep_euler_stable():
     # λ_max = 100, η = 0.05: S_eff = ηλ = 5, so max(4, ⌈2·5⌉) = 10 substeps; one Euler substep is GD, which
