@@ -6,7 +6,12 @@ under its :class:`~flowsim.solvers.Edge` policy — the same objects the simulat
 ``step(closure)`` takes a closure as ``torch.optim.LBFGS`` does: it evaluates the model on the current minibatch
 and returns the loss (it may call ``backward`` itself; the optimizer clears and reads ``.grad``). The controller
 calls it once for the step's gradient and once per Hessian-vector product it needs (forward differences of
-gradients, every ``every`` steps): all at the parameters of this step, on the batch the closure sees.
+gradients, every ``every`` steps): all at the parameters of this step, on the batch the closure sees, and all with
+the random state the step began with, so that a closure that draws random numbers (dropout) draws the same ones
+each time: a difference of two gradients under two dropout masks is the masks' difference over ε, not curvature.
+After the step the random state is the one the first call left, as if the closure had been called once, as
+``torch.optim.Adam`` calls it. (Buffers a forward pass updates, such as BatchNorm's running statistics, are the
+model's, out of the optimizer's reach: the extra calls update them too.)
 
 There is no ``lr``: the controller sets η at every step (``max_lr`` caps it, ``c`` scales it; ``lr`` is refused in
 one line that says so). Curvature is measured on the closure's batch, by differences of its gradients (the key
@@ -36,11 +41,14 @@ size, and a cap of 1e-3 would run plain Adam at 1e-3 wherever the controller's �
 class _Closure:
     """The part of flowsim's Problem interface that the step context needs — (loss, flat gradient) at a flat w —
     over the optimizer's parameters and the user's closure. ``at`` is the flat point the parameters hold (the
-    step's w until a Hessian-vector product moves them to w + εv), so the step's own evaluation copies nothing."""
+    step's w until a Hessian-vector product moves them to w + εv), so the step's own evaluation copies nothing.
+    Every call starts from the random state ``start`` (the step's); ``after`` is the state the first call left."""
 
     def __init__(self, params: list[Tensor], closure: Callable[[], Tensor], w: Tensor):
         self.params, self.closure, self.at = params, closure, w
         self.sizes = [p.numel() for p in params]
+        self.device = w.device
+        self.start, self.after = _random_state(self.device), None
 
     def load(self, w: Tensor) -> None:
         if w is self.at:
@@ -54,12 +62,27 @@ class _Closure:
         self.load(w)
         for p in self.params:
             p.grad = None
+        if self.after is not None:
+            _set_random_state(self.start, self.device)
         with torch.enable_grad():
             loss = self.closure()
             if all(p.grad is None for p in self.params) and loss.requires_grad:  # the closure did not backward
                 loss.backward()
+        if self.after is None:
+            self.after = _random_state(self.device)
         g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params])
         return loss.detach(), g
+
+
+def _random_state(device: torch.device) -> tuple:
+    """torch's random state for the CPU and, where the parameters are on a GPU, for that device."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_random_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class EdgeOptimizer(torch.optim.Optimizer):
@@ -115,6 +138,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
             problem.load(w + delta)
             for p, chunk in zip(params, torch.split(g, problem.sizes)):
                 p.grad = chunk.view_as(p)  # the gradient of this step (g is not reused)
+        _set_random_state(problem.after, problem.device)  # as if the closure had been called once
         state["step"] += 1
         self.param_groups[0]["lr"] = lr
         return loss

@@ -74,7 +74,14 @@ class Problem:
         """Wrap an ``nn.Module`` and its training data: ``X`` (n, …) inputs, ``Y`` targets of the model's output
         shape (n, C) for ``mse``, or n integer labels for ``ce``. The Problem works on its own copy of the module
         in ``dtype`` on ``device``: the caller's module is never changed. Shapes that do not fit raise a one-line
-        ValueError naming ``X`` or ``Y`` (a 1-D ``Y`` for a one-output model would otherwise broadcast)."""
+        ValueError naming ``X`` or ``Y`` (a 1-D ``Y`` for a one-output model would otherwise broadcast).
+
+        The module runs in the mode it is in. Its loss must be a function of the weights: a module whose output
+        differs between two calls at the same weights (dropout in training mode) is refused in one line, since
+        every flow, eigensolver and product would read its random draws as curvature (``module.eval()`` turns
+        dropout off). BatchNorm in training mode is accepted: it normalizes each batch by that batch's statistics,
+        so the loss on a batch is a function of the weights and of the whole batch, not a mean over its examples.
+        """
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -185,8 +192,11 @@ def _check_shapes(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> N
     """One-line errors for data that do not fit the module and the loss (see ``Problem.from_module``)."""
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y: {X.shape[0]} inputs but {Y.shape[0]} targets")
-    with torch.no_grad():
-        out = module(X[:1])
+    with torch.no_grad():  # a few examples: BatchNorm in training mode refuses one, and dropout may spare two
+        out = module(X[:16])
+        if not torch.allclose(out, module(X[:16]), rtol=1e-3, atol=1e-3 * out.abs().max().item()):  # not rounding
+            raise ValueError("module: two calls at the same weights give different outputs (dropout in training "
+                             "mode?); flowsim needs the loss as a function of the weights: pass module.eval()")
     if loss == "ce":
         labels = (Y.shape[0], *out.shape[1:-1])  # the output without its class dimension
         if Y.dtype.is_floating_point or tuple(Y.shape) != labels:

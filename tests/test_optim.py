@@ -91,6 +91,54 @@ def test_state_dict_resumes_bit_for_bit(data):
     assert torch.equal(w, straight)
 
 
+def test_a_closure_with_dropout_measures_the_curvature_of_one_mask_and_draws_as_if_called_once(data):
+    """Dropout draws a mask at every call of the closure. The controller's products are differences of the
+    closure's gradients, so every call of a step replays the random state the step began with: the first
+    estimate is λ_max of the Hessian of the loss under the one mask the step draws (dense eigvalsh in float64, by
+    torch.autograd.functional.hessian under that state; to 1e-5 relative, the products' differences erring by
+    ~1e-8). Drawing a new mask per call, the same estimate was the masks' difference over ε (off by orders of
+    magnitude). And the random stream after each step is the one a single call per step leaves
+    (torch.optim.SGD's), for every step, estimating or not."""
+    X, Y, net = data
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(net[0], net[1], torch.nn.Dropout(0.3), net[2])
+    names = [name for name, _ in model.named_parameters()]
+    w0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_at(w):
+        chunks = torch.split(w, [int(np.prod(s)) for s in shapes])
+        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
+        out = torch.func.functional_call(model, params, (X,))
+        return 0.5 * (out - Y).pow(2).sum(1).mean()
+
+    torch.manual_seed(7)
+    H = torch.autograd.functional.hessian(loss_at, w0)
+    expected = torch.linalg.eigvalsh(H)[-1].item()
+
+    def run(opt, steps):
+        torch.manual_seed(7)
+        draws = []
+        for _ in range(steps):
+            def closure():
+                opt.zero_grad()
+                loss = 0.5 * (model(X) - Y).pow(2).sum(1).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            draws.append(torch.rand(1).item())
+        return draws
+
+    edge = EdgeSGD(model.parameters(), eig_tol=1e-9, every=3)
+    with_edge = run(edge, 1)
+    S = edge.state[next(iter(model.parameters()))]["policy"]["S"]
+    assert S == pytest.approx(expected, rel=1e-5)
+    torch.nn.utils.vector_to_parameters(w0, model.parameters())
+    with_edge = run(EdgeSGD(model.parameters(), every=3), 8)
+    torch.nn.utils.vector_to_parameters(w0, model.parameters())
+    assert with_edge == run(torch.optim.SGD(model.parameters(), lr=1e-3), 8)
+
+
 def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     params = list(copy.deepcopy(data[2]).parameters())
     with pytest.raises(ValueError, match=r"^hvp: does not apply to an optimizer"):

@@ -1,4 +1,6 @@
 """Problem: derivatives against dense and finite-difference references, data handling, construction."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,29 @@ def test_init_scale_multiplies_the_default_initialization_and_does_not_apply_wit
     with pytest.raises(flowsim.ScenarioError, match=r"^problem.init_scale: does not apply with init"):
         flowsim.load_scenario({"problem": {**spec, "init_scale": 0.2, "init": [0.0] * w1.numel()}, "steps": 1,
                                "runs": {"a": {"lr": 0.1}}})
+
+
+def test_from_module_refuses_a_random_output_in_one_line_and_accepts_batchnorm_in_training_mode():
+    """Dropout in training mode makes two calls at the same weights differ: every product and flow would read the
+    masks as curvature, so it is refused in one line naming the fix; in eval mode the loss is the network's
+    without dropout. BatchNorm in training mode (which cannot run on one example) is a function of the weights
+    and the batch: the full-batch loss is torch's on all examples, the same at every call."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
+    dropout = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                  torch.nn.Linear(16, 3)).double()
+    with pytest.raises(ValueError, match=r"^module: .*dropout.*module\.eval\(\)") as refused:
+        Problem.from_module(dropout, X, Y, loss="ce", device="cpu")
+    assert "\n" not in str(refused.value)
+    p = Problem.from_module(dropout.eval(), X, Y, loss="ce", device="cpu")
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(dropout(X), Y).item()
+    assert p.loss(p.w0).item() == pytest.approx(expected, rel=1e-12)
+
+    batchnorm = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(copy.deepcopy(batchnorm)(X), Y).item()
+    p = Problem.from_module(batchnorm, X, Y, loss="ce", device="cpu")
+    assert p.loss(p.w0).item() == pytest.approx(expected, rel=1e-12)
+    assert p.loss(p.w0).item() == p.loss(p.w0).item()
