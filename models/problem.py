@@ -80,12 +80,20 @@ class Problem:
         differs between two calls at the same weights (dropout in training mode) is refused in one line, since
         every flow, eigensolver and product would read its random draws as curvature (``module.eval()`` turns
         dropout off). BatchNorm in training mode is accepted: it normalizes each batch by that batch's statistics,
-        so the loss on a batch is a function of the weights and of the whole batch, not a mean over its examples.
+        so the loss on a batch is a function of the weights and of the whole batch, not a mean over its examples;
+        per-example losses and gradients (an SDE's minibatch noise, the noise kernel) are then refused in one line.
+        The copy does not track running statistics, which training mode does not read: its loss is the same, and
+        a pure function that torch.func can transform (the rod flow, the functional flows).
         """
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         module = copy.deepcopy(module).to(device=dev, dtype=dt)
+        batch_statistics = False
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+                m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+                batch_statistics = True
         _check_shapes(module, X.to(device=dev, dtype=dt), Y, loss)
         names = [n for n, _ in module.named_parameters()]
         shapes = [p.shape for _, p in module.named_parameters()]
@@ -104,6 +112,8 @@ class Problem:
             return criterion(output_fn(w, x), y)
 
         info = {"loss": loss, "n_params": w0.numel(), **(meta or {})}
+        if batch_statistics:
+            info["batch_statistics"] = True
         return cls(loss_fn, w0, X, Y, output_fn=output_fn, meta=info,
                    fast_loss=_flat_parameter_loss(module, names, sizes, shapes, w0, criterion))
 
@@ -179,6 +189,9 @@ class Problem:
     def _require_data(self, idx):
         if self.X is None:
             raise ValueError("this problem has no data: per-example quantities are not defined for a landscape")
+        if self.meta.get("batch_statistics"):
+            raise ValueError("per-example losses and gradients are not defined for a module that normalizes by batch "
+                             "statistics (BatchNorm in training mode): pass module.eval() to Problem.from_module")
         return self._data(idx)
 
     def __repr__(self) -> str:

@@ -164,7 +164,9 @@ def test_from_module_refuses_a_random_output_in_one_line_and_accepts_batchnorm_i
     """Dropout in training mode makes two calls at the same weights differ: every product and flow would read the
     masks as curvature, so it is refused in one line naming the fix; in eval mode the loss is the network's
     without dropout. BatchNorm in training mode (which cannot run on one example) is a function of the weights
-    and the batch: the full-batch loss is torch's on all examples, the same at every call."""
+    and the batch: the full-batch loss is torch's on all examples, the same at every call, its gradient by
+    torch.func equals the reverse-mode one (the running statistics it would update in place are not tracked), and
+    per-example gradients are refused in one line."""
     gen = torch.Generator().manual_seed(0)
     X, Y = torch.randn(64, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
     dropout = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
@@ -184,3 +186,8 @@ def test_from_module_refuses_a_random_output_in_one_line_and_accepts_batchnorm_i
     p = Problem.from_module(batchnorm, X, Y, loss="ce", device="cpu")
     assert p.loss(p.w0).item() == pytest.approx(expected, rel=1e-12)
     assert p.loss(p.w0).item() == p.loss(p.w0).item()
+    # a pure function of w (no running statistics updated in place), so torch.func transforms it, as the rod
+    # flow does; and per-example quantities, undefined under batch statistics, are refused in one line
+    torch.testing.assert_close(torch.func.grad(p.loss)(p.w0), p.grad(p.w0), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"^per-example losses and gradients are not defined .*module\.eval\(\)"):
+        p.per_example_grads(p.w0)
