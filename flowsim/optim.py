@@ -4,7 +4,8 @@
 flowsim's update rules (:mod:`flowsim.solvers.rules`)
 under its :class:`~flowsim.solvers.Edge` policy — the same objects the simulator runs, no second implementation.
 ``step(closure)`` takes a closure as ``torch.optim.LBFGS`` does: it evaluates the model on the current minibatch
-and returns the loss (it may call ``backward`` itself; the optimizer clears and reads ``.grad``). The controller
+and returns the loss (it may call ``backward`` itself, and then may return the loss as a number; the optimizer
+clears and reads ``.grad``). The controller
 calls it once for the step's gradient and once per Hessian-vector product it needs (forward differences of
 gradients, every ``every`` steps): all at the parameters of this step, on the batch the closure sees, and all with
 the random state the step began with, so that a closure that draws random numbers (dropout) draws the same ones
@@ -31,7 +32,8 @@ from torch import Tensor
 from flowsim.solvers import Edge, StepContext, make_rule
 from flowsim.solvers.rules import Rule
 
-NOT_IN_AN_OPTIMIZER = {"hvp": "products are differences of the closure's gradients"}
+NOT_IN_AN_OPTIMIZER = {"hvp": "products are differences of the closure's gradients",
+                       "weight_decay": "only EdgeAdamW has it, decoupled as in torch.optim.AdamW"}
 NOT_A_STEP_SIZE = ("lr: the edge controller sets the step size itself; pass max_lr=... to cap it, or c=... to "
                    "scale it (the fraction of the stability threshold)")
 """Why ``lr`` is refused rather than read as the cap: a user who writes ``EdgeAdam(params, lr=1e-3)`` means a step
@@ -66,7 +68,12 @@ class _Closure:
             _set_random_state(self.start, self.device)
         with torch.enable_grad():
             loss = self.closure()
-            if all(p.grad is None for p in self.params) and loss.requires_grad:  # the closure did not backward
+            if not isinstance(loss, Tensor):  # a number, as torch.optim.LBFGS takes, after its own backward
+                if loss is None or all(p.grad is None for p in self.params):
+                    raise ValueError(f"closure: returned {loss!r} and no gradient; it must return the loss tensor, "
+                                     "or call loss.backward() and return the loss (a tensor or a number)")
+                loss = torch.tensor(float(loss), dtype=w.dtype, device=w.device)
+            elif all(p.grad is None for p in self.params) and loss.requires_grad:  # the closure did not backward
                 loss.backward()
         if self.after is None:
             self.after = _random_state(self.device)
@@ -85,6 +92,13 @@ def _set_random_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _betas(betas) -> dict:
+    """β1 and β2 from ``betas``, refused in one line unless it is a pair."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: a pair (beta1, beta2), got {betas!r}")
+    return {"beta1": betas[0], "beta2": betas[1]}
+
+
 class EdgeOptimizer(torch.optim.Optimizer):
     """An update rule of :mod:`flowsim.solvers.rules` under the edge controller (:class:`flowsim.solvers.Edge`):
     η_k = c·θ/S with S the tracked λ_max(P̃⁻¹H). ``edge`` holds the controller's options (``c``, ``max_lr``,
@@ -94,7 +108,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
         if "lr" in edge:
             raise ValueError(NOT_A_STEP_SIZE)
         for key in NOT_IN_AN_OPTIMIZER.keys() & edge.keys():
-            raise ValueError(f"{key}: does not apply to an optimizer ({NOT_IN_AN_OPTIMIZER[key]})")
+            raise ValueError(f"{key}: does not apply to {type(self).__name__} ({NOT_IN_AN_OPTIMIZER[key]})")
         try:
             policy = Edge(**edge)
         except ValidationError as e:
@@ -164,7 +178,7 @@ class EdgeAdam(EdgeOptimizer):
     λ_max(P̃⁻¹H) at c·(2 + 2β1)/((1 − β1)η). ``edge``: the controller's options."""
 
     def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
-        super().__init__(params, make_rule("adam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)
+        super().__init__(params, make_rule("adam", **_betas(betas), eps=eps), **edge)
 
 
 class EdgeNAdam(EdgeOptimizer):
@@ -173,7 +187,7 @@ class EdgeNAdam(EdgeOptimizer):
     ``edge``: the controller's options."""
 
     def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **edge):
-        super().__init__(params, make_rule("nadam", beta1=betas[0], beta2=betas[1], eps=eps), **edge)
+        super().__init__(params, make_rule("nadam", **_betas(betas), eps=eps), **edge)
 
 
 class EdgeAdamW(EdgeOptimizer):
@@ -183,5 +197,5 @@ class EdgeAdamW(EdgeOptimizer):
 
     def __init__(self, params: Iterable, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, **edge):
-        super().__init__(params, make_rule("adamw", beta1=betas[0], beta2=betas[1], eps=eps,
+        super().__init__(params, make_rule("adamw", **_betas(betas), eps=eps,
                                            weight_decay=weight_decay), **edge)

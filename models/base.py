@@ -83,7 +83,8 @@ class NetworkConfig(ModelConfig):
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
         X, Y, n_classes = load(self.dataset, self.n_train, self.classes)
         if self.loss == "ce" and n_classes is None:
-            raise ValueError("problem.loss: 'ce' needs class labels but the dataset has regression targets")
+            raise ValueError(f"problem.loss: 'ce' needs integer class labels, but the dataset's targets are "
+                             f"{Y.dtype} of shape {Y.shape}: save Y as integers (from one-hot rows, Y.argmax(1))")
         if n_classes is not None and self.loss == "mse":
             Y = np.eye(n_classes)[Y]
         n_out = n_classes if n_classes is not None else int(np.prod(Y.shape[1:]) or 1)

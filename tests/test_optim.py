@@ -139,12 +139,43 @@ def test_a_closure_with_dropout_measures_the_curvature_of_one_mask_and_draws_as_
     assert with_edge == run(torch.optim.SGD(model.parameters(), lr=1e-3), 8)
 
 
+def test_a_closure_may_return_the_loss_as_a_number_after_its_own_backward(data):
+    """As torch.optim.LBFGS takes it: the same steps as the closure that returns the tensor, bit for bit; a closure
+    that returns nothing, or a number without a gradient, is a one-line error."""
+    X, Y, net = data
+    runs = []
+    for as_number in (False, True):
+        model = copy.deepcopy(net)
+        opt = EdgeAdam(model.parameters(), every=3)
+        lrs = []
+        for _ in range(8):
+            def closure():
+                opt.zero_grad()
+                loss = 0.5 * (model(X) - Y).pow(2).sum(1).mean()
+                loss.backward()
+                return loss.item() if as_number else loss
+            opt.step(closure)
+            lrs.append(opt.param_groups[0]["lr"])
+        runs.append((lrs, torch.nn.utils.parameters_to_vector(model.parameters()).detach()))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+    opt = EdgeAdam(copy.deepcopy(net).parameters())
+    for returned in (None, 1.0):
+        with pytest.raises(ValueError, match=r"^closure: returned .* and no gradient") as refused:
+            opt.step(lambda: returned)
+        assert "\n" not in str(refused.value)
+
+
 def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     params = list(copy.deepcopy(data[2]).parameters())
-    with pytest.raises(ValueError, match=r"^hvp: does not apply to an optimizer"):
+    with pytest.raises(ValueError, match=r"^hvp: does not apply to EdgeSGD"):
         EdgeSGD(params, hvp="difference")
-    with pytest.raises(ValueError, match=r"^hvp: does not apply to an optimizer"):
+    with pytest.raises(ValueError, match=r"^hvp: does not apply to EdgeAdam"):
         EdgeAdam(params, hvp="reverse")
+    with pytest.raises(ValueError, match=r"^weight_decay: does not apply to EdgeAdam \(only EdgeAdamW"):
+        EdgeAdam(params, weight_decay=0.01)
+    with pytest.raises(ValueError, match=r"^betas: a pair \(beta1, beta2\), got \(0\.9,\)"):
+        EdgeNAdam(params, betas=(0.9,))
+    assert EdgeAdamW(params, weight_decay=0.01).rule.weight_decay == 0.01
     with pytest.raises(ValueError, match=r"^c: "):
         EdgeSGD(params, c=3.0)
     with pytest.raises(ValueError, match=r"^closure: required"):

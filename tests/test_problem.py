@@ -111,6 +111,11 @@ def test_npz_dataset_and_init_file(tmp_path):
     np.save(tmp_path / "w0.npy", w0)
     q = build_problem({**spec, "init": {"path": str(tmp_path / "w0.npy")}}, device="cpu")
     np.testing.assert_array_equal(q.w0.numpy(), w0)
+    # cross-entropy takes integer labels: one-hot rows are refused in one line that says how to convert them
+    np.savez(tmp_path / "onehot.npz", X=rng.standard_normal((30, 4)), Y=np.eye(3)[rng.integers(0, 3, 30)])
+    with pytest.raises(ValueError, match=r"^problem\.loss: 'ce' needs integer class labels, .*float64 of shape "
+                                         r"\(30, 3\).*Y\.argmax\(1\)"):
+        build_problem({**spec, "loss": "ce", "dataset": {"path": str(tmp_path / "onehot.npz")}}, device="cpu")
 
 
 def test_teacher_student_is_seeded():
