@@ -83,8 +83,10 @@ class NetworkConfig(ModelConfig):
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
         X, Y, n_classes = load(self.dataset, self.n_train, self.classes)
         if self.loss == "ce" and n_classes is None:
+            fix = ("save Y as integers (from one-hot rows, Y.argmax(1))" if self.dataset.path is not None else
+                   f"{self.dataset.name} is a regression set: use loss mse")
             raise ValueError(f"problem.loss: 'ce' needs integer class labels, but the dataset's targets are "
-                             f"{Y.dtype} of shape {Y.shape}: save Y as integers (from one-hot rows, Y.argmax(1))")
+                             f"{Y.dtype} of shape {Y.shape}: {fix}")
         if n_classes is not None and self.loss == "mse":
             Y = np.eye(n_classes)[Y]
         n_out = n_classes if n_classes is not None else int(np.prod(Y.shape[1:]) or 1)

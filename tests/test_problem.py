@@ -116,6 +116,8 @@ def test_npz_dataset_and_init_file(tmp_path):
     with pytest.raises(ValueError, match=r"^problem\.loss: 'ce' needs integer class labels, .*float64 of shape "
                                          r"\(30, 3\).*Y\.argmax\(1\)"):
         build_problem({**spec, "loss": "ce", "dataset": {"path": str(tmp_path / "onehot.npz")}}, device="cpu")
+    with pytest.raises(ValueError, match=r"^problem\.loss: .*: teacher_student is a regression set: use loss mse$"):
+        build_problem({**spec, "loss": "ce", "dataset": {"name": "teacher_student"}}, device="cpu")
 
 
 def test_teacher_student_is_seeded():
