@@ -23,6 +23,7 @@ resumed loop continues bit for bit on CPU. This module holds no model and no dat
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -38,6 +39,10 @@ NOT_A_STEP_SIZE = ("lr: the edge controller sets the step size itself; pass max_
                    "scale it (the fraction of the stability threshold)")
 """Why ``lr`` is refused rather than read as the cap: a user who writes ``EdgeAdam(params, lr=1e-3)`` means a step
 size, and a cap of 1e-3 would run plain Adam at 1e-3 wherever the controller's η is larger, silently."""
+SET_OUTSIDE = ("lr: param_groups[0]['lr'] was changed outside the optimizer (by an lr scheduler?), and the edge "
+               "controller would ignore it; cap the step with max_lr=... or scale it with c=...")
+"""A scheduler writes ``lr`` after each step; the controller sets η itself at the next, so the schedule would have
+no effect while ``param_groups`` showed it."""
 
 
 class _Closure:
@@ -138,6 +143,9 @@ class EdgeOptimizer(torch.optim.Optimizer):
                              "current batch and returns it (as for torch.optim.LBFGS)")
         params = self.param_groups[0]["params"]
         state = self._flat_state()
+        shown, taken = self.param_groups[0]["lr"], state["policy"]["eta"]  # NaN before the first step
+        if shown != taken and not (math.isnan(shown) and math.isnan(taken)):
+            raise ValueError(SET_OUTSIDE)
         w = torch.cat([p.detach().reshape(-1) for p in params])
         problem = _Closure(params, closure, w)
         ctx = StepContext(problem, self.rule, state["step"], w, state["rule"])

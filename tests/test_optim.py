@@ -165,6 +165,37 @@ def test_a_closure_may_return_the_loss_as_a_number_after_its_own_backward(data):
         assert "\n" not in str(refused.value)
 
 
+def test_an_lr_changed_outside_the_optimizer_is_refused_in_one_line(data):
+    """A scheduler (StepLR, ×0.1 every 2 steps) writes param_groups' lr after a step; the controller would set η
+    itself at the next, ignoring it while param_groups showed it. Steps 0 and 1 run (the scheduler leaves lr as
+    the controller set it), and step 2, after the scheduler's first change, is refused in one line naming max_lr;
+    so is a step after a hand-set lr. A state_dict round trip keeps the two in agreement."""
+    X, Y, net = data
+    model = copy.deepcopy(net)
+    opt = EdgeAdam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (model(X) - Y).pow(2).sum(1).mean()
+        loss.backward()
+        return loss
+    for _ in range(2):
+        opt.step(closure)
+        scheduler.step()
+    with pytest.raises(ValueError, match=r"^lr: param_groups\[0\]\['lr'\] was changed outside .*max_lr") as refused:
+        opt.step(closure)
+    assert "\n" not in str(refused.value)
+    opt = EdgeAdam(model.parameters())
+    opt.step(closure)
+    resumed = EdgeAdam(model.parameters())
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    resumed.step(closure)
+    resumed.param_groups[0]["lr"] = 0.1
+    with pytest.raises(ValueError, match=r"^lr: param_groups"):
+        resumed.step(closure)
+
+
 def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     params = list(copy.deepcopy(data[2]).parameters())
     with pytest.raises(ValueError, match=r"^hvp: does not apply to EdgeSGD"):
