@@ -120,13 +120,19 @@ class EdgeOptimizer(torch.optim.Optimizer):
             first = e.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
         super().__init__(params, {"lr": float("nan")})
-        if len(self.param_groups) != 1:
-            raise ValueError("params: one parameter group (the controller sets one η for the flat parameter vector)")
         params = self.param_groups[0]["params"]
         if len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("params: all parameters must share one dtype and device")
         policy.check(rule)
         self.rule, self.policy = rule, policy
+
+    def add_param_group(self, param_group: dict) -> None:
+        """The first group only: the controller sets one η for one flat parameter vector, and the rule's state
+        is laid out over it (a group added later would be left untrained)."""
+        if self.param_groups:
+            raise ValueError("params: one parameter group (the controller sets one η for the flat parameter "
+                             "vector); to train more parameters, make a new optimizer over all of them")
+        super().add_param_group(param_group)
 
     def _flat_state(self) -> dict:
         """The optimizer's whole state, kept under its first parameter so that ``state_dict`` carries it."""

@@ -207,6 +207,12 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     with pytest.raises(ValueError, match=r"^betas: a pair \(beta1, beta2\), got \(0\.9,\)"):
         EdgeNAdam(params, betas=(0.9,))
     assert EdgeAdamW(params, weight_decay=0.01).rule.weight_decay == 0.01
+    with pytest.raises(ValueError, match=r"^params: one parameter group"):
+        EdgeAdam([{"params": params[:1]}, {"params": params[1:]}])
+    opt = EdgeAdam(params[:1])
+    with pytest.raises(ValueError, match=r"^params: one parameter group .* a new optimizer"):
+        opt.add_param_group({"params": params[1:]})  # it would be left untrained
+    assert len(opt.param_groups) == 1
     with pytest.raises(ValueError, match=r"^c: "):
         EdgeSGD(params, c=3.0)
     with pytest.raises(ValueError, match=r"^closure: required"):
