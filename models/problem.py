@@ -94,7 +94,7 @@ class Problem:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
                 m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
                 batch_statistics = True
-        _check_shapes(module, X.to(device=dev, dtype=dt), Y, loss)
+        _check_module_and_data(module, X.to(device=dev, dtype=dt), Y, loss)
         names = [n for n, _ in module.named_parameters()]
         shapes = [p.shape for _, p in module.named_parameters()]
         sizes = [p.numel() for _, p in module.named_parameters()]
@@ -201,8 +201,9 @@ class Problem:
 
 
 
-def _check_shapes(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> None:
-    """One-line errors for data that do not fit the module and the loss (see ``Problem.from_module``)."""
+def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> None:
+    """One-line errors for a module whose output is random, and for data that do not fit the module and the loss
+    (see ``Problem.from_module``)."""
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y: {X.shape[0]} inputs but {Y.shape[0]} targets")
     with torch.no_grad():  # a few examples: BatchNorm in training mode refuses one, and dropout may spare two
