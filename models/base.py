@@ -83,8 +83,10 @@ class NetworkConfig(ModelConfig):
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
         X, Y, n_classes = load(self.dataset, self.n_train, self.classes)
         if self.loss == "ce" and n_classes is None:
-            fix = ("save Y as integers (from one-hot rows, Y.argmax(1))" if self.dataset.path is not None else
-                   f"{self.dataset.name} is a regression set: use loss mse")
+            if self.dataset.path is None:
+                fix = f"{self.dataset.name} is a regression set: use loss mse"
+            else:
+                fix = "save Y as integers: " + ("Y.argmax(1) of one-hot rows" if Y.ndim == 2 else "Y.astype(int)")
             raise ValueError(f"problem.loss: 'ce' needs integer class labels, but the dataset's targets are "
                              f"{Y.dtype} of shape {Y.shape}: {fix}")
         if n_classes is not None and self.loss == "mse":

@@ -21,8 +21,8 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Optional[Literal["digits", "teacher_student", "gaussian_mixture", "mnist1d", "sorting", "markov"]] = Field(
         None, description="a bundled (digits, mnist1d) or synthetic set; give exactly one of name and path")
-    path: Optional[Path] = Field(None, description=".npz file with arrays X (n × …) and Y (n integer labels, or "
-                                 "float targets); inputs are used as given (not standardized). Relative: to the "
+    path: Optional[Path] = Field(None, description=".npz file with arrays X (n × …) and Y (n integer labels "
+                                 "0..C-1, or float targets), finite numbers; inputs are used as given (not standardized). Relative: to the "
                                  "scenario file's folder, or to the working directory for YAML text or a dict")
     dim: PositiveInt = Field(16, description="input dimension of the synthetic sets")
     outputs: PositiveInt = Field(1, description="teacher_student: number of regression targets")
@@ -81,10 +81,23 @@ def from_file(path: Path) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
         missing = {"X", "Y"} - set(f.files)
         if missing:
             raise ValueError(f"problem.dataset.path: {path} lacks array(s) {sorted(missing)} (needs X and Y)")
-        X, Y = np.asarray(f["X"], dtype=np.float64), np.asarray(f["Y"])
+        X, Y = f["X"], f["Y"]
+    for key, a in (("X", X), ("Y", Y)):
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            fix = ", e.g. np.unique(Y, return_inverse=True)[1]" if key == "Y" else ""
+            raise ValueError(f"problem.dataset.path: {key} in {path} holds {a.dtype} values, not numbers; save "
+                             f"{'class labels as integers 0..C-1' if key == 'Y' else 'numeric inputs'}{fix}")
+        bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(1)) if a.dtype.kind == "f" else []
+        if len(bad):
+            raise ValueError(f"problem.dataset.path: {key} in {path} has NaN or inf values in {len(bad)} row(s), the "
+                             f"first at row {bad[0]}; drop or fill them before saving")
+    X = X.astype(np.float64)
     if len(X) != len(Y):
         raise ValueError(f"problem.dataset.path: X has {len(X)} rows but Y has {len(Y)}")
     if np.issubdtype(Y.dtype, np.integer) and Y.ndim == 1:
+        if Y.min() < 0:
+            raise ValueError(f"problem.dataset.path: Y in {path} has negative class labels (the least is {Y.min()}); "
+                             "class labels are integers 0..C-1")
         return X, Y.astype(np.int64), int(Y.max()) + 1
     return X, Y.astype(np.float64), None
 

@@ -206,6 +206,10 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: 
     (see ``Problem.from_module``)."""
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y: {X.shape[0]} inputs but {Y.shape[0]} targets")
+    for key, a in (("X", X), ("Y", Y)):
+        bad = torch.nonzero(~torch.isfinite(a.reshape(len(a), -1)).all(1)) if a.is_floating_point() else []
+        if len(bad):
+            raise ValueError(f"{key}: NaN or inf values in {len(bad)} row(s), the first at row {bad[0].item()}")
     with torch.no_grad():  # a few examples: BatchNorm in training mode refuses one, and dropout may spare two
         out = module(X[:16])
         if not torch.allclose(out, module(X[:16]), rtol=1e-3, atol=1e-3 * out.abs().max().item()):  # not rounding

@@ -69,6 +69,31 @@ def test_bad_scenario_exits_2_with_one_line_naming_the_key_and_writes_no_store(t
     assert not store.exists()
 
 
+_X = np.random.default_rng(0).normal(size=(30, 4))
+_LABELS = (_X[:, 0] > 0).astype(np.int64)
+BAD_DATA = [  # (loss, X, Y, text the one-line error must contain)
+    ("ce", _X, np.where(_LABELS, "yes", "no"), "Y in {} holds <U3 values, not numbers; save class labels as integers"),
+    ("mse", np.where(np.arange(30)[:, None] == 3, np.nan, _X), _X[:, :2], "X in {} has NaN or inf values in 1 row(s), "
+     "the first at row 3"),
+    ("mse", _X, np.where(np.arange(30)[:, None] >= 28, np.inf, _X[:, :2]), "Y in {} has NaN or inf values in 2 row(s)"),
+    ("ce", _X, _LABELS - 1, "Y in {} has negative class labels (the least is -1)"),  # np.eye(C)[-1] would wrap
+    ("ce", _X, _LABELS.astype(float), "targets are float64 of shape (30,): save Y as integers: Y.astype(int)"),
+    ("ce", _X, np.eye(2)[_LABELS], "targets are float64 of shape (30, 2): save Y as integers: Y.argmax(1) of one-hot"),
+]
+
+
+@pytest.mark.parametrize("loss,X,Y,expected", BAD_DATA, ids=[e[:28] for *_, e in BAD_DATA])
+def test_a_data_file_flowsim_cannot_train_on_exits_2_with_one_line(tmp_path, capsys, loss, X, Y, expected):
+    np.savez(tmp_path / "d.npz", X=X, Y=Y)
+    doc = with_("problem", {"model": "mlp", "widths": [3], "loss": loss, "dataset": {"path": "d.npz"}})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["run", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "o.zarr"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowsim: error: problem.") and "\n" not in err, err
+    assert expected.format(tmp_path / "d.npz") in err, err
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_the_real_command_exits_2_without_a_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(with_("runs.gd.lr", -1)))

@@ -1,5 +1,6 @@
 """Problem: derivatives against dense and finite-difference references, data handling, construction."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -143,6 +144,12 @@ def test_from_module_refuses_a_1d_target_for_a_one_output_model_instead_of_broad
         Problem.from_module(module, X, Y[:99, None], loss="mse")
     with pytest.raises(ValueError, match=r"^Y: the ce loss takes integer class labels of shape \(100,\)"):
         Problem.from_module(torch.nn.Linear(8, 3), X, Y[:, None], loss="ce")
+    X[7, 3], Y[2] = math.nan, math.inf  # a NaN input made the random-output check's tolerance NaN: a traceback
+    with pytest.raises(ValueError, match=r"^X: NaN or inf values in 1 row\(s\), the first at row 7$"):
+        Problem.from_module(module, X, Y[:, None], loss="mse")
+    X[7, 3] = 0.0
+    with pytest.raises(ValueError, match=r"^Y: NaN or inf values in 1 row\(s\), the first at row 2$"):
+        Problem.from_module(module, X, Y[:, None], loss="mse")
 
 
 def test_from_module_leaves_the_callers_module_unchanged():
