@@ -84,10 +84,15 @@ class Problem:
         per-example losses and gradients (an SDE's minibatch noise, the noise kernel) are then refused in one line.
         The copy does not track running statistics, which training mode does not read: its loss is the same, and
         a pure function that torch.func can transform (the rod flow, the functional flows).
+
+        The weights w are the parameters that require grad, in ``named_parameters`` order; frozen ones
+        (``requires_grad_(False)``, a frozen backbone) stay as they are. ``X`` and ``Y`` may be tensors or
+        arrays (numpy, lists).
         """
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        X, Y = torch.as_tensor(X), torch.as_tensor(Y)
         module = copy.deepcopy(module).to(device=dev, dtype=dt)
         batch_statistics = False
         for m in module.modules():
@@ -95,11 +100,14 @@ class Problem:
                 m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
                 batch_statistics = True
         _check_module_and_data(module, X.to(device=dev, dtype=dt), Y, loss)
-        names = [n for n, _ in module.named_parameters()]
-        shapes = [p.shape for _, p in module.named_parameters()]
-        sizes = [p.numel() for _, p in module.named_parameters()]
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("module: no parameter requires grad, so there are no weights to train")
+        names = [n for n, _ in trainable]
+        shapes = [p.shape for _, p in trainable]
+        sizes = [p.numel() for _, p in trainable]
         buffers = dict(module.named_buffers())
-        w0 = torch.nn.utils.parameters_to_vector(module.parameters()).detach().clone()
+        w0 = torch.cat([p.detach().reshape(-1) for _, p in trainable]).clone()
         X = X.to(device=dev, dtype=dt)
         Y = Y.to(device=dev, dtype=torch.long if loss == "ce" else dt)
         criterion = LOSSES[loss]
@@ -204,14 +212,19 @@ class Problem:
 def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> None:
     """One-line errors for a module whose output is random, and for data that do not fit the module and the loss
     (see ``Problem.from_module``)."""
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"X and Y: {X.shape[0]} inputs but {Y.shape[0]} targets")
+    if X.ndim == 0 or X.shape[0] == 0:
+        raise ValueError(f"X: no examples (shape {tuple(X.shape)})")
+    if Y.ndim == 0 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y: {X.shape[0]} inputs but {Y.shape[0] if Y.ndim else 'a scalar as'} targets")
     for key, a in (("X", X), ("Y", Y)):
         bad = torch.nonzero(~torch.isfinite(a.reshape(len(a), -1)).all(1)) if a.is_floating_point() else []
         if len(bad):
             raise ValueError(f"{key}: NaN or inf values in {len(bad)} row(s), the first at row {bad[0].item()}")
     with torch.no_grad():  # a few examples: BatchNorm in training mode refuses one, and dropout may spare two
         out = module(X[:16])
+        if not isinstance(out, Tensor):
+            raise ValueError(f"module: returns {type(out).__name__}, not one tensor; flowsim needs the output the loss "
+                             "reads (wrap the module so that forward returns it)")
         if not torch.allclose(out, module(X[:16]), rtol=1e-3, atol=1e-3 * out.abs().max().item()):  # not rounding
             raise ValueError("module: two calls at the same weights give different outputs (dropout in training "
                              "mode?); flowsim needs the loss as a function of the weights: pass module.eval()")
@@ -220,6 +233,9 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: 
         if Y.dtype.is_floating_point or tuple(Y.shape) != labels:
             raise ValueError(f"Y: the ce loss takes integer class labels of shape {labels}, got shape "
                              f"{tuple(Y.shape)} of {Y.dtype}")
+        if Y.min() < 0 or Y.max() >= out.shape[-1]:
+            raise ValueError(f"Y: class labels must be in 0..{out.shape[-1] - 1} (the model has {out.shape[-1]} "
+                             f"outputs), got {Y.min().item()}..{Y.max().item()}")
     elif tuple(Y.shape[1:]) != tuple(out.shape[1:]):
         raise ValueError(f"Y: shape {tuple(Y.shape)} does not match the model's output shape "
                          f"{(Y.shape[0], *out.shape[1:])} for the mse loss (reshape Y, e.g. Y[:, None])")

@@ -152,6 +152,61 @@ def test_from_module_refuses_a_1d_target_for_a_one_output_model_instead_of_broad
         Problem.from_module(module, X, Y[:, None], loss="mse")
 
 
+def test_from_module_refuses_what_it_cannot_train_on_in_one_line_and_takes_arrays():
+    """Numpy arrays and lists are data as tensors are; a tuple output, labels outside the model's classes, no
+    examples and no trainable parameter are one-line errors (they raised AttributeError, IndexError at the first
+    loss, or a reshape error; labels out of range passed construction)."""
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    module = torch.nn.Linear(5, 3)
+    p = Problem.from_module(module, X.numpy(), labels.tolist(), loss="ce", device="cpu")
+    expected = torch.nn.functional.cross_entropy(module.double()(X.double()), labels)
+    assert p.loss(p.w0).item() == pytest.approx(expected.item(), rel=1e-12)
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.linear(x), x.sum()
+    with pytest.raises(ValueError, match=r"^module: returns tuple, not one tensor"):
+        Problem.from_module(Pair(), X, labels, loss="ce")
+    for bad, shown in ((labels + 1, "1..3"), (labels - 1, "-1..1")):
+        with pytest.raises(ValueError, match=rf"^Y: class labels must be in 0..2 \(the model has 3 outputs\), got "
+                                             rf"{shown}$"):
+            Problem.from_module(module, X, bad, loss="ce")
+    with pytest.raises(ValueError, match=r"^X: no examples \(shape \(0, 5\)\)$"):
+        Problem.from_module(module, X[:0], labels[:0], loss="ce")
+    with pytest.raises(ValueError, match=r"^module: no parameter requires grad"):
+        Problem.from_module(torch.nn.Linear(5, 3).requires_grad_(False), X, labels, loss="ce")
+
+
+def test_frozen_parameters_stay_out_of_the_weights():
+    """A frozen first layer (requires_grad False) is part of the model, not of w: w is the trainable
+    parameters in order, the loss and every derivative path (the flat fast path, torch.func's per-example
+    gradients, forward-over-reverse products) agree with torch autograd on the module itself, and a run
+    trains w alone (w held every parameter before, so every process trained the frozen layer too)."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(30, 6, generator=gen), torch.randn(30, 2, generator=gen)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    module[0].requires_grad_(False)
+    p = Problem.from_module(module, X, Y, loss="mse", device="cpu")
+    trainable = [module[2].weight, module[2].bias]
+    assert torch.equal(p.w0, torch.cat([t.detach().reshape(-1) for t in trainable]))
+    loss = 0.5 * (module(X.double()) - Y.double()).pow(2).sum(1).mean()
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainable)])
+    value, g = p.loss_and_grad(p.w0)
+    assert value.item() == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p.per_example_grads(p.w0).mean(0), expected, rtol=1e-12, atol=1e-14)
+    v = torch.randn(p.n_params, generator=gen, dtype=torch.float64)
+    hv = torch.autograd.functional.hvp(lambda w: p.loss(w), p.w0, v)[1]
+    torch.testing.assert_close(p.hvp(p.w0, v), hv, rtol=1e-10, atol=1e-12)
+    run = flowsim.simulate(p, "gd", "discrete", 0.1, steps=3)
+    assert run.loss.values[0, -1] < run.loss.values[0, 0]
+
+
 def test_from_module_leaves_the_callers_module_unchanged():
     """The Problem converts its own copy to float64: the caller's float32 module still runs on float32 input,
     with the same weights."""
