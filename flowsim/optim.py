@@ -16,8 +16,10 @@ model's, out of the optimizer's reach: the extra calls update them too.)
 
 There is no ``lr``: the controller sets η at every step (``max_lr`` caps it, ``c`` scales it; ``lr`` is refused in
 one line that says so). Curvature is measured on the closure's batch, by differences of its gradients (the key
-``hvp`` is not accepted: exact products would need the loss as a function of a flat parameter vector). All
-parameters form one flat vector in ``parameters_to_vector`` order (one parameter group, one dtype and device).
+``hvp`` is not accepted: exact products would need the loss as a function of a flat parameter vector). The
+parameters that require grad form one flat vector in ``parameters_to_vector`` order (one parameter group, one dtype
+and device); frozen ones are left as they are and out of the curvature (with them in, a product's frozen rows
+are 0 and the operator is not symmetric).
 The optimizer's state (step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a
 resumed loop continues bit for bit on CPU. This module holds no model and no data.
 """
@@ -120,7 +122,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
             first = e.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
         super().__init__(params, {"lr": float("nan")})
-        params = self.param_groups[0]["params"]
+        params = self._trainable()
         if len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("params: all parameters must share one dtype and device")
         policy.check(rule)
@@ -133,6 +135,13 @@ class EdgeOptimizer(torch.optim.Optimizer):
             raise ValueError("params: one parameter group (the controller sets one η for the flat parameter "
                              "vector); to train more parameters, make a new optimizer over all of them")
         super().add_param_group(param_group)
+
+    def _trainable(self) -> list[Tensor]:
+        """The parameters that require grad (one line if none does)."""
+        params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("params: none requires grad, so there is nothing to train")
+        return params
 
     def _flat_state(self) -> dict:
         """The optimizer's whole state, kept under its first parameter so that ``state_dict`` carries it."""
@@ -147,11 +156,15 @@ class EdgeOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("closure: required, opt.step(closure) with a closure that evaluates the loss on the "
                              "current batch and returns it (as for torch.optim.LBFGS)")
-        params = self.param_groups[0]["params"]
+        params = self._trainable()
         state = self._flat_state()
         shown, taken = self.param_groups[0]["lr"], state["policy"]["eta"]  # NaN before the first step
         if shown != taken and not (math.isnan(shown) and math.isnan(taken)):
             raise ValueError(SET_OUTSIDE)
+        trainable = [i for i, p in enumerate(self.param_groups[0]["params"]) if p.requires_grad]
+        if state.setdefault("trainable", trainable) != trainable:
+            raise ValueError("params: which parameters require grad changed after the first step (the rule's state "
+                             "is laid out over them); make a new optimizer after freezing or unfreezing")
         w = torch.cat([p.detach().reshape(-1) for p in params])
         problem = _Closure(params, closure, w)
         ctx = StepContext(problem, self.rule, state["step"], w, state["rule"])
