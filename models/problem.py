@@ -243,16 +243,21 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: 
 
 def _flat_parameter_loss(module, names, sizes, shapes, w0, criterion) -> Callable:
     """The hot path of ``loss_and_grad`` for modules: a copy of the module whose parameters are views of one
-    flat leaf tensor, so a step costs a copy of w plus a plain forward/backward (no re-parametrization).
-    The leaf is shared state: one Problem must not evaluate gradients from two threads at once."""
+    flat leaf tensor, so a step costs a copy of w plus a plain forward/backward (no re-parametrization). A
+    parameter tied to another (one tensor under two names; ``names`` holds the first) takes the same view under
+    every name. The leaf is shared state: one Problem must not evaluate gradients from two threads at once."""
     import copy
     fast = copy.deepcopy(module)
     flat = w0.clone().requires_grad_(True)
-    offset = 0
+    parameters = dict(fast.named_parameters())
+    views, offset = {}, 0
     for name, size, shape in zip(names, sizes, shapes):
-        owner, _, attr = name.rpartition(".")
-        fast.get_submodule(owner)._parameters[attr] = flat[offset:offset + size].view(shape)
+        views[id(parameters[name])] = flat[offset:offset + size].view(shape)
         offset += size
+    for name, parameter in list(fast.named_parameters(remove_duplicate=False)):
+        if id(parameter) in views:
+            owner, _, attr = name.rpartition(".")
+            fast.get_submodule(owner)._parameters[attr] = views[id(parameter)]
 
     def loss_and_grad(w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():

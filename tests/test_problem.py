@@ -207,6 +207,33 @@ def test_frozen_parameters_stay_out_of_the_weights():
     assert run.loss.values[0, -1] < run.loss.values[0, 0]
 
 
+def test_a_tied_parameter_moves_under_both_of_its_names():
+    """Weight tying (one Parameter in two layers): w holds it once, and the loss and gradient of the fast path
+    (every step's) equal torch autograd on the module itself with the tied tensor set to w's values, at w0 and
+    at another w. The fast path tied only the first name: the second layer kept w0's weights, and the gradient
+    missed its share (0.29 off here)."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 6, bias=False), torch.nn.Linear(6, 6)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+    torch.manual_seed(0)
+    module = Tied().double()
+    X, Y = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 6, dtype=torch.float64)
+    p = Problem.from_module(module, X, Y, loss="mse", device="cpu")
+    assert p.n_params == 36 + 6
+    for w in (p.w0, p.w0 + 0.1 * torch.randn(p.n_params, dtype=torch.float64)):
+        torch.nn.utils.vector_to_parameters(w, module.parameters())
+        loss = 0.5 * (module(X) - Y).pow(2).sum(1).mean()
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])
+        value, g = p.loss_and_grad(w)
+        assert value.item() == pytest.approx(loss.item(), rel=1e-12)
+        torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_from_module_leaves_the_callers_module_unchanged():
     """The Problem converts its own copy to float64: the caller's float32 module still runs on float32 input,
     with the same weights."""
