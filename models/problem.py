@@ -87,19 +87,23 @@ class Problem:
 
         The weights w are the parameters that require grad, in ``named_parameters`` order; frozen ones
         (``requires_grad_(False)``, a frozen backbone) stay as they are. ``X`` and ``Y`` may be tensors or
-        arrays (numpy, lists).
+        arrays (numpy, lists). Inputs are cast to ``dtype``, but for integer inputs that the module takes as
+        they are (token ids for an ``nn.Embedding``).
         """
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
-        X, Y = torch.as_tensor(X), torch.as_tensor(Y)
+        X, Y = _as_tensor("X", X), _as_tensor("Y", Y)
         module = copy.deepcopy(module).to(device=dev, dtype=dt)
         batch_statistics = False
         for m in module.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
                 m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
                 batch_statistics = True
-        _check_module_and_data(module, X.to(device=dev, dtype=dt), Y, loss)
+        X = X.to(device=dev)
+        if X.is_floating_point() or not _takes_as_is(module, X):
+            X = X.to(dtype=dt)
+        _check_module_and_data(module, X, Y, loss)
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("module: no parameter requires grad, so there are no weights to train")
@@ -108,7 +112,6 @@ class Problem:
         sizes = [p.numel() for _, p in trainable]
         buffers = dict(module.named_buffers())
         w0 = torch.cat([p.detach().reshape(-1) for _, p in trainable]).clone()
-        X = X.to(device=dev, dtype=dt)
         Y = Y.to(device=dev, dtype=torch.long if loss == "ce" else dt)
         criterion = LOSSES[loss]
 
@@ -207,6 +210,26 @@ class Problem:
         return (f"Problem({kind}, n_params={self.n_params}, n_examples={self.n_examples}, "
                 f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
 
+
+
+def _as_tensor(key: str, data) -> Tensor:
+    """A tensor, array or list as a tensor; anything else (a tuple of inputs, a dict) in one line."""
+    try:
+        return torch.as_tensor(data)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{key}: must be one tensor or array with a row per example, not this {type(data).__name__} "
+                         "(for a module with several inputs, wrap it to take one)") from None
+
+
+def _takes_as_is(module: torch.nn.Module, X: Tensor) -> bool:
+    """Whether the module runs on a few rows of X as they are (integer token ids for an embedding; integer
+    features for a linear layer do not)."""
+    try:
+        with torch.no_grad():
+            module(X[:16])
+    except Exception:  # whatever the module raises on integers; cast, a real fault then shows on floats
+        return False
+    return True
 
 
 def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> None:

@@ -176,6 +176,8 @@ def test_from_module_refuses_what_it_cannot_train_on_in_one_line_and_takes_array
         with pytest.raises(ValueError, match=rf"^Y: class labels must be in 0..2 \(the model has 3 outputs\), got "
                                              rf"{shown}$"):
             Problem.from_module(module, X, bad, loss="ce")
+    with pytest.raises(ValueError, match=r"^X: must be one tensor or array with a row per example, not this tuple"):
+        Problem.from_module(module, (X, X), labels, loss="ce")
     with pytest.raises(ValueError, match=r"^X: no examples \(shape \(0, 5\)\)$"):
         Problem.from_module(module, X[:0], labels[:0], loss="ce")
     with pytest.raises(ValueError, match=r"^module: no parameter requires grad"):
@@ -232,6 +234,24 @@ def test_a_tied_parameter_moves_under_both_of_its_names():
         value, g = p.loss_and_grad(w)
         assert value.item() == pytest.approx(loss.item(), rel=1e-12)
         torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_integer_inputs_stay_token_ids_for_an_embedding_and_are_cast_for_a_linear_layer():
+    """Integer X: token ids reach an nn.Embedding as integers (they were cast to float64, which the embedding
+    refuses), and integer features reach a linear layer cast to the dtype; either loss equals torch's on the
+    module, and the per-example gradients (torch.func, vmapped over the ids) average to the gradient."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 10, (30, 5), generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    torch.manual_seed(0)
+    embed = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(20, 3)).double()
+    linear = torch.nn.Linear(5, 3).double()
+    for module, X in ((embed, tokens), (linear, tokens.double())):
+        p = Problem.from_module(module, tokens, labels, loss="ce", device="cpu")
+        assert p.X.dtype == (torch.long if module is embed else torch.float64)
+        expected = torch.nn.functional.cross_entropy(module(X), labels)
+        value, g = p.loss_and_grad(p.w0)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+        torch.testing.assert_close(p.per_example_grads(p.w0).mean(0), g, rtol=1e-10, atol=1e-14)
 
 
 def test_from_module_leaves_the_callers_module_unchanged():
