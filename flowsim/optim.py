@@ -84,7 +84,13 @@ class _Closure:
                 loss.backward()
         if self.after is None:
             self.after = _random_state(self.device)
-        g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params])
+        try:
+            g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params])
+        except RuntimeError:
+            if any(p.grad is not None and p.grad.is_sparse for p in self.params):
+                raise ValueError("params: a sparse gradient (nn.Embedding(sparse=True)?); the update rules take "
+                                 "dense gradients: make the module with sparse=False") from None
+            raise
         return loss.detach(), g
 
 

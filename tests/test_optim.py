@@ -261,6 +261,22 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     assert "\n" not in str(missing.value)
 
 
+def test_a_sparse_gradient_is_refused_in_one_line():
+    """nn.Embedding(sparse=True) gives a sparse .grad, which the flat vector cannot hold (torch's own message was
+    'reshape is not implemented for sparse tensors')."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Flatten(), torch.nn.Linear(20, 3))
+    X, Y = torch.randint(0, 10, (30, 5)), torch.randint(0, 3, (30,))
+    opt = EdgeAdam(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X), Y)
+        loss.backward()
+        return loss
+    with pytest.raises(ValueError, match=r"^params: a sparse gradient \(nn.Embedding\(sparse=True\)\?\)"):
+        opt.step(closure)
+
+
 @pytest.mark.parametrize("make", [EdgeAdam, EdgeSGD])
 def test_lr_is_refused_in_one_line_naming_max_lr(data, make):
     """A step size would either be ignored or silently turn the controller into a constant step: refused, with
