@@ -67,6 +67,14 @@ class NetworkConfig(ModelConfig):
     def _dataset_by_name(cls, v):
         return {"name": v} if isinstance(v, str) else v
 
+    @field_validator("classes")
+    @classmethod
+    def _classes_once_each(cls, v):
+        twice = sorted({c for c in v if v.count(c) > 1}) if v else []
+        if twice:
+            raise ValueError(f"{twice} listed more than once (each class is relabelled to its position)")
+        return v
+
     @model_validator(mode="after")
     def _scale_needs_the_default_init(self):
         if self.init is not None and self.init_scale != 1.0:

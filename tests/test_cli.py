@@ -46,6 +46,7 @@ BAD = [  # (scenario document or raw text, text the one-line error must contain)
     (with_("problem.init", {"path": "/nonexistent/w0.npy"}), "problem.init.path: file not found"),
     (with_("problem.init", [1.0, 2.0]), "problem.init: has 2 values"),
     (with_("problem.classes", [0, 11]), "problem.classes:"),
+    (with_("problem.classes", [3, 5, 3]), "problem.classes: [3] listed more than once"),
     (with_("problem.n_train", 5000), "problem.n_train:"),
     (with_("compare", {"reference": "nope"}), "compare.reference:"),
     (with_("runs", {}), "runs:"),
