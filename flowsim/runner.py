@@ -44,19 +44,23 @@ def build(sc: Scenario) -> Problem:
         msg = str(e)
         raise ScenarioError(msg if msg.startswith("problem") else f"problem: {msg}") from None
     for name, run in sc.runs.items():
-        if run.batch_size is not None:
-            if problem.n_examples == 0:
-                raise ScenarioError(f"runs.{name}.batch_size: the {problem.meta.get('model')} landscape has no data to batch")
-            if run.batch_size > problem.n_examples:
-                raise ScenarioError(f"runs.{name}.batch_size: {run.batch_size} is larger than the data "
-                                    f"({problem.n_examples} examples)")
-        try:  # a process refuses what it cannot run (a rule, a batch size) when it is made
-            make_process(run, problem, sc.seed)
-        except ValueError as e:
-            raise ScenarioError(f"runs.{name}.{e}") from None
-    if sc.record.curvature_every and sc.record.top_k > problem.n_params:
-        raise ScenarioError(f"record.top_k: {sc.record.top_k} is more than the {problem.n_params} parameters")
+        check_run(run, problem, sc.seed, f"runs.{name}.")
+    check_record(sc.record, problem)
     return problem
+
+
+def check_run(run: RunSpec, problem: Problem, seed: int, where: str = "") -> None:
+    """What the run's process refuses when it is made on this problem (a rule; a batch on a landscape or larger
+    than the data) as a one-line ScenarioError, its key prefixed by ``where``."""
+    try:
+        make_process(run, problem, seed)
+    except ValueError as e:
+        raise ScenarioError(f"{where}{e}") from None
+
+
+def check_record(record: RecordSpec, problem: Problem) -> None:
+    if record.curvature_every and record.top_k > problem.n_params:
+        raise ScenarioError(f"record.top_k: {record.top_k} is more than the {problem.n_params} parameters")
 
 
 def make_process(run: RunSpec, problem: Problem, seed: int):
@@ -297,6 +301,10 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
         if options:
             raise ScenarioError("options: give the process's options in its object or with its name, not both")
         process, options = processes[type(process)], process.model_dump(exclude_unset=True)
+    if "lr" in hyperparameters and isinstance(step_size, (int, float)):  # step_size (0.1 by default) replaced it
+        raise ScenarioError(f"lr: the step size is the argument step_size (a number for a constant η, or a policy): "
+                            f"simulate(problem, {rule if isinstance(rule, str) else type(rule).__name__ + '()'!r}, "
+                            f"..., step_size={hyperparameters['lr']!r})")
     if isinstance(rule, Rule):
         if hyperparameters:
             raise ScenarioError(f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object "
@@ -325,14 +333,14 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
         raise ScenarioError("; ".join(scenario_mod.errors(e, record, RecordSpec, ("record",)))) from None
     if not isinstance(steps, int) or steps < 1:
         raise ScenarioError(f"steps: must be a positive integer, got {steps!r}")
+    if not isinstance(seed, int):
+        raise ScenarioError(f"seed: must be an integer, got {seed!r}")
+    check_record(rec, problem)
     # the problem is the caller's own, not a scenario's: the scenario is built around it, unvalidated
     sc = Scenario.model_construct(name="simulate", seed=seed, device=problem.device.type, dtype=str(problem.dtype).removeprefix("torch."),
                                   problem=None, steps=steps, runs={process: spec}, record=rec, compare=None, sweep=None,
                                   batch=False)
-    try:
-        make_process(sc.runs[process], problem, seed)
-    except ValueError as e:
-        raise ScenarioError(f"{e}") from None
+    check_run(sc.runs[process], problem, seed)
     attrs = {"scenario": sc.to_yaml(), "name": sc.name, "device": str(problem.device), "dtype": sc.dtype,
              "n_params": problem.n_params, "n_examples": problem.n_examples}
     target = store_mod.InMemory(attrs) if store is None else store

@@ -174,6 +174,10 @@ class Process:
                  options: Optional[BaseModel] = None):
         if batch_size is not None and self.full_batch:
             raise ValueError(f"batch_size: does not apply to the {self.name} process (it runs on the full batch)")
+        if batch_size is not None and problem.n_examples == 0:
+            raise ValueError("batch_size: this problem has no data to batch (a landscape)")
+        if batch_size is not None and batch_size > problem.n_examples:
+            raise ValueError(f"batch_size: {batch_size} is larger than the data ({problem.n_examples} examples)")
         self.problem, self.rule, self.seed = problem, rule, seed
         self.batch_size = batch_size
         self.options = options if options is not None else self.Options()
@@ -222,9 +226,7 @@ class Discrete(Process):
 
     def __init__(self, problem, rule, seed=0, batch_size=None, options=None):
         super().__init__(problem, rule, seed, batch_size, options)
-        if batch_size is not None and problem.n_examples == 0:
-            raise ValueError("batch_size: this problem has no data to batch (a landscape)")
-        full = batch_size is None or batch_size >= problem.n_examples
+        full = batch_size is None or batch_size == problem.n_examples
         if batch_size is None and "sampling" in self.options.model_fields_set:
             raise ValueError("sampling: applies only to minibatch runs (give a batch_size)")
         svag = self.options.svag

@@ -112,6 +112,17 @@ def test_simulate_names_a_bad_argument_in_one_line():
     with pytest.raises(flowsim.ScenarioError, match=r"^record.curvature_evry: unknown key \(did you mean "
                                                     r"'curvature_every'\?\)$"):
         flowsim.simulate(problem, "gd", "discrete", 0.1, 5, record={"curvature_evry": 2})
+    with pytest.raises(flowsim.ScenarioError, match=r"^lr: the step size is the argument step_size .*step_size=0.01\)$"):
+        flowsim.simulate(problem, "adam", steps=5, lr=0.01)  # it ran at the default step_size, 0.1, silently
+    with pytest.raises(flowsim.ScenarioError, match=r"^batch_size: this problem has no data to batch \(a landscape\)$"):
+        flowsim.simulate(problem, "gd", "discrete", 0.1, 5, batch_size=4)
+    data = flowsim.Problem.from_module(torch.nn.Linear(3, 1), torch.randn(10, 3), torch.randn(10, 1), device="cpu")
+    with pytest.raises(flowsim.ScenarioError, match=r"^batch_size: 11 is larger than the data \(10 examples\)$"):
+        flowsim.simulate(data, "gd", "discrete", 0.1, 5, batch_size=11)  # it ran full batches, stored as 11
+    with pytest.raises(flowsim.ScenarioError, match=r"^record.top_k: 5 is more than the 4 parameters$"):
+        flowsim.simulate(data, "gd", "discrete", 0.1, 5, record={"top_k": 5, "curvature_every": 1})
+    with pytest.raises(flowsim.ScenarioError, match=r"^seed: must be an integer, got 'a'$"):
+        flowsim.simulate(data, "gd", "discrete", 0.1, 5, seed="a")
     assert torch.equal(problem.w0, QuadraticConfig(spectrum=SPECTRUM).build(device="cpu").w0)
 
 
