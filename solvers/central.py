@@ -37,7 +37,8 @@ stiff directions (explicit Euler diverges on that rotation), so for a rule that 
 substep integrates the Σ-free flow by classical Runge-Kutta with fresh gradients (3 more gradients) and adds Σ's
 parts held over the substep; the SDCP's linear forecast of the substep reads the direction at the state advanced
 over it, as the discrete rule does. A flow with no valid Σ (the SDCP has no solution, e.g. a start far above
-the edge) is recorded as diverged at that step, with a warning.
+the edge) is recorded as diverged at that step, with a warning, and so is a flow whose loss or gradient is no
+longer finite (its weights blew up, far above the edge on a landscape without a stabilizing third derivative).
 
 Eigenpairs come from ``flowsim.solvers.curvature.precond_eigenpairs`` by LOBPCG warm-started from the previous field
 evaluation's block, to a residual of ``eig_tol`` (default 1e-3) relative to the top eigenvalue. The step's first
@@ -109,6 +110,10 @@ class CentralOptions(DiscreteStart):
                                    "(docs/measurements.md)")
     shadow: bool = Field(True, description="run the discrete iteration alongside and record "
                                            "sigma_oscillation_sq")
+
+
+class NotFinite(ArithmeticError):
+    """The central flow's loss or gradient is no longer finite: it has diverged (a result the step records)."""
 
 
 class Central(Process):
@@ -183,6 +188,8 @@ class Central(Process):
         """
         graph = LossGraph(self.problem, w)
         loss, g = graph.loss.detach(), graph.grad()
+        if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(g).all()):
+            raise NotFinite(f"the loss or the gradient is not finite (loss {loss.item():.3g})")
         P = self._precond(state, lr)
         eigs, vecs = self._eigenpairs(graph, w, P, full)
         k = int((eigs > self.options.crit_threshold).sum())
@@ -260,7 +267,7 @@ class Central(Process):
             traj.state = self._initial_state(traj.w, self.problem.grad(traj.w), traj.state)
         try:
             w, state, first = self._advance(traj.w, traj.state, lr)
-        except SDCPError as e:  # the flow has left the domain where it is defined: a result, like divergence
+        except (SDCPError, NotFinite) as e:  # the flow has left the domain where it is defined: a result
             warnings.warn(f"central flow, step {traj.step}: {e}; recorded as diverged", stacklevel=2)
             return {"step_loss": math.nan, "step_size": lr}
         out = {"step_loss": first["loss"].item(), "step_size": lr}

@@ -183,6 +183,23 @@ def test_a_central_flow_that_does_not_exist_is_recorded_as_diverged(spectrum):
     assert bool(ds.diverged.sel(run="central")) and int(ds.diverged_at.sel(run="central")) == 0
 
 
+def test_a_central_flow_whose_weights_blow_up_is_recorded_as_diverged():
+    """L = ½(3x² + y²) + x⁴ + y⁴ from (1, 2) at η = 0.9 (η λ_max(H(w0)) = 0.9 · 49 = 44): the quartic's third
+    derivative gives the SDCP a solution at step 0, and the flow's weights then leave every finite value. The step
+    whose loss or gradient is not finite is recorded as diverged with a warning (it raised scipy's "array must not
+    contain infs or NaNs" from the eigensolver)."""
+    import flowsim
+    from flowsim.models.problem import Problem
+
+    def loss(w):
+        return 0.5 * (torch.tensor([3.0, 1.0], dtype=w.dtype) * w ** 2).sum() + (w ** 4).sum()
+    p = Problem.from_function(loss, [1.0, 2.0], device="cpu")
+    with pytest.warns(UserWarning, match="central flow, step 1: the loss or the gradient is not finite"):
+        ds = flowsim.simulate(p, "gd", "central", 0.9, 10)
+    assert ds.loss.values[0, 0] == pytest.approx(20.5, rel=1e-15)  # L(w0) = ½(3 + 4) + 1 + 16
+    assert bool(ds.diverged.values[0]) and int(ds.diverged_at.values[0]) == 1
+
+
 def test_float32_central_flow_follows_the_float64_one():
     """GD at η = 0.6 on the tanh MLP 32-16-4 (100 digits), 60 steps at the edge: in float32 the central flow holds
     η·λ_max at 2 within 1e-3 (measured 6e-5) and ends within 1e-4 of the float64 flow relative to its travel
