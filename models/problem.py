@@ -1,7 +1,7 @@
 """A training problem seen as functions of one flat parameter vector w.
 
-Conventions: w is the concatenation of ``module.named_parameters()`` in order, each flattened row-major
-(``torch.nn.utils.parameters_to_vector`` order). The loss is averaged over examples; for ``mse`` it is
+Conventions: w is the concatenation of ``module.named_parameters()`` that require grad, in order, each flattened
+row-major (``torch.nn.utils.parameters_to_vector`` order; a tied tensor once, frozen ones not at all). The loss is averaged over examples; for ``mse`` it is
 ½‖f(x) − y‖² per example (y one-hot for class labels), for ``ce`` the cross-entropy in nats.
 This module knows nothing about optimizers, processes or storage.
 """
@@ -131,9 +131,24 @@ class Problem:
     @classmethod
     def from_function(cls, fn: Callable[[Tensor], Tensor], w0, dtype: str | torch.dtype = "float64",
                       device: str = "auto", meta: Optional[dict] = None):
-        """A closed-form landscape L(w) = fn(w) starting at w0 (no data: minibatches are not defined)."""
+        """A closed-form landscape L(w) = fn(w) starting at w0 (no data: minibatches are not defined). ``fn`` maps
+        the flat w to a scalar tensor in torch operations (autograd differentiates it); what does not is refused
+        in one line."""
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         w0 = torch.as_tensor(w0, dtype=dt, device=dev).reshape(-1)
+        if w0.numel() == 0 or not bool(torch.isfinite(w0).all()):
+            raise ValueError(f"w0: needs at least one value, all finite, got {w0.tolist()}")
+        with torch.enable_grad():
+            try:
+                value = fn(w0.clone().requires_grad_(True))
+            except (RuntimeError, TypeError) as e:  # numpy on w, an op torch refuses
+                raise ValueError(f"fn: fails on w (a tensor that requires grad): {str(e).splitlines()[0]}") from None
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"fn: must return the loss as a scalar tensor computed from w in torch operations, "
+                                 f"got {got}")
+            if not value.requires_grad:
+                raise ValueError("fn: its value does not depend on w through torch operations (no gradient)")
         return cls(lambda w, x, y: fn(w), w0, meta={"n_params": w0.numel(), **(meta or {})})
 
     # ---- basic facts -------------------------------------------------------------------------------

@@ -254,6 +254,24 @@ def test_integer_inputs_stay_token_ids_for_an_embedding_and_are_cast_for_a_linea
         torch.testing.assert_close(p.per_example_grads(p.w0).mean(0), g, rtol=1e-10, atol=1e-14)
 
 
+def test_from_function_refuses_what_autograd_cannot_differentiate_in_one_line():
+    """A vector value, a number, numpy on w, a constant, and an empty or non-finite w0 are refused when the
+    Problem is made (they raised torch's RuntimeError or a TypeError from inside a run, or ran on NaN); a scalar
+    torch function gives its closed-form gradient."""
+    for fn, message in ((lambda w: w ** 2, r"fn: must return the loss as a scalar tensor .*got shape \(2,\)$"),
+                        (lambda w: 1.0, r"fn: must return the loss as a scalar tensor .*got float$"),
+                        (lambda w: (w.numpy() ** 2).sum(), r"fn: fails on w \(a tensor that requires grad\): "
+                                                           r"Can't call numpy\(\)"),
+                        (lambda w: torch.tensor(1.0), r"fn: its value does not depend on w")):
+        with pytest.raises(ValueError, match="^" + message):
+            Problem.from_function(fn, [1.0, 2.0], device="cpu")
+    for w0 in ([], [math.nan, 1.0]):
+        with pytest.raises(ValueError, match=r"^w0: needs at least one value, all finite"):
+            Problem.from_function(lambda w: (w ** 2).sum(), w0, device="cpu")
+    p = Problem.from_function(lambda w: (w ** 3).sum(), [1.0, 2.0], device="cpu")
+    torch.testing.assert_close(p.grad(p.w0), torch.tensor([3.0, 12.0], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
 def test_from_module_leaves_the_callers_module_unchanged():
     """The Problem converts its own copy to float64: the caller's float32 module still runs on float32 input,
     with the same weights."""
