@@ -22,8 +22,9 @@ class DatasetSpec(BaseModel):
     name: Optional[Literal["digits", "teacher_student", "gaussian_mixture", "mnist1d", "sorting", "markov"]] = Field(
         None, description="a bundled (digits, mnist1d) or synthetic set; give exactly one of name and path")
     path: Optional[Path] = Field(None, description=".npz file with arrays X (n × …) and Y (n integer labels "
-                                 "0..C-1, or float targets), finite numbers; inputs are used as given (not standardized). Relative: to the "
-                                 "scenario file's folder, or to the working directory for YAML text or a dict")
+                                 "0..C-1, or float targets), finite numbers; inputs are used as given (not "
+                                 "standardized). Relative: to the scenario file's folder, or to the working "
+                                 "directory for YAML text or a dict")
     dim: PositiveInt = Field(16, description="input dimension of the synthetic sets")
     outputs: PositiveInt = Field(1, description="teacher_student: number of regression targets")
     teacher_width: PositiveInt = Field(32, description="teacher_student: hidden width of the tanh teacher")

@@ -1,8 +1,9 @@
 """A training problem seen as functions of one flat parameter vector w.
 
 Conventions: w is the concatenation of ``module.named_parameters()`` that require grad, in order, each flattened
-row-major (``torch.nn.utils.parameters_to_vector`` order; a tied tensor once, frozen ones not at all). The loss is averaged over examples; for ``mse`` it is
-½‖f(x) − y‖² per example (y one-hot for class labels), for ``ce`` the cross-entropy in nats.
+row-major (``torch.nn.utils.parameters_to_vector`` order; a tied tensor once, frozen ones not at all). The loss
+is averaged over examples; for ``mse`` it is ½‖f(x) − y‖² per example (y one-hot for class labels), for ``ce``
+the cross-entropy in nats.
 This module knows nothing about optimizers, processes or storage.
 """
 from __future__ import annotations

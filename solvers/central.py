@@ -38,7 +38,7 @@ substep integrates the Σ-free flow by classical Runge-Kutta with fresh gradient
 parts held over the substep; the SDCP's linear forecast of the substep reads the direction at the state advanced
 over it, as the discrete rule does. A flow with no valid Σ (the SDCP has no solution, e.g. a start far above
 the edge) is recorded as diverged at that step, with a warning, and so is a flow whose loss or gradient is no
-longer finite (its weights blew up, far above the edge on a landscape without a stabilizing third derivative).
+longer finite (its weights blew up, far above the edge).
 
 Eigenpairs come from ``flowsim.solvers.curvature.precond_eigenpairs`` by LOBPCG warm-started from the previous field
 evaluation's block, to a residual of ``eig_tol`` (default 1e-3) relative to the top eigenvalue. The step's first

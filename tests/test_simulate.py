@@ -112,7 +112,7 @@ def test_simulate_names_a_bad_argument_in_one_line():
     with pytest.raises(flowsim.ScenarioError, match=r"^record.curvature_evry: unknown key \(did you mean "
                                                     r"'curvature_every'\?\)$"):
         flowsim.simulate(problem, "gd", "discrete", 0.1, 5, record={"curvature_evry": 2})
-    with pytest.raises(flowsim.ScenarioError, match=r"^lr: the step size is the argument step_size .*step_size=0.01\)$"):
+    with pytest.raises(flowsim.ScenarioError, match=r"^lr: the step size is the argument step_size .*=0.01\)$"):
         flowsim.simulate(problem, "adam", steps=5, lr=0.01)  # it ran at the default step_size, 0.1, silently
     with pytest.raises(flowsim.ScenarioError, match=r"^batch_size: this problem has no data to batch \(a landscape\)$"):
         flowsim.simulate(problem, "gd", "discrete", 0.1, 5, batch_size=4)
