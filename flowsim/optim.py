@@ -128,7 +128,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
             first = e.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
         super().__init__(params, {"lr": float("nan")})
-        params = self._trainable()
+        params = [self.param_groups[0]["params"][i] for i in self._trainable()]
         if len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("params: all parameters must share one dtype and device")
         policy.check(rule)
@@ -142,12 +142,12 @@ class EdgeOptimizer(torch.optim.Optimizer):
                              "vector); to train more parameters, make a new optimizer over all of them")
         super().add_param_group(param_group)
 
-    def _trainable(self) -> list[Tensor]:
-        """The parameters that require grad (one line if none does)."""
-        params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
-        if not params:
+    def _trainable(self) -> list[int]:
+        """The positions in the group of the parameters that require grad (one line if none does)."""
+        trainable = [i for i, p in enumerate(self.param_groups[0]["params"]) if p.requires_grad]
+        if not trainable:
             raise ValueError("params: none requires grad, so there is nothing to train")
-        return params
+        return trainable
 
     def _flat_state(self) -> dict:
         """The optimizer's whole state, kept under its first parameter so that ``state_dict`` carries it."""
@@ -162,12 +162,12 @@ class EdgeOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("closure: required, opt.step(closure) with a closure that evaluates the loss on the "
                              "current batch and returns it (as for torch.optim.LBFGS)")
-        params = self._trainable()
         state = self._flat_state()
         shown, taken = self.param_groups[0]["lr"], state["policy"]["eta"]  # NaN before the first step
         if shown != taken and not (math.isnan(shown) and math.isnan(taken)):
             raise ValueError(SET_OUTSIDE)
-        trainable = [i for i, p in enumerate(self.param_groups[0]["params"]) if p.requires_grad]
+        trainable = self._trainable()
+        params = [self.param_groups[0]["params"][i] for i in trainable]
         if state.setdefault("trainable", trainable) != trainable:
             raise ValueError("params: which parameters require grad changed after the first step (the rule's state "
                              "is laid out over them); make a new optimizer after freezing or unfreezing")
