@@ -145,6 +145,9 @@ class Edge(StepSize):
     loss is at or below it, S measured there is rounding error (separable cross-entropy reaches it, and S → 0 there
     let η double at every estimate, to 10⁷ over Adam), so an estimate on such a step never raises η, and such a
     loss is no reference for the guard (on small batches that fit exactly, any nonzero batch loss would be a spike).
+    An estimate that is not finite (a Hessian-vector product overflowed) never raises η either. At the first
+    step, where no η exists yet, S ≤ 0 or not finite leaves η unbounded: then ``max_lr`` is taken, and without one
+    it is a one-line error (it was η = ∞, and a run of NaN).
 
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
@@ -214,13 +217,16 @@ class Edge(StepSize):
 
     def _estimate(self, ctx: StepContext, state: PolicyState, first: bool = False, spike: bool = False) -> None:
         S = state["S"] = self.sharpness(ctx, state, first)
-        target = self.fraction(ctx.rule) * ctx.rule.threshold_coefficient() / S if S > 0 else math.inf
+        if first and not 0 < S < math.inf and self.max_lr == math.inf:
+            raise ValueError(f"step_size: edge: λ_max(P̃⁻¹H) = {S:.3g} at the first step, so no stability "
+                             f"threshold bounds η there; set max_lr (the largest η to take)")
+        target = self.fraction(ctx.rule) * ctx.rule.threshold_coefficient() / S if 0 < S < math.inf else math.inf
         state["scale"] = state["scale"] * self.shrink if spike else 1.0  # a regular estimate starts afresh
         eta = state["scale"] * target
         if spike:  # at most shrink × the η of the last regular estimate, whatever S says now
             eta = min(eta, self.shrink * state["base"])
-        elif not first and ctx.loss_and_grad()[0].item() <= state["floor"]:  # S is rounding error there
-            eta = min(eta, state["eta"])
+        elif not first and (not math.isfinite(S) or ctx.loss_and_grad()[0].item() <= state["floor"]):
+            eta = min(eta, state["eta"])  # S is no measurement there: a product overflowed, or rounding error
         elif not first:
             eta = min(eta, self.growth * state["eta"])
         state["eta"] = min(self.max_lr, eta)

@@ -80,6 +80,25 @@ def test_eta_grows_by_at_most_growth_per_estimate_when_the_sharpness_collapses()
     assert [rows[k]["step_size"] for k in range(4)] == [0.5, 1.0, 2.0, 2.0]
 
 
+def test_an_estimate_that_is_not_finite_holds_eta_and_at_the_first_step_needs_max_lr():
+    """Scripted S = 4, NaN, ∞, 1: an estimate that is not finite (a product overflowed) keeps η at 2/4 = 0.5, and
+    the next finite one grows it by at most 2 (it was 1.0 at the NaN, by the growth cap, and 0 at ∞, which the
+    cap then held at 0). At the first step S ≤ 0 or not finite bounds nothing: max_lr is taken, and without it a
+    one-line error (it was η = ∞)."""
+    problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
+    rows, _, _ = drive(problem, "gd", scripted([4.0, math.nan, math.inf, 1.0, 1.0], c=1.0, every=1), 4)
+    assert [rows[k]["step_size"] for k in range(4)] == [0.5, 0.5, 0.5, 1.0]
+    for first in (-1.0, 0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"^step_size: edge: λ_max\(P̃⁻¹H\) = \S+ at the first step, so no "
+                                             r"stability threshold bounds η there; set max_lr"):
+            drive(problem, "gd", scripted([first], c=1.0), 1)
+        rows, _, _ = drive(problem, "gd", scripted([first, 4.0], c=1.0, every=1, max_lr=0.3), 2)
+        assert [rows[k]["step_size"] for k in range(2)] == [0.3, 0.3]
+    concave = flowsim.Problem.from_function(lambda w: (w ** 4 - w ** 2).sum(), [0.1, 0.2], device="cpu")
+    with pytest.raises(ValueError, match=r"= -1.52 at the first step"):  # H = diag(12w² − 2): −1.88, −1.52
+        flowsim.simulate(concave, "gd", "discrete", "edge", 3)
+
+
 @pytest.mark.parametrize("early, expected", [(False, [0, 10, 20]), (True, [0, 1, 2, 4, 8, 10, 20])])
 def test_estimates_are_made_every_every_steps_and_with_early_also_at_powers_of_two(early, expected):
     """The sharpness is estimated at step 0 and at the steps from w_k, k a multiple of ``every`` — with
