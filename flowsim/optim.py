@@ -19,9 +19,11 @@ one line that says so). Curvature is measured on the closure's batch, by differe
 ``hvp`` is not accepted: exact products would need the loss as a function of a flat parameter vector). The
 parameters that require grad form one flat vector in ``parameters_to_vector`` order (one parameter group, one dtype
 and device); frozen ones are left as they are and out of the curvature (with them in, a product's frozen rows
-are 0 and the operator is not symmetric).
+are 0 and the operator is not symmetric). The dtype is float32 or float64: in bfloat16 a difference of gradients is
+rounding (S read 0 and η was ∞).
 The optimizer's state (step, rule state, controller state) is exact under ``state_dict``/``load_state_dict``: a
-resumed loop continues bit for bit on CPU. This module holds no model and no data.
+resumed loop continues bit for bit on CPU; a state saved by another rule or over other parameter sizes is refused
+in one line. This module holds no model and no data.
 """
 from __future__ import annotations
 
@@ -131,6 +133,10 @@ class EdgeOptimizer(torch.optim.Optimizer):
         params = [self.param_groups[0]["params"][i] for i in self._trainable()]
         if len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("params: all parameters must share one dtype and device")
+        if params[0].dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"params: {str(params[0].dtype).removeprefix('torch.')}: the controller measures "
+                             "curvature by differences of gradients, which need float32 or float64 parameters (keep "
+                             "them in float32 and run the forward pass in low precision under torch.autocast)")
         policy.check(rule)
         self.rule, self.policy = rule, policy
 
@@ -141,6 +147,20 @@ class EdgeOptimizer(torch.optim.Optimizer):
             raise ValueError("params: one parameter group (the controller sets one η for the flat parameter "
                              "vector); to train more parameters, make a new optimizer over all of them")
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, after checking that the state was saved by an optimizer of the same rule over trainable
+        parameters of the same sizes (the rule's state is laid out over them): either mismatch is a one-line error,
+        raised before anything is loaded (it was a size mismatch at the next step, or Adam's state run by SGD)."""
+        saved = state_dict.get("state", {}).get(0) or {}
+        if saved.get("of", self.rule.name) != self.rule.name:
+            raise ValueError(f"state_dict: saved by an optimizer of rule {saved['of']!r}; this one runs "
+                             f"{self.rule.name!r}")
+        sizes = [self.param_groups[0]["params"][i].numel() for i in self._trainable()]
+        if saved.get("sizes", sizes) != sizes:
+            raise ValueError(f"state_dict: saved over trainable parameters of sizes {saved['sizes']}; these have "
+                             f"{sizes}")
+        super().load_state_dict(state_dict)
 
     def _trainable(self) -> list[int]:
         """The positions in the group of the parameters that require grad (one line if none does)."""
@@ -153,7 +173,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
         """The optimizer's whole state, kept under its first parameter so that ``state_dict`` carries it."""
         first = self.param_groups[0]["params"][0]
         if first not in self.state or not self.state[first]:
-            self.state[first] = {"step": 0, "rule": None, "policy": self.policy.init()}
+            self.state[first] = {"step": 0, "rule": None, "policy": self.policy.init(), "of": self.rule.name}
         return self.state[first]
 
     @torch.no_grad()
@@ -171,6 +191,7 @@ class EdgeOptimizer(torch.optim.Optimizer):
         if state.setdefault("trainable", trainable) != trainable:
             raise ValueError("params: which parameters require grad changed after the first step (the rule's state "
                              "is laid out over them); make a new optimizer after freezing or unfreezing")
+        state.setdefault("sizes", [p.numel() for p in params])
         w = torch.cat([p.detach().reshape(-1) for p in params])
         problem = _Closure(params, closure, w)
         ctx = StepContext(problem, self.rule, state["step"], w, state["rule"])

@@ -91,6 +91,31 @@ def test_state_dict_resumes_bit_for_bit(data):
     assert torch.equal(w, straight)
 
 
+def test_a_state_of_another_rule_or_other_sizes_is_refused_in_one_line_and_nothing_is_loaded(data):
+    """Adam's state loaded into EdgeSGD was taken silently, and a state over other layer sizes failed at the next
+    step (a size mismatch inside the rule). Both are one line at load time; the optimizer keeps its own state and
+    trains on as if nothing had been tried."""
+    X, Y, net = data
+    saved_model = copy.deepcopy(net)
+    saved = EdgeAdam(saved_model.parameters())
+    train(saved_model, saved, X, Y, None, 3)
+    wider = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)).double()
+    refusals = ((EdgeSGD, net, r"^state_dict: saved by an optimizer of rule 'adam'; this one runs 'gd'$"),
+                (EdgeAdam, wider, r"^state_dict: saved over trainable parameters of sizes \[80, 16, 32, 2\]; these "
+                                  r"have \[160, 32, 64, 2\]$"))
+    for make, module, message in refusals:
+        model, straight_model = copy.deepcopy(module), copy.deepcopy(module)
+        opt, straight = make(model.parameters()), make(straight_model.parameters())
+        train(model, opt, X, Y, None, 2)
+        train(straight_model, straight, X, Y, None, 2)
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(saved.state_dict())
+        lrs, w = train(model, opt, X, Y, None, 3)
+        straight_lrs, straight_w = train(straight_model, straight, X, Y, None, 3)
+        np.testing.assert_array_equal(lrs, straight_lrs)
+        assert torch.equal(w, straight_w)
+
+
 def test_a_closure_with_dropout_measures_the_curvature_of_one_mask_and_draws_as_if_called_once(data):
     """Dropout draws a mask at every call of the closure. The controller's products are differences of the
     closure's gradients, so every call of a step replays the random state the step began with: the first
@@ -259,6 +284,11 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     with pytest.raises(ValueError, match=r"^closure: required") as missing:
         EdgeAdam(params).step()
     assert "\n" not in str(missing.value)
+    for dtype in (torch.bfloat16, torch.float16):  # S read 0 (bfloat16) or NaN (float16), and η was ∞
+        low = [p.detach().to(dtype).requires_grad_() for p in params]
+        with pytest.raises(ValueError, match=rf"^params: {str(dtype)[6:]}: .* need float32 or float64 parameters "
+                                             r".*torch.autocast\)$"):
+            EdgeAdam(low)
 
 
 def test_a_sparse_gradient_is_refused_in_one_line():
