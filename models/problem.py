@@ -30,7 +30,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    """float32 or float64, named or as a torch dtype: curvature by differences of gradients and the eigensolvers'
+    tolerances need at least float32's precision (in float16 a difference product is rounding)."""
+    if dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -267,6 +269,9 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: 
         if not torch.allclose(out, module(X[:16]), rtol=1e-3, atol=1e-3 * out.abs().max().item()):  # not rounding
             raise ValueError("module: two calls at the same weights give different outputs (dropout in training "
                              "mode?); flowsim needs the loss as a function of the weights: pass module.eval()")
+    if loss == "ce" and out.shape[-1] == 1:  # a one-logit binary classifier (BCEWithLogitsLoss's)
+        raise ValueError("module: one output, and the ce loss is a softmax over one output per class; for two "
+                         "classes give it 2 outputs (ce over logits z0, z1 is the logistic loss of z1 - z0)")
     if loss == "ce":
         labels = (Y.shape[0], *out.shape[1:-1])  # the output without its class dimension
         if Y.dtype.is_floating_point or tuple(Y.shape) != labels:

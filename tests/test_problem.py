@@ -176,12 +176,21 @@ def test_from_module_refuses_what_it_cannot_train_on_in_one_line_and_takes_array
         with pytest.raises(ValueError, match=rf"^Y: class labels must be in 0..2 \(the model has 3 outputs\), got "
                                              rf"{shown}$"):
             Problem.from_module(module, X, bad, loss="ce")
+    for targets in (labels % 2, (labels % 2).double()):  # a one-logit binary classifier, int or float targets
+        with pytest.raises(ValueError, match=r"^module: one output, and the ce loss .* give it 2 outputs"):
+            Problem.from_module(torch.nn.Linear(5, 1), X, targets, loss="ce")
     with pytest.raises(ValueError, match=r"^X: must be one tensor or array with a row per example, not this tuple"):
         Problem.from_module(module, (X, X), labels, loss="ce")
     with pytest.raises(ValueError, match=r"^X: no examples \(shape \(0, 5\)\)$"):
         Problem.from_module(module, X[:0], labels[:0], loss="ce")
     with pytest.raises(ValueError, match=r"^module: no parameter requires grad"):
         Problem.from_module(torch.nn.Linear(5, 3).requires_grad_(False), X, labels, loss="ce")
+    for dtype in (torch.float16, torch.bfloat16, torch.int64, "bfloat16"):  # float16 ran; the others raised deep
+        with pytest.raises(ValueError, match=r"^dtype must be one of \['float32', 'float64'\], got "):
+            Problem.from_module(module, X, labels, loss="ce", dtype=dtype)
+        with pytest.raises(ValueError, match=r"^dtype must be one of "):
+            Problem.from_function(lambda w: (w ** 2).sum(), [1.0], dtype=dtype)
+    assert Problem.from_module(module, X, labels, loss="ce", dtype=torch.float32, device="cpu").dtype == torch.float32
 
 
 def test_frozen_parameters_stay_out_of_the_weights():
