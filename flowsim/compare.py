@@ -36,9 +36,16 @@ def default_reference(ds: xr.Dataset) -> str:
     return name if name in ds.run.values else str(ds.run.values[0])
 
 
-def require_steps(ds: xr.Dataset) -> None:
-    """A one-line ValueError when ``ds`` holds no recorded step: every run of its store was stopped before its
-    first write (:func:`flowsim.open` still reads it: the runs with their coordinates, an empty ``step``)."""
+def require_runs(ds: xr.Dataset) -> None:
+    """A one-line ValueError where ``ds`` cannot be read run by run: two runs share a name (``xr.concat`` of
+    :func:`flowsim.simulate`'s datasets, each named after its process; figures and reports select runs by name),
+    or it holds no recorded step (every run of its store was stopped before its first write: :func:`flowsim.open`
+    still reads it, the runs with their coordinates and an empty ``step``)."""
+    names = [str(r) for r in ds.run.values]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"run: more than one run is named {', '.join(map(repr, repeated))}; give each dataset "
+                         "its own run name before xr.concat, e.g. ds.assign_coords(run=['adam'])")
     if ds.sizes.get("step", 0) == 0:
         runs = ", ".join(map(str, ds.run.values)) or "none yet"
         raise ValueError(f"nothing recorded yet (runs: {runs}): stopped before the first write; continue with "
@@ -105,7 +112,7 @@ def compare(ds: xr.Dataset, reference: Optional[str] = None, *, rtol: float = 0.
     Problem the runs were made on (default: rebuilt from the stored scenario, needed only for
     ``function_distance`` and only when full weights were kept).
     """
-    require_steps(ds)
+    require_runs(ds)
     reference = default_reference(ds) if reference is None else reference
     if reference not in ds.run.values:
         raise ValueError(f"reference: {reference!r} is not a run of this store (runs: {', '.join(map(str, ds.run.values))})")

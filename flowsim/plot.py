@@ -15,7 +15,8 @@ wider, so a run lying exactly under a later one still shows. A sweep (runs with 
 :mod:`flowsim.sweep`) is coloured by its first swept coordinate, line styles tell the other swept coordinates
 apart, and each figure carries a legend of both (:func:`sweep_legend`); its per-run panels become one grid of
 small multiples with shared axes, one panel per sweep point. A diverged run is marked where it diverged. A figure
-asked for a variable the dataset does not hold (or holds only as NaN) raises ValueError. This module computes
+asked for a variable the dataset does not hold (or holds only as NaN), or drawn from runs that share a name,
+raises ValueError. This module computes
 nothing but smoothing, ratios to thresholds and the edge-of-stability onset; distances and gaps come from
 :mod:`flowsim.compare`.
 """
@@ -283,6 +284,9 @@ def _runs_with(ds: xr.Dataset, *names: str) -> list[str]:
 
 
 def _require(ds: xr.Dataset, *names: str) -> None:
+    """Every figure's entry check: runs it can tell apart, recorded steps, and one of ``names`` to draw."""
+    from flowsim.compare import require_runs
+    require_runs(ds)
     if not any(has(ds, n) for n in names):
         raise ValueError(f"the dataset has no {' or '.join(repr(n) for n in names)} to plot")
 

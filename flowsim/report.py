@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 import flowsim
 from flowsim import plot
-from flowsim.compare import compare, last_recorded, require_steps
+from flowsim.compare import compare, last_recorded, require_runs
 from flowsim.scenario import load as load_scenario
 
 
@@ -221,13 +221,14 @@ figcaption, .meta { color: #555; font-size: 0.85rem; } pre { background: #f6f6f6
 def render(ds: xr.Dataset, sections: Sequence[Section] = SECTIONS, summary: Summary = run_summary,
            appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),), x: Optional[str] = None) -> str:
     """The report of ``ds`` as one HTML document (str); ``ds`` is compared to its reference run first. A dataset
-    with no recorded step (a store killed before its first write) is a one-line ValueError.
+    with no recorded step (a store killed before its first write) or with two runs of one name is a one-line
+    ValueError.
 
     ``sections``: the figures to draw (those whose variables ``ds`` holds); ``summary``: the table and its note;
     ``appendix``: (attr, title) pairs, each attr of ``ds`` shown under its title (verbatim; the scenario through
     :func:`scenario_text`); ``x``: the clock of every figure and the summary, "step" or "time" (None: chosen by
     :func:`flowsim.plot.clock`), set as ``ds.attrs["clock"]`` for the sections and the summary."""
-    require_steps(ds)
+    require_runs(ds)
     ds = compared(ds)
     ds = ds.assign_attrs(clock=plot.clock(ds, x))
     ref = reference(ds)

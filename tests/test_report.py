@@ -144,6 +144,25 @@ def test_summary_gives_final_loss_eos_onset_largest_distance_wall_time_and_diver
     assert np.isnan(report.summary(synthetic().drop_vars("threshold")).loc["gd", "EoS onset (step)"])
 
 
+def test_runs_that_share_a_name_are_refused_in_one_line_and_once_named_are_compared():
+    """``flowsim.simulate`` names its run after its process, so GD and Adam simulated apart and joined by
+    ``xr.concat`` were two runs named 'discrete': the report raised a TypeError, a figure numpy's "truth value of an
+    array is ambiguous", and compare ran on them. Each is now one line; once named, the loss gap to GD is Adam's
+    loss minus GD's, step by step."""
+    problem = flowsim.Problem.from_function(lambda w: (w ** 2).sum() + (w ** 4).sum(), [1.0, -0.5], device="cpu")
+    gd = flowsim.simulate(problem, "gd", "discrete", 0.1, 20)
+    adam = flowsim.simulate(problem, "adam", "discrete", 0.01, 20)
+    joined = xr.concat([gd, adam], "run")
+    for show in (report.render, flowsim.compare, plot.loss, plot.step_size):
+        with pytest.raises(ValueError, match=r"^run: more than one run is named 'discrete'; give each dataset its "
+                                             r"own run name before xr.concat, e.g. ds.assign_coords\(run=\['adam'\]\)$"):
+            show(joined)
+    named = xr.concat([gd.assign_coords(run=["gd"]), adam.assign_coords(run=["adam"])], "run")
+    gap = flowsim.compare(named, "gd")["loss_gap"].sel(run="adam").values
+    np.testing.assert_array_equal(gap, adam["loss"].values[0] - gd["loss"].values[0])
+    assert "<th>adam</th>" in report.render(named)
+
+
 def test_moving_average_is_the_mean_over_a_full_window_of_steps():
     ds = synthetic().isel(run=[0])
     loss = ds.loss.values[0]
