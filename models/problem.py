@@ -92,6 +92,10 @@ class Problem:
         (``requires_grad_(False)``, a frozen backbone) stay as they are. ``X`` and ``Y`` may be tensors or
         arrays (numpy, lists). Inputs are cast to ``dtype``, but for integer inputs that the module takes as
         they are (token ids for an ``nn.Embedding``).
+
+        Per-example losses and gradients are vmapped over the examples where vmap can batch the module, and taken
+        one example at a time where it cannot (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): an LSTM of 8 units on 64
+        sequences of 10 steps takes 158 ms for all per-example gradients against 1.7 ms for the batch's gradient.
         """
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
@@ -202,12 +206,13 @@ class Problem:
 
     def per_example_losses(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         X, Y = self._require_data(idx)
-        return vmap(lambda x, y: self._loss_fn(w, x[None], y[None]))(X, Y)
+        return _each_example(lambda x, y: self._loss_fn(w, x[None], y[None]), X, Y)
 
     def per_example_grads(self, w: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         """Matrix (n × P) of per-example gradients ∇ℓ_i(w); their mean is ∇L(w)."""
         X, Y = self._require_data(idx)
-        return vmap(grad(lambda u, x, y: self._loss_fn(u, x[None], y[None])), in_dims=(None, 0, 0))(w.detach(), X, Y)
+        one, w = grad(lambda u, x, y: self._loss_fn(u, x[None], y[None])), w.detach()
+        return _each_example(lambda x, y: one(w, x, y), X, Y)
 
     def outputs(self, w: Tensor, X: Optional[Tensor] = None) -> Tensor:
         """Model outputs f(x; w) on X (the training inputs when None)."""
@@ -283,6 +288,16 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: 
     elif tuple(Y.shape[1:]) != tuple(out.shape[1:]):
         raise ValueError(f"Y: shape {tuple(Y.shape)} does not match the model's output shape "
                          f"{(Y.shape[0], *out.shape[1:])} for the mse loss (reshape Y, e.g. Y[:, None])")
+
+
+def _each_example(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor) -> Tensor:
+    """fn(x, y) for every example, stacked: vmapped, or one example at a time where the module has an operation
+    that vmap cannot batch (torch.nn.LSTM, GRU and RNN: "Batching rule not implemented for aten::lstm.input", or a
+    shape error from their hidden state). Where the loop fails too, its error is the one raised."""
+    try:
+        return vmap(fn)(X, Y)
+    except RuntimeError:
+        return torch.stack([fn(x, y) for x, y in zip(X, Y)])
 
 
 def _flat_parameter_loss(module, names, sizes, shapes, w0, criterion) -> Callable:

@@ -245,6 +245,35 @@ def test_a_tied_parameter_moves_under_both_of_its_names():
         torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_per_example_quantities_of_a_recurrent_module_equal_autograd_example_by_example(cell):
+    """torch.nn.LSTM and GRU have operations vmap cannot batch (the SDE raised "Batching rule not implemented for
+    aten::lstm.input", or a shape error from the hidden state): per-example losses and gradients are then taken one
+    example at a time, and each equals torch autograd on the module with that example alone; an SDE runs."""
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(12, 6, 3, generator=gen, dtype=torch.float64), torch.randint(0, 2, (12,), generator=gen)
+    torch.manual_seed(0)
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = getattr(torch.nn, cell)(3, 5, batch_first=True), torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+    module = Recurrent().double()
+    p = Problem.from_module(module, X, labels, loss="ce", device="cpu")
+    losses, G = p.per_example_losses(p.w0), p.per_example_grads(p.w0)
+    for i in range(len(X)):
+        loss = torch.nn.functional.cross_entropy(module(X[i:i + 1]), labels[i:i + 1])
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])
+        assert losses[i].item() == pytest.approx(loss.item(), rel=1e-12)
+        torch.testing.assert_close(G[i], expected, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(G.mean(0), p.grad(p.w0), rtol=1e-10, atol=1e-13)
+    ds = flowsim.simulate(p, "gd", "sde", 0.1, 2, batch_size=4)
+    assert ds.loss.values[0, 0] == pytest.approx(p.loss(p.w0).item(), rel=1e-12) and np.isfinite(ds.loss).all()
+
+
 def test_integer_inputs_stay_token_ids_for_an_embedding_and_are_cast_for_a_linear_layer():
     """Integer X: token ids reach an nn.Embedding as integers (they were cast to float64, which the embedding
     refuses), and integer features reach a linear layer cast to the dtype; either loss equals torch's on the
