@@ -336,6 +336,10 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
     if not isinstance(seed, int):
         raise ScenarioError(f"seed: must be an integer, got {seed!r}")
     check_record(rec, problem)
+    try:
+        scenario_mod.check_record_applies(rec, problem.meta.get("loss"), {process: spec})
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
     # the problem is the caller's own, not a scenario's: the scenario is built around it, unvalidated
     sc = Scenario.model_construct(name="simulate", seed=seed, device=problem.device.type, dtype=str(problem.dtype).removeprefix("torch."),
                                   problem=None, steps=steps, runs={process: spec}, record=rec, compare=None, sweep=None,

@@ -159,10 +159,39 @@ class RecordSpec(Strict):
     stochastic_edge_batches: PositiveInt = Field(
         8, description="batches E_B averages over: those of the run's next this many steps, as its sampler draws them")
 
+    @model_validator(mode="after")
+    def _keys_apply(self):
+        """A key that only qualifies another measurement is an error without it (it recorded nothing, silently);
+        its default is none (a record dumped whole and read back, as a sweep point's, holds every key)."""
+        for key, needs in NEEDS.items():
+            if getattr(self, key) != type(self).model_fields[key].default and not getattr(self, needs):
+                raise ValueError(f"{key}: does not apply without {needs} (nothing would be recorded)")
+        return self
+
+
+NEEDS = {"top_k": "curvature_every", "eig_tol": "curvature_every", "curvature_examples": "curvature_every",
+         "precond": "curvature_every", "noise_kernel": "curvature_every", "stochastic_edge": "curvature_every",
+         "noise_kernel_examples": "noise_kernel", "stochastic_edge_batches": "stochastic_edge",
+         "projection_every": "projection_dim"}
+"""Each record key that qualifies another measurement, and the key that turns that measurement on."""
+
 
 class CompareSpec(Strict):
     """What ``flowsim compare`` measures against."""
     reference: str = Field(description="the run the others are compared with (one of the runs' names)")
+
+
+def check_record_applies(record: RecordSpec, loss: Optional[str], runs: Optional[dict[str, RunSpec]]) -> None:
+    """The record keys that need a loss or a kind of run the scenario lacks, as a one-line ValueError: ``loss`` the
+    problem's (None: a landscape), ``runs`` the runs (None: not known yet, as where a sweep may set batch_size)."""
+    if record.stochastic_edge and runs is not None and not any(
+            PROCESSES[run.process].iterates and RULES[run.rule].stochastic_edge and run.batch_size
+            for run in runs.values()):
+        applies = ", ".join(name for name, rule in RULES.items() if rule.stochastic_edge)
+        raise ValueError(f"record.stochastic_edge: needs a minibatch SGD run (process discrete, a batch_size, "
+                         f"rule {applies}); there is none")
+    if record.noise_kernel and loss != "mse":
+        raise ValueError("record.noise_kernel: the noise kernel norm K is defined for networks with the mse loss")
 
 
 ProblemSpec = Annotated[Union[tuple(CONFIGS)], Field(discriminator="model")]
@@ -209,14 +238,7 @@ class Scenario(Strict):
                 if not (info.context or {}).get("preview"):
                     raise ValueError(message)
                 warnings.warn(f"{message}: the drop is not reached", stacklevel=2)
-        if self.record.stochastic_edge and not self.sweep and not any(
-                PROCESSES[run.process].iterates and RULES[run.rule].stochastic_edge and run.batch_size
-                for run in self.runs.values()):
-            applies = ", ".join(name for name, rule in RULES.items() if rule.stochastic_edge)
-            raise ValueError(f"record.stochastic_edge: needs a minibatch SGD run (process discrete, a batch_size, "
-                             f"rule {applies}); there is none")
-        if self.record.noise_kernel and getattr(self.problem, "loss", None) != "mse":
-            raise ValueError("record.noise_kernel: the noise kernel norm K is defined for networks with the mse loss")
+        check_record_applies(self.record, getattr(self.problem, "loss", None), None if self.sweep else self.runs)
         return self
 
     def to_yaml(self) -> str:

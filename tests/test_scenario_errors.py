@@ -4,7 +4,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import yaml
 
+import flowsim
 from flowsim.cli import main
 from flowsim.models import CONFIGS
 from flowsim.models.base import InitFile
@@ -58,6 +60,24 @@ def test_an_unknown_sweep_key_gets_the_closest_key_as_a_suggestion(sweep, expect
     with pytest.raises(ScenarioError) as e:
         expand(load(BASE + f"sweep: {sweep}\n"))
     assert str(e.value) == expected
+
+
+@pytest.mark.parametrize("record,expected", [
+    ("{precond: true}", "record.precond: does not apply without curvature_every (nothing would be recorded)"),
+    ("{top_k: 3}", "record.top_k: does not apply without curvature_every"),
+    ("{stochastic_edge: true}", "record.stochastic_edge: does not apply without curvature_every"),
+    ("{curvature_every: 2, noise_kernel_examples: 8}", "record.noise_kernel_examples: does not apply without "
+                                                       "noise_kernel"),
+    ("{projection_dim: 0, projection_every: 5}", "record.projection_every: does not apply without projection_dim"),
+])
+def test_a_record_key_without_the_measurement_it_qualifies_is_an_error(record, expected):
+    """These recorded nothing, silently, from a scenario and from flowsim.simulate alike. Turning a measurement off
+    explicitly (precond: false) is no error."""
+    assert error(BASE + f"record: {record}\n").startswith(expected)
+    assert load(BASE + "record: {precond: false, curvature_every: 2, top_k: 2}\n").record.top_k == 2
+    problem = load(BASE).problem.build(device="cpu")
+    with pytest.raises(ScenarioError, match="^" + expected.replace("(", r"\(").replace(")", r"\)")):
+        flowsim.simulate(problem, "gd", "discrete", 0.1, 2, record=yaml.safe_load(record))
 
 
 def test_the_command_line_reports_the_suggestion_in_one_line(tmp_path, capsys):

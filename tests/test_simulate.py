@@ -123,6 +123,15 @@ def test_simulate_names_a_bad_argument_in_one_line():
         flowsim.simulate(data, "gd", "discrete", 0.1, 5, record={"top_k": 5, "curvature_every": 1})
     with pytest.raises(flowsim.ScenarioError, match=r"^seed: must be an integer, got 'a'$"):
         flowsim.simulate(data, "gd", "discrete", 0.1, 5, seed="a")
+    # a record key for a run or loss it does not apply to recorded nothing, silently (a scenario refused it)
+    with pytest.raises(flowsim.ScenarioError, match=r"^record.stochastic_edge: needs a minibatch SGD run"):
+        flowsim.simulate(data, "adam", "discrete", 0.1, 5, batch_size=4,
+                         record={"stochastic_edge": True, "curvature_every": 1})
+    labels = flowsim.Problem.from_module(torch.nn.Linear(3, 2), torch.randn(10, 3), torch.arange(10) % 2, loss="ce",
+                                         device="cpu")
+    with pytest.raises(flowsim.ScenarioError, match=r"^record.noise_kernel: .* with the mse loss$"):
+        flowsim.simulate(labels, "gd", "discrete", 0.1, 5, batch_size=4,
+                         record={"noise_kernel": True, "curvature_every": 1})
     assert torch.equal(problem.w0, QuadraticConfig(spectrum=SPECTRUM).build(device="cpu").w0)
 
 
