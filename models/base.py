@@ -41,12 +41,30 @@ class ModelConfig(BaseModel):
         if isinstance(self.init, InitFile):
             if not self.init.path.is_file():
                 raise ValueError(f"problem.init.path: file not found: {self.init.path}")
-            values = np.load(self.init.path).reshape(-1)
+            values = _flat_array(self.init.path)
         else:
             values = np.asarray(self.init, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"problem.init: {np.count_nonzero(~np.isfinite(values))} of its values are NaN or inf")
         if values.size != default.numel():
             raise ValueError(f"problem.init: has {values.size} values but the model has {default.numel()} parameters")
         return torch.as_tensor(values, dtype=default.dtype, device=default.device)
+
+
+def _flat_array(path) -> np.ndarray:
+    """The numbers of a ``.npy`` file, flat; anything else (an .npz archive, a CSV, strings) is a one-line error
+    (np.load returned an archive, or read a CSV as a pickle)."""
+    fix = "save the flat weights with np.save(path, w0)"
+    try:
+        values = np.load(path)
+    except ValueError:
+        raise ValueError(f"problem.init.path: {path} is not a .npy file; {fix}") from None
+    if not isinstance(values, np.ndarray):
+        values.close()
+        raise ValueError(f"problem.init.path: {path} is an .npz archive, not one array; {fix}")
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"problem.init.path: {path} holds {values.dtype} values, not numbers; {fix}")
+    return values.reshape(-1)
 
 
 class NetworkConfig(ModelConfig):

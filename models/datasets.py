@@ -6,6 +6,7 @@ keeping them as indices (cross-entropy) is the problem builder's job.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -78,11 +79,18 @@ def from_file(path: Path) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
     """A user ``.npz`` with arrays X (n × …) and Y: integer labels (n,) or float targets (n × …)."""
     if not path.is_file():
         raise ValueError(f"problem.dataset.path: file not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load read a CSV as a pickle, and returned a .npy's one array
+        raise ValueError(f"problem.dataset.path: {path} is not an .npz archive; save the arrays with "
+                         "np.savez(path, X=X, Y=Y) (a CSV: read it with np.loadtxt first)")
     with np.load(path) as f:
         missing = {"X", "Y"} - set(f.files)
         if missing:
             raise ValueError(f"problem.dataset.path: {path} lacks array(s) {sorted(missing)} (needs X and Y)")
-        X, Y = f["X"], f["Y"]
+        try:
+            X, Y = f["X"], f["Y"]
+        except ValueError:  # object arrays (strings from pandas) need pickle, which a data file must not run
+            raise ValueError(f"problem.dataset.path: {path} holds Python objects (an object array); save numbers, "
+                             "e.g. Y = np.unique(Y, return_inverse=True)[1] for string labels") from None
     for key, a in (("X", X), ("Y", Y)):
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
             fix = ", e.g. np.unique(Y, return_inverse=True)[1]" if key == "Y" else ""

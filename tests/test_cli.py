@@ -95,6 +95,34 @@ def test_a_data_file_flowsim_cannot_train_on_exits_2_with_one_line(tmp_path, cap
     assert not (tmp_path / "o.zarr").exists()
 
 
+BAD_FILES = [  # (key, file name, writer, text the one-line error must contain)
+    ("dataset", "d.csv", lambda f: np.savetxt(f, np.c_[_X, _LABELS], delimiter=","),
+     "problem.dataset.path: {} is not an .npz archive; save the arrays with np.savez"),  # 'pickled (object) data'
+    ("dataset", "d.npy", lambda f: np.save(f, _X), "is not an .npz archive"),  # a TypeError traceback
+    ("dataset", "d.npz", lambda f: np.savez(f, X=_X, Y=np.array(["a", "b"] * 15, dtype=object)),
+     "problem.dataset.path: {} holds Python objects (an object array)"),  # 'Object arrays cannot be loaded'
+    ("init", "w.npz", lambda f: np.savez(f, w=np.zeros(3)),
+     "problem.init.path: {} is an .npz archive, not one array"),  # an AttributeError traceback
+    ("init", "w.csv", lambda f: np.savetxt(f, np.zeros(3)), "problem.init.path: {} is not a .npy file"),
+    ("init", "w.npy", lambda f: np.save(f, np.array(["a", "b", "c"])), "problem.init.path: {} holds <U1 values"),
+    ("init", "w.npy", lambda f: np.save(f, np.array([np.nan, 1.0, 2.0])),
+     "problem.init: 1 of its values are NaN or inf"),  # the run went on from NaN
+]
+
+
+@pytest.mark.parametrize("key,name,write,expected", BAD_FILES, ids=[f"{k}-{n}-{e[-12:]}" for k, n, _, e in BAD_FILES])
+def test_a_file_that_is_not_what_its_key_reads_exits_2_with_one_line(tmp_path, capsys, key, name, write, expected):
+    write(tmp_path / name)
+    problem = ({"model": "mlp", "widths": [3], "loss": "ce", "dataset": {"path": name}} if key == "dataset" else
+               {"model": "quadratic", "spectrum": [1.0, 2.0, 3.0], "init": {"path": name}})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(with_("problem", problem)))
+    assert main(["run", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "o.zarr"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowsim: error: problem.") and "\n" not in err, err
+    assert expected.format(tmp_path / name) in err, err
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_the_real_command_exits_2_without_a_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(with_("runs.gd.lr", -1)))
