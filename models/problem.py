@@ -12,6 +12,7 @@ import copy
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vmap
@@ -234,12 +235,22 @@ class Problem:
                 f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
 
 
-
 def _as_tensor(key: str, data) -> Tensor:
-    """A tensor, array or list as a tensor; anything else (a tuple of inputs, a dict) in one line."""
+    """A tensor, array or list as a tensor; strings or other objects, and anything else (a tuple of inputs, a
+    dict), in one line."""
     try:
         return torch.as_tensor(data)
     except (TypeError, ValueError, RuntimeError):
+        kind = data.dtype if isinstance(data, np.ndarray) else None
+        if isinstance(data, list):
+            try:
+                kind = np.asarray(data).dtype
+            except ValueError:  # ragged rows
+                pass
+        if kind is not None and kind.kind in "OUS":
+            fix = ("class labels as integers 0..C-1, e.g. np.unique(Y, return_inverse=True)[1]" if key == "Y" else
+                   "numeric inputs")
+            raise ValueError(f"{key}: holds {kind} values (strings or objects), not numbers; pass {fix}") from None
         raise ValueError(f"{key}: must be one tensor or array with a row per example, not this {type(data).__name__} "
                          "(for a module with several inputs, wrap it to take one)") from None
 

@@ -179,6 +179,13 @@ def test_from_module_refuses_what_it_cannot_train_on_in_one_line_and_takes_array
     for targets in (labels % 2, (labels % 2).double()):  # a one-logit binary classifier, int or float targets
         with pytest.raises(ValueError, match=r"^module: one output, and the ce loss .* give it 2 outputs"):
             Problem.from_module(torch.nn.Linear(5, 1), X, targets, loss="ce")
+    words = np.array(["no", "yes"])[labels.numpy() % 2]  # they were 'must be one tensor or array ... not this ndarray'
+    for bad in (words, words.tolist(), words.astype(object)):
+        with pytest.raises(ValueError, match=r"^Y: holds \S+ values \(strings or objects\), not numbers; pass class "
+                                             r"labels as integers 0..C-1, e.g. np.unique\(Y, return_inverse=True\)"):
+            Problem.from_module(module, X, bad, loss="ce")
+    with pytest.raises(ValueError, match=r"^X: holds object values .* pass numeric inputs$"):
+        Problem.from_module(module, X.numpy().astype(object), labels, loss="ce")
     with pytest.raises(ValueError, match=r"^X: must be one tensor or array with a row per example, not this tuple"):
         Problem.from_module(module, (X, X), labels, loss="ce")
     with pytest.raises(ValueError, match=r"^X: no examples \(shape \(0, 5\)\)$"):
