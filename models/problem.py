@@ -73,12 +73,17 @@ class Problem:
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str = "mse",
-                    dtype: str | torch.dtype = "float64", device: str = "auto", meta: Optional[dict] = None):
+    def from_module(cls, module: torch.nn.Module, X: Tensor, Y: Tensor,
+                    loss: str | Callable[[Tensor, Tensor], Tensor] = "mse", dtype: str | torch.dtype = "float64",
+                    device: str = "auto", meta: Optional[dict] = None):
         """Wrap an ``nn.Module`` and its training data: ``X`` (n, …) inputs, ``Y`` targets of the model's output
-        shape (n, C) for ``mse``, or n integer labels for ``ce``. The Problem works on its own copy of the module
-        in ``dtype`` on ``device``: the caller's module is never changed. Shapes that do not fit raise a one-line
-        ValueError naming ``X`` or ``Y`` (a 1-D ``Y`` for a one-output model would otherwise broadcast).
+        shape (n, C) for ``mse``, or n integer labels for ``ce``. ``loss`` may also be a criterion of the user's,
+        ``loss(output, Y_batch)`` → the mean loss over the batch's examples (``torch.nn.BCEWithLogitsLoss()`` for a
+        one-logit binary classifier, ``torch.nn.HuberLoss()``): Y is then passed as it is (floats cast to
+        ``dtype``), and a criterion that returns no scalar, or sums over the examples, is refused in one line.
+        The Problem works on its own copy of the module in ``dtype`` on ``device``: the caller's module is never
+        changed. Shapes that do not fit raise a one-line ValueError naming ``X`` or ``Y`` (a 1-D ``Y`` for a
+        one-output model would otherwise broadcast).
 
         The module runs in the mode it is in. Its loss must be a function of the weights: a module whose output
         differs between two calls at the same weights (dropout in training mode) is refused in one line, since
@@ -98,8 +103,8 @@ class Problem:
         one example at a time where it cannot (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): an LSTM of 8 units on 64
         sequences of 10 steps takes 158 ms for all per-example gradients against 1.7 ms for the batch's gradient.
         """
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)} or a criterion loss(output, Y), got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         X, Y = _as_tensor("X", X), _as_tensor("Y", Y)
         module = copy.deepcopy(module).to(device=dev, dtype=dt)
@@ -111,6 +116,8 @@ class Problem:
         X = X.to(device=dev)
         if X.is_floating_point() or not _takes_as_is(module, X):
             X = X.to(dtype=dt)
+        if callable(loss):  # the criterion sees Y as the runs will
+            Y = Y.to(device=dev, dtype=dt if Y.is_floating_point() else None)
         _check_module_and_data(module, X, Y, loss)
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not trainable:
@@ -120,8 +127,8 @@ class Problem:
         sizes = [p.numel() for _, p in trainable]
         buffers = dict(module.named_buffers())
         w0 = torch.cat([p.detach().reshape(-1) for _, p in trainable]).clone()
-        Y = Y.to(device=dev, dtype=torch.long if loss == "ce" else dt)
-        criterion = LOSSES[loss]
+        Y = Y.to(device=dev, dtype=torch.long if loss == "ce" else dt if loss == "mse" else None)
+        criterion = loss if callable(loss) else LOSSES[loss]
 
         def output_fn(w: Tensor, x: Tensor) -> Tensor:
             params = {n: t.view(s) for n, t, s in zip(names, torch.split(w, sizes), shapes)}
@@ -130,7 +137,8 @@ class Problem:
         def loss_fn(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
             return criterion(output_fn(w, x), y)
 
-        info = {"loss": loss, "n_params": w0.numel(), **(meta or {})}
+        name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+        info = {"loss": name, "n_params": w0.numel(), **(meta or {})}
         if batch_statistics:
             info["batch_statistics"] = True
         return cls(loss_fn, w0, X, Y, output_fn=output_fn, meta=info,
@@ -266,7 +274,7 @@ def _takes_as_is(module: torch.nn.Module, X: Tensor) -> bool:
     return True
 
 
-def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: str) -> None:
+def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss) -> None:
     """One-line errors for a module whose output is random, and for data that do not fit the module and the loss
     (see ``Problem.from_module``)."""
     if X.ndim == 0 or X.shape[0] == 0:
@@ -285,10 +293,13 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss: 
         if not torch.allclose(out, module(X[:16]), rtol=1e-3, atol=1e-3 * out.abs().max().item()):  # not rounding
             raise ValueError("module: two calls at the same weights give different outputs (dropout in training "
                              "mode?); flowsim needs the loss as a function of the weights: pass module.eval()")
-    if loss == "ce" and out.shape[-1] == 1:  # a one-logit binary classifier (BCEWithLogitsLoss's)
+    if callable(loss):
+        _check_criterion(loss, out, Y[:16])
+    elif loss == "ce" and out.shape[-1] == 1:  # a one-logit binary classifier (BCEWithLogitsLoss's)
         raise ValueError("module: one output, and the ce loss is a softmax over one output per class; for two "
-                         "classes give it 2 outputs (ce over logits z0, z1 is the logistic loss of z1 - z0)")
-    if loss == "ce":
+                         "classes give it 2 outputs (ce over logits z0, z1 is the logistic loss of z1 - z0), or pass "
+                         "loss=torch.nn.BCEWithLogitsLoss() with float targets of its shape")
+    elif loss == "ce":
         labels = (Y.shape[0], *out.shape[1:-1])  # the output without its class dimension
         if Y.dtype.is_floating_point or tuple(Y.shape) != labels:
             raise ValueError(f"Y: the ce loss takes integer class labels of shape {labels}, got shape "
@@ -309,6 +320,26 @@ def _each_example(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor) 
         return vmap(fn)(X, Y)
     except RuntimeError:
         return torch.stack([fn(x, y) for x, y in zip(X, Y)])
+
+
+def _check_criterion(criterion: Callable, out: Tensor, Y: Tensor) -> None:
+    """One-line errors for a user's criterion that fails on the module's output and Y, returns no finite scalar
+    (reduction='none'), or does not average over the examples (reduction='sum'): minibatch losses, their
+    gradients and the per-example ones would not be what the rules and flows take them to be."""
+    try:
+        value = criterion(out, Y)
+    except Exception as e:
+        raise ValueError(f"loss: fails on the module's output {tuple(out.shape)} and Y {tuple(Y.shape)} of {Y.dtype}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(value, Tensor) or value.ndim != 0:
+        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"loss: must return the mean loss over the examples as a scalar tensor, got {got} "
+                         "(reduction='none'?)")
+    if len(out) > 1:
+        parts = torch.stack([criterion(out[i:i + 1], Y[i:i + 1]) for i in range(len(out))])
+        if not torch.allclose(value, parts.mean(), rtol=1e-5, atol=0):
+            raise ValueError(f"loss: returns {value.item():.6g} on {len(out)} examples whose own losses average "
+                             f"{parts.mean().item():.6g}; it must be their mean (reduction='mean', not 'sum')")
 
 
 def _flat_parameter_loss(module, names, sizes, shapes, w0, criterion) -> Callable:

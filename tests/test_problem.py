@@ -281,6 +281,43 @@ def test_per_example_quantities_of_a_recurrent_module_equal_autograd_example_by_
     assert ds.loss.values[0, 0] == pytest.approx(p.loss(p.w0).item(), rel=1e-12) and np.isfinite(ds.loss).all()
 
 
+def test_a_criterion_of_the_users_is_the_loss_of_the_problem_and_of_its_runs():
+    """A one-logit binary classifier under torch.nn.BCEWithLogitsLoss() (ce refuses one output): the loss, the
+    gradient and the per-example gradients equal torch autograd on the module, and 10 full-batch GD steps through
+    flowsim end where torch.optim.SGD's loop ends. A criterion that returns per-example losses or their sum, or
+    fails on Y, is refused in one line."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    Y = (X[:, :1] + 0.3 * torch.randn(40, 1, generator=gen, dtype=torch.float64) > 0).double()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    criterion = torch.nn.BCEWithLogitsLoss()
+    p = Problem.from_module(module, X, Y, loss=criterion, device="cpu")
+    assert p.meta["loss"] == "BCEWithLogitsLoss"
+    loss = criterion(module(X), Y)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])
+    value, g = p.loss_and_grad(p.w0)
+    assert value.item() == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p.per_example_grads(p.w0).mean(0), g, rtol=1e-10, atol=1e-14)
+    ds = flowsim.simulate(p, "gd", "discrete", 0.5, 10)
+    trained = copy.deepcopy(module)
+    sgd = torch.optim.SGD(trained.parameters(), lr=0.5)
+    for _ in range(10):
+        sgd.zero_grad()
+        criterion(trained(X), Y).backward()
+        sgd.step()
+    assert ds.loss.values[0, -1] == pytest.approx(criterion(trained(X), Y).item(), rel=1e-12)
+    for bad, message in ((torch.nn.BCEWithLogitsLoss(reduction="sum"), r"returns \S+ on 16 examples whose own losses "
+                          r"average \S+; it must be their mean \(reduction='mean', not 'sum'\)$"),
+                         (torch.nn.BCEWithLogitsLoss(reduction="none"), r"must return the mean loss over the examples "
+                          r"as a scalar tensor, got shape \(16, 1\)"),
+                         (torch.nn.NLLLoss(), r"fails on the module's output \(16, 1\) and Y \(16, 1\) of "
+                                               r"torch.float64: ")):
+        with pytest.raises(ValueError, match="^loss: " + message):
+            Problem.from_module(module, X, Y, loss=bad, device="cpu")
+
+
 def test_integer_inputs_stay_token_ids_for_an_embedding_and_are_cast_for_a_linear_layer():
     """Integer X: token ids reach an nn.Embedding as integers (they were cast to float64, which the embedding
     refuses), and integer features reach a linear layer cast to the dtype; either loss equals torch's on the
