@@ -27,13 +27,23 @@ IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40)}
 class VisionConfig(NetworkConfig):
     """Common part of the vision configs: how a flat input row becomes an image."""
     image_shape: Optional[list[PositiveInt]] = Field(
-        None, min_length=2, max_length=3, description="(C, L) or (C, H, W) of one input; inferred when omitted")
+        None, min_length=2, max_length=3, description="(C, L) or (C, H, W) of one input; inferred when omitted, "
+        "but for inputs of shape (A, B) with A > 4 (an image or a signal of A channels) and (H, W, C) with C ≤ 4 < "
+        "H, W (channels-last), which need it")
 
     def input_shape(self, X: np.ndarray) -> tuple[int, ...]:
         if self.image_shape is not None:
             shape = tuple(self.image_shape)
         elif X.ndim > 2:
             shape = X.shape[1:]
+            if len(shape) == 2 and shape[0] > 4:  # (n, 28, 28) was read as 28 channels of a 1-D signal, silently
+                raise ValueError(f"problem.image_shape: inputs of shape {list(shape)} are a one-channel image or "
+                                 f"a signal of {shape[0]} channels; give image_shape: [1, {shape[0]}, {shape[1]}] "
+                                 f"or {list(shape)}")
+            if len(shape) == 3 and shape[2] <= 4 < min(shape[:2]):  # (H, W, C) was read as (C, H, W), silently
+                raise ValueError(f"problem.image_shape: inputs of shape {list(shape)} look channels-last (H, W, C): "
+                                 f"save X.transpose(0, 3, 1, 2), or give image_shape: {list(shape)} if they have "
+                                 f"{shape[0]} channels")
         elif self.dataset.name in IMAGE_SHAPES:
             shape = IMAGE_SHAPES[self.dataset.name]
         else:

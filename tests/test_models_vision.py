@@ -120,6 +120,29 @@ def test_bad_image_settings_name_their_key():
                                "runs": {"gd": {"lr": 0.1}}})
 
 
+def test_image_layouts_that_inference_would_misread_are_refused_and_once_given_match_the_bundled_images(tmp_path):
+    """A user's images of shape (n, 8, 8) were read as 8 channels of a 1-D signal, and (n, 8, 8, 1) channels-last
+    as 8 channels of 8 × 1 images, silently. Each is a one-line error now; with image_shape [1, 8, 8], and
+    transposed to (n, 1, 8, 8), the CNN's loss is the bundled digits' (read as (1, 8, 8))."""
+    spec = {"model": "cnn", "widths": [4], "loss": "ce", "n_train": 100}
+    bundled = build_problem({**spec, "dataset": "digits"}, device="cpu")
+    X, Y = bundled.X.numpy().reshape(-1, 8, 8), bundled.Y.numpy()
+    files = {"gray": X, "last": X[..., None], "first": X[:, None]}
+    for name, images in files.items():
+        np.savez(tmp_path / f"{name}.npz", X=images, Y=Y)
+    user = {name: {**spec, "dataset": {"path": str(tmp_path / f"{name}.npz")}} for name in files}
+    with pytest.raises(ValueError, match=r"^problem\.image_shape: inputs of shape \[8, 8\] are a one-channel image "
+                                         r"or a signal of 8 channels; give image_shape: \[1, 8, 8\] or \[8, 8\]$"):
+        build_problem(user["gray"], device="cpu")
+    with pytest.raises(ValueError, match=r"^problem\.image_shape: inputs of shape \[8, 8, 1\] look channels-last "
+                                         r"\(H, W, C\): save X.transpose\(0, 3, 1, 2\)"):
+        build_problem(user["last"], device="cpu")
+    expected = bundled.loss(bundled.w0).item()
+    for problem in (build_problem({**user["gray"], "image_shape": [1, 8, 8]}, device="cpu"),
+                    build_problem(user["first"], device="cpu")):
+        assert problem.loss(problem.w0).item() == pytest.approx(expected, rel=1e-10)
+
+
 @pytest.mark.parametrize("name", sorted(n for n in bundled_scenarios() if n.split("-")[0] in ("cnn", "resnet", "vit")))
 def test_bundled_vision_scenario_runs_at_test_scale(name):
     ds = flowsim.run(bundled_scenarios()[name], steps=2, progress=False)
