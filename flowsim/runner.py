@@ -236,6 +236,9 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
         key = problem_key(task.scenario)
         if key not in problems:
             problems[key] = build(task.scenario)
+        if sc.sweep:  # each point's own runs (a swept batch_size) against its problem, before anything runs
+            check_run(task.scenario.runs[task.key], problems[key], task.scenario.seed,
+                      f"sweep point [{task.name[len(task.key) + 1:-1]}]: runs.{task.key}.")
     if scheduler is not None and store is None:
         raise ValueError("scheduler: Dask workers need a store path to write to (give -o STORE.zarr)")
     if scheduler is not None:
@@ -349,6 +352,9 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
              "n_params": problem.n_params, "n_examples": problem.n_examples}
     target = store_mod.InMemory(attrs) if store is None else store
     if store is not None:
+        if store_mod.is_store(store):  # create's own line names the command line's flags, which simulate lacks
+            raise ScenarioError(f"store: {store} already exists; simulate writes a new store (remove it, or give "
+                                "another path)")
         store_mod.create(store, attrs)
     execute_job(target, None, [Task(process, process, sc)], problem=problem, progress="bar" if progress else None)
     if store is None:

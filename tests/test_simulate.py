@@ -101,7 +101,7 @@ def test_the_edge_controller_drives_every_process_at_c_times_two_over_lambda_max
     assert edge.policy.item() == "edge"
 
 
-def test_simulate_names_a_bad_argument_in_one_line():
+def test_simulate_names_a_bad_argument_in_one_line(tmp_path):
     problem = QuadraticConfig(spectrum=SPECTRUM).build(device="cpu")
     with pytest.raises(flowsim.ScenarioError, match=r"^lr: does not apply with step_size edge"):
         flowsim.simulate(problem, "gd", "discrete", "edge", 5, lr=0.1)
@@ -123,6 +123,10 @@ def test_simulate_names_a_bad_argument_in_one_line():
         flowsim.simulate(data, "gd", "discrete", 0.1, 5, record={"top_k": 5, "curvature_every": 1})
     with pytest.raises(flowsim.ScenarioError, match=r"^seed: must be an integer, got 'a'$"):
         flowsim.simulate(data, "gd", "discrete", 0.1, 5, seed="a")
+    stored = flowsim.simulate(data, "gd", "discrete", 0.1, 3, store=tmp_path / "s.zarr")
+    with pytest.raises(flowsim.ScenarioError, match=r"^store: \S+s.zarr already exists; simulate writes a new store"):
+        flowsim.simulate(data, "adam", "discrete", 0.1, 3, store=tmp_path / "s.zarr")  # it named --overwrite
+    assert flowsim.open(tmp_path / "s.zarr").loss.equals(stored.loss)  # left as it was
     # a record key for a run or loss it does not apply to recorded nothing, silently (a scenario refused it)
     with pytest.raises(flowsim.ScenarioError, match=r"^record.stochastic_edge: needs a minibatch SGD run"):
         flowsim.simulate(data, "adam", "discrete", 0.1, 5, batch_size=4,

@@ -63,6 +63,16 @@ def test_bad_sweeps_fail_with_one_line_naming_the_key(sweep, where):
     assert where in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_point_whose_run_its_problem_refuses_stops_the_sweep_before_anything_runs(tmp_path):
+    """A swept batch_size above the data's 30 examples: the first point ran and was stored, then the second raised
+    the process's error without its place in the sweep. Now every point is checked first, in one line."""
+    doc = {**BASE, "runs": {"gd": {"lr": 0.1, "batch_size": 4}}, "sweep": {"batch_size": [4, 31]}}
+    with pytest.raises(ScenarioError, match=r"^sweep point \[batch_size=31\]: runs.gd.batch_size: 31 is larger "
+                                            r"than the data \(30 examples\)$"):
+        flowsim.run(doc, tmp_path / "s.zarr", progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_sweeping_the_seed_of_runs_that_set_their_own_is_refused():
     doc = {**BASE, "runs": {"gd": {"lr": 0.1, "seed": 4}}, "sweep": {"seed": [0, 1]}}
     with pytest.raises(ScenarioError, match="sweep.seed: run 'gd' sets its own seed"):
