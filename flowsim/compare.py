@@ -94,9 +94,14 @@ def _function_distance(ds: xr.Dataset, ref: str, problem, probe: int) -> xr.Data
 
 
 def _problem_for(ds: xr.Dataset):
-    """The Problem of the stored scenario, or None for a landscape (no model outputs) or a mismatch."""
+    """The Problem of the stored scenario, or None for a landscape (no model outputs), a mismatch, or runs of
+    :func:`flowsim.simulate` (made on the caller's own Problem: its scenario names none)."""
+    import yaml
+
     from flowsim.runner import build
     from flowsim.scenario import load
+    if (yaml.safe_load(ds.attrs.get("scenario", "")) or {}).get("problem") is None:
+        return None
     problem = build(load(ds.attrs["scenario"]))
     if problem.X is None or problem.n_params != ds.sizes["param"]:
         return None
@@ -110,7 +115,8 @@ def compare(ds: xr.Dataset, reference: Optional[str] = None, *, rtol: float = 0.
     ``reference``: a run of ``ds`` (default: :func:`default_reference`). ``rtol``: the relative tolerance of the
     ``*_exceeds_at`` steps. ``probe``: number of training inputs for ``function_distance``. ``problem``: the
     Problem the runs were made on (default: rebuilt from the stored scenario, needed only for
-    ``function_distance`` and only when full weights were kept).
+    ``function_distance`` and only when full weights were kept; runs of :func:`flowsim.simulate` name no scenario
+    problem, so without it they get no ``function_distance``).
     """
     require_runs(ds)
     reference = default_reference(ds) if reference is None else reference

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import flowsim
 from flowsim.cli import main
@@ -87,6 +88,33 @@ def test_sharpness_gap_when_sharpness_was_recorded(ds):
     c = flowsim.compare(d, "gd", rtol=0.1)
     np.testing.assert_allclose(c.sharpness_gap.sel(step=6).values, [0.0, 1.0, 0.2])
     np.testing.assert_equal(c.sharpness_gap_exceeds_at.values, [np.nan, 6, 12])
+
+
+def test_runs_of_simulate_compare_without_their_problem_and_with_it_get_the_function_distance():
+    """simulate's scenario names no problem (the Problem is the caller's), and compare of its runs with full
+    weights kept raised 'problem: required key is missing' while rebuilding it. Without the Problem the runs now
+    get every variable but function_distance; with it, function_distance is the RMS over the inputs of the
+    outputs' distance, computed here on the module itself."""
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(30, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (30,), generator=gen)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    problem = flowsim.Problem.from_module(module, X, labels, loss="ce", device="cpu")
+    runs = [flowsim.simulate(problem, rule, "discrete", lr, 6, record={"keep_weights": 3}).assign_coords(run=[rule])
+            for rule, lr in (("gd", 0.5), ("adam", 0.05))]
+    joined = xr.concat(runs, "run")
+    without = flowsim.compare(joined, "gd")
+    assert "function_distance" not in without
+    w = joined.w.sel(step=6)
+    np.testing.assert_allclose(without.distance.sel(step=6, run="adam"), np.linalg.norm(w.sel(run="adam") -
+                                                                                        w.sel(run="gd")), rtol=1e-12)
+    outputs = []
+    for run in ("gd", "adam"):
+        torch.nn.utils.vector_to_parameters(torch.as_tensor(w.sel(run=run).values), module.parameters())
+        outputs.append(module(X).detach())
+    expected = (outputs[1] - outputs[0]).pow(2).sum(1).mean().sqrt().item()
+    assert flowsim.compare(joined, "gd", problem=problem).function_distance.sel(step=6, run="adam").item() == \
+        pytest.approx(expected, rel=1e-10)
 
 
 def test_cli_prints_the_summary_and_rejects_an_unknown_reference(ds, tmp_path, capsys):
