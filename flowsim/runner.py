@@ -296,6 +296,9 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
     (one-line :class:`ScenarioError`). The result is built in memory; with ``store`` (a path that does not exist
     yet) it is also written there as a zarr store, as ``flowsim run`` writes one.
     """
+    if not isinstance(problem, Problem):
+        raise ScenarioError(f"problem: must be a flowsim.Problem (Problem.from_module(module, X, Y) or "
+                            f"from_function(fn, w0)), got {type(problem).__name__}")
     if isinstance(process, BaseModel):
         processes = {cls.Options: name for name, cls in PROCESSES.items()}
         if type(process) not in processes:

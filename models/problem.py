@@ -21,10 +21,16 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → cuda when available, else cpu. The one place that chooses a device."""
+    """``auto`` → cuda when available, else cpu; ``cpu``, ``cuda``, ``cuda:N`` as asked (others, such as mps
+    without float64, in one line). The one place that chooses a device."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
@@ -103,6 +109,9 @@ class Problem:
         one example at a time where it cannot (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): an LSTM of 8 units on 64
         sequences of 10 steps takes 158 ms for all per-example gradients against 1.7 ms for the batch's gradient.
         """
+        if not isinstance(module, torch.nn.Module):
+            what = f"the class {module.__name__}" if isinstance(module, type) else type(module).__name__
+            raise ValueError(f"module: must be a torch.nn.Module instance, got {what}")
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a criterion loss(output, Y), got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)

@@ -192,6 +192,12 @@ def test_from_module_refuses_what_it_cannot_train_on_in_one_line_and_takes_array
         Problem.from_module(module, X[:0], labels[:0], loss="ce")
     with pytest.raises(ValueError, match=r"^module: no parameter requires grad"):
         Problem.from_module(torch.nn.Linear(5, 3).requires_grad_(False), X, labels, loss="ce")
+    for bad, shown in ((torch.nn.Linear, "the class Linear"), (lambda x: x, "function")):  # a raw TypeError
+        with pytest.raises(ValueError, match=rf"^module: must be a torch.nn.Module instance, got {shown}$"):
+            Problem.from_module(bad, X, labels, loss="ce")
+    for device in ("mps", "tpu"):  # torch's RuntimeError: no float64 on mps, no such device type
+        with pytest.raises(ValueError, match=rf"^device must be auto, cpu or cuda, got '{device}'$"):
+            Problem.from_module(module, X, labels, loss="ce", device=device)
     for dtype in (torch.float16, torch.bfloat16, torch.int64, "bfloat16"):  # float16 ran; the others raised deep
         with pytest.raises(ValueError, match=r"^dtype must be one of \['float32', 'float64'\], got "):
             Problem.from_module(module, X, labels, loss="ce", dtype=dtype)

@@ -123,6 +123,8 @@ def test_simulate_names_a_bad_argument_in_one_line(tmp_path):
         flowsim.simulate(data, "gd", "discrete", 0.1, 5, record={"top_k": 5, "curvature_every": 1})
     with pytest.raises(flowsim.ScenarioError, match=r"^seed: must be an integer, got 'a'$"):
         flowsim.simulate(data, "gd", "discrete", 0.1, 5, seed="a")
+    with pytest.raises(flowsim.ScenarioError, match=r"^problem: must be a flowsim.Problem .*got Linear$"):
+        flowsim.simulate(torch.nn.Linear(3, 1), "gd", "discrete", 0.1, 3)  # an AttributeError: no 'meta'
     stored = flowsim.simulate(data, "gd", "discrete", 0.1, 3, store=tmp_path / "s.zarr")
     with pytest.raises(flowsim.ScenarioError, match=r"^store: \S+s.zarr already exists; simulate writes a new store"):
         flowsim.simulate(data, "adam", "discrete", 0.1, 3, store=tmp_path / "s.zarr")  # it named --overwrite
