@@ -147,7 +147,8 @@ class Edge(StepSize):
     loss is no reference for the guard (on small batches that fit exactly, any nonzero batch loss would be a spike).
     An estimate that is not finite (a Hessian-vector product overflowed) never raises η either. At the first
     step, where no η exists yet, S ≤ 0 or not finite leaves η unbounded: then ``max_lr`` is taken, and without one
-    it is a one-line error (it was η = ∞, and a run of NaN).
+    it is a one-line error (it was η = ∞, and a run of NaN), but where the first loss itself is not finite: η is
+    then NaN, and the run records its divergence.
 
     The defaults and the options kept are those measured on the tuning half of the adaptive benchmark's suite
     (docs/step-size.md gives each with its effect on both halves).
@@ -218,6 +219,9 @@ class Edge(StepSize):
     def _estimate(self, ctx: StepContext, state: PolicyState, first: bool = False, spike: bool = False) -> None:
         S = state["S"] = self.sharpness(ctx, state, first)
         if first and not 0 < S < math.inf and self.max_lr == math.inf:
+            if not math.isfinite(ctx.loss_and_grad()[0].item()):  # a start that has diverged: the run records it
+                state["eta"] = state["base"] = math.nan
+                return
             raise ValueError(f"step_size: edge: λ_max(P̃⁻¹H) = {S:.3g} at the first step, so no stability "
                              f"threshold bounds η there; set max_lr (the largest η to take)")
         target = self.fraction(ctx.rule) * ctx.rule.threshold_coefficient() / S if 0 < S < math.inf else math.inf

@@ -84,7 +84,8 @@ def test_an_estimate_that_is_not_finite_holds_eta_and_at_the_first_step_needs_ma
     """Scripted S = 4, NaN, ∞, 1: an estimate that is not finite (a product overflowed) keeps η at 2/4 = 0.5, and
     the next finite one grows it by at most 2 (it was 1.0 at the NaN, by the growth cap, and 0 at ∞, which the
     cap then held at 0). At the first step S ≤ 0 or not finite bounds nothing: max_lr is taken, and without it a
-    one-line error (it was η = ∞)."""
+    one-line error (it was η = ∞); but where the first loss is not finite either, η is NaN and the run records its
+    divergence at step 0."""
     problem = QuadraticConfig(spectrum=[0.1]).build(device="cpu")
     rows, _, _ = drive(problem, "gd", scripted([4.0, math.nan, math.inf, 1.0, 1.0], c=1.0, every=1), 4)
     assert [rows[k]["step_size"] for k in range(4)] == [0.5, 0.5, 0.5, 1.0]
@@ -97,6 +98,9 @@ def test_an_estimate_that_is_not_finite_holds_eta_and_at_the_first_step_needs_ma
     concave = flowsim.Problem.from_function(lambda w: (w ** 4 - w ** 2).sum(), [0.1, 0.2], device="cpu")
     with pytest.raises(ValueError, match=r"= -1.52 at the first step"):  # H = diag(12w² − 2): −1.88, −1.52
         flowsim.simulate(concave, "gd", "discrete", "edge", 3)
+    nowhere = flowsim.Problem.from_function(lambda w: (w ** 2).sum() + (w[0] - 2).sqrt(), [1.0, 2.0], device="cpu")
+    ds = flowsim.simulate(nowhere, "gd", "discrete", "edge", 3)  # L(w0) is NaN: a divergence to record, no error
+    assert bool(ds.diverged[0]) and ds.diverged_at.item() == 0 and np.isnan(ds.step_size.values[0, 0])
 
 
 @pytest.mark.parametrize("early, expected", [(False, [0, 10, 20]), (True, [0, 1, 2, 4, 8, 10, 20])])
