@@ -319,7 +319,7 @@ def test_a_criterion_of_the_users_is_the_loss_of_the_problem_and_of_its_runs():
                          (torch.nn.BCEWithLogitsLoss(reduction="none"), r"must return the mean loss over the examples "
                           r"as a scalar tensor, got shape \(16, 1\)"),
                          (torch.nn.NLLLoss(), r"fails on the module's output \(16, 1\) and Y \(16, 1\) of "
-                                               r"torch.float64: ")):
+                                              r"torch.float64: ")):
         with pytest.raises(ValueError, match="^loss: " + message):
             Problem.from_module(module, X, Y, loss=bad, device="cpu")
 
