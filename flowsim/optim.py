@@ -82,6 +82,9 @@ class _Closure:
                     raise ValueError(f"closure: returned {loss!r} and no gradient; it must return the loss tensor, "
                                      "or call loss.backward() and return the loss (a tensor or a number)")
                 loss = torch.tensor(float(loss), dtype=w.dtype, device=w.device)
+            elif loss.numel() != 1:  # torch said "grad can be implicitly created only for scalar outputs"
+                raise ValueError(f"closure: returned a loss of shape {tuple(loss.shape)}; it must return the batch's "
+                                 "loss as one number (its mean over the examples, e.g. criterion(...).mean())")
             elif all(p.grad is None for p in self.params) and loss.requires_grad:  # the closure did not backward
                 loss.backward()
         if self.after is None:

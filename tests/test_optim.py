@@ -284,6 +284,10 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
     with pytest.raises(ValueError, match=r"^closure: required") as missing:
         EdgeAdam(params).step()
     assert "\n" not in str(missing.value)
+    model = copy.deepcopy(data[2])
+    with pytest.raises(ValueError, match=r"^closure: returned a loss of shape \(8, 2\); it must return the batch's "
+                                         r"loss as one number"):  # torch: 'grad can be implicitly created only ...'
+        EdgeAdam(model.parameters()).step(lambda: model(data[0][:8]).pow(2))
     for dtype in (torch.bfloat16, torch.float16):  # S read 0 (bfloat16) or NaN (float16), and η was ∞
         low = [p.detach().to(dtype).requires_grad_() for p in params]
         with pytest.raises(ValueError, match=rf"^params: {str(dtype)[6:]}: .* need float32 or float64 parameters "
