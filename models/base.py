@@ -109,12 +109,15 @@ class NetworkConfig(ModelConfig):
     def build(self, dtype="float64", device="auto", seed: int = 0) -> Problem:
         X, Y, n_classes = load(self.dataset, self.n_train, self.classes)
         if self.loss == "ce" and n_classes is None:
+            what = f"{Y.dtype} of shape {Y.shape}"
             if self.dataset.path is None:
                 fix = f"{self.dataset.name} is a regression set: use loss mse"
+            elif Y.ndim == 2 and Y.shape[1] == 1:  # labels as a column (of any dtype): argmax(1) would make them 0
+                what, fix = f"a column, shape {Y.shape}", "save Y.ravel().astype(int)"
             else:
                 fix = "save Y as integers: " + ("Y.argmax(1) of one-hot rows" if Y.ndim == 2 else "Y.astype(int)")
-            raise ValueError(f"problem.loss: 'ce' needs integer class labels, but the dataset's targets are "
-                             f"{Y.dtype} of shape {Y.shape}: {fix}")
+            raise ValueError(f"problem.loss: 'ce' needs integer class labels, but the dataset's targets are {what}: "
+                             f"{fix}")
         if n_classes is not None and self.loss == "mse":
             Y = np.eye(n_classes)[Y]
         n_out = n_classes if n_classes is not None else int(np.prod(Y.shape[1:]) or 1)

@@ -311,8 +311,10 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss) 
     elif loss == "ce":
         labels = (Y.shape[0], *out.shape[1:-1])  # the output without its class dimension
         if Y.dtype.is_floating_point or tuple(Y.shape) != labels:
+            column = Y.ndim == 2 and tuple(Y.shape) == (*labels, 1)
             raise ValueError(f"Y: the ce loss takes integer class labels of shape {labels}, got shape "
-                             f"{tuple(Y.shape)} of {Y.dtype}")
+                             f"{tuple(Y.shape)} of {Y.dtype}" + ("; a column of labels: pass Y.reshape(-1)" if column
+                                                                 else ""))
         if Y.min() < 0 or Y.max() >= out.shape[-1]:
             raise ValueError(f"Y: class labels must be in 0..{out.shape[-1] - 1} (the model has {out.shape[-1]} "
                              f"outputs), got {Y.min().item()}..{Y.max().item()}")

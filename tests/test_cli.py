@@ -80,6 +80,8 @@ BAD_DATA = [  # (loss, X, Y, text the one-line error must contain)
     ("ce", _X, _LABELS - 1, "Y in {} has negative class labels (the least is -1)"),  # np.eye(C)[-1] would wrap
     ("ce", _X, _LABELS.astype(float), "targets are float64 of shape (30,): save Y as integers: Y.astype(int)"),
     ("ce", _X, np.eye(2)[_LABELS], "targets are float64 of shape (30, 2): save Y as integers: Y.argmax(1) of one-hot"),
+    ("ce", _X, _LABELS[:, None], "targets are a column, shape (30, 1): save Y.ravel().astype(int)"),  # it said
+    # 'float64 ...: Y.argmax(1) of one-hot rows', of int labels, and argmax(1) makes every label 0
 ]
 
 

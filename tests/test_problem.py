@@ -192,6 +192,9 @@ def test_from_module_refuses_what_it_cannot_train_on_in_one_line_and_takes_array
         Problem.from_module(module, X[:0], labels[:0], loss="ce")
     with pytest.raises(ValueError, match=r"^module: no parameter requires grad"):
         Problem.from_module(torch.nn.Linear(5, 3).requires_grad_(False), X, labels, loss="ce")
+    with pytest.raises(ValueError, match=r"^Y: the ce loss takes integer class labels of shape \(40,\), got shape "
+                                         r"\(40, 1\) of torch.int64; a column of labels: pass Y.reshape\(-1\)$"):
+        Problem.from_module(module, X, labels[:, None], loss="ce")
     for bad, shown in ((torch.nn.Linear, "the class Linear"), (lambda x: x, "function")):  # a raw TypeError
         with pytest.raises(ValueError, match=rf"^module: must be a torch.nn.Module instance, got {shown}$"):
             Problem.from_module(bad, X, labels, loss="ce")
