@@ -194,7 +194,8 @@ class EdgeOptimizer(torch.optim.Optimizer):
         if state.setdefault("trainable", trainable) != trainable:
             raise ValueError("params: which parameters require grad changed after the first step (the rule's state "
                              "is laid out over them); make a new optimizer after freezing or unfreezing")
-        state.setdefault("sizes", [p.numel() for p in params])
+        if "sizes" not in state:  # once: what load_state_dict checks a saved state against
+            state["sizes"] = [p.numel() for p in params]
         w = torch.cat([p.detach().reshape(-1) for p in params])
         problem = _Closure(params, closure, w)
         ctx = StepContext(problem, self.rule, state["step"], w, state["rule"])
