@@ -27,6 +27,7 @@ in one line. This module holds no model and no data.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Iterable, Optional
 
@@ -127,6 +128,10 @@ class EdgeOptimizer(torch.optim.Optimizer):
             raise ValueError(NOT_A_STEP_SIZE)
         for key in NOT_IN_AN_OPTIMIZER.keys() & edge.keys():
             raise ValueError(f"{key}: does not apply to {type(self).__name__} ({NOT_IN_AN_OPTIMIZER[key]})")
+        for key in sorted(edge.keys() - Edge.model_fields.keys()):  # torch's amsgrad, foreach, maximize, ...
+            own = [k for k in inspect.signature(type(self).__init__).parameters if k not in ("self", "params", "edge")]
+            controller = [k for k in Edge.model_fields if k not in NOT_IN_AN_OPTIMIZER]
+            raise ValueError(f"{key}: not an option of {type(self).__name__} (it takes {', '.join(own + controller)})")
         try:
             policy = Edge(**edge)
         except ValidationError as e:
@@ -147,8 +152,9 @@ class EdgeOptimizer(torch.optim.Optimizer):
         """The first group only: the controller sets one η for one flat parameter vector, and the rule's state
         is laid out over it (a group added later would be left untrained)."""
         if self.param_groups:
-            raise ValueError("params: one parameter group (the controller sets one η for the flat parameter "
-                             "vector); to train more parameters, make a new optimizer over all of them")
+            raise ValueError("params: one parameter group (the controller sets one η for one flat parameter "
+                             "vector, and the rule's state is laid out over it); pass all the parameters as one "
+                             "list, e.g. model.parameters(), to a new optimizer")
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:

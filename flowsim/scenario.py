@@ -276,6 +276,19 @@ def _keys_at(model: type[BaseModel], loc) -> list[str]:
     return [k for t in found for m in _members(t) if _is_model(m) for k in m.model_fields]
 
 
+def _where_it_belongs(model: type[BaseModel], loc, around, path: list) -> str:
+    """' (it belongs in ...)' for an unknown key at pydantic location ``loc`` (dotted ``path`` in the document)
+    that is a key of the mapping around its own (at location ``around``; ``n_train`` written inside ``dataset``)
+    or of a mapping beside it (``size`` written beside ``dataset``), else ''."""
+    key = loc[-1]
+    if around is not None and key in _keys_at(model, around):
+        return f" (it belongs in {'.'.join(map(str, path[:-2])) or 'the scenario'}: {key}: ...)"
+    for field in _keys_at(model, loc[:-1]):
+        if key in _keys_at(model, (*loc[:-1], field)):
+            return f" (it belongs in {'.'.join(map(str, [*path[:-1], field]))}: {{{key}: ...}})"
+    return ""
+
+
 _ABSENT = object()
 
 
@@ -307,11 +320,12 @@ def errors(err: ValidationError, doc, model: type[BaseModel], prefix: tuple = ()
     document order."""
     found = {}
     for e in err.errors():
-        loc, node = [], doc  # the steps of e's location that are keys of doc (not union tags)
+        loc, node, at = [], doc, []  # the steps of e's location that are keys of doc (not union tags), and where
         for i, part in enumerate(e["loc"]):
             child = _child(node, part)
             if child is not _ABSENT or (i == len(e["loc"]) - 1 and e["type"] == "missing"):
                 loc.append(part)
+                at.append(i)
                 node = child
         msg = e["msg"].removeprefix("Value error, ")
         nested = re.match(r"^([A-Za-z_][\w.\-]*): (.*)$", msg)
@@ -320,11 +334,17 @@ def errors(err: ValidationError, doc, model: type[BaseModel], prefix: tuple = ()
             msg = nested.group(2)
         if e["type"] == "extra_forbidden":
             msg = unknown_key(loc[-1], _keys_at(model, e["loc"][:-1]))
+            if "did you mean" not in msg:
+                around = e["loc"][:at[-2]] if len(at) >= 2 else None  # the mapping that holds the key's own
+                msg += _where_it_belongs(model, e["loc"], around, [*prefix, *loc])
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif e["type"] == "union_tag_invalid":
             loc.append("model")
-            msg = f"unknown model {e['input'].get('model')!r}; choose from {sorted(MODELS)}"
+            tag = e["input"].get("model")
+            msg = ("a model's name, with its options beside it in problem (problem: {model: mlp, widths: [32], "
+                   "dataset: digits}), got a mapping" if isinstance(tag, dict)
+                   else f"unknown model {tag!r}; choose from {sorted(MODELS)}")
         found.setdefault(".".join(map(str, [*prefix, *loc])) or "scenario", (_position(doc, loc), msg))
     return [f"{where}: {msg}" for where, (_, msg) in sorted(found.items(), key=lambda item: item[1][0])]
 
@@ -380,7 +400,7 @@ def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Sce
         source, folder = path.read_text(), path.resolve().parent
     if isinstance(source, str):
         try:
-            source = yaml.safe_load(source)
+            source = yaml.load(source, Loader=_Loader)
         except yaml.YAMLError as e:
             where = _yaml_position(source, e)
             raise ScenarioError(f"scenario is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
@@ -392,6 +412,15 @@ def load(source: Union[str, Path, dict, Scenario], preview: bool = False) -> Sce
         return Scenario.model_validate(source, context={"preview": preview})
     except ValidationError as e:
         raise ScenarioError("; ".join(errors(e, source, Scenario))) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` and ``1e4`` are floats (PyYAML, after
+    YAML 1.1, reads a float without a dot as text, and ``steps: 1e4`` was refused as not an integer)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def _yaml_position(text: str, err: yaml.YAMLError) -> str:

@@ -58,6 +58,32 @@ def is_store(store: StoreLike) -> bool:
     return isinstance(store, (str, Path)) and (Path(store) / "zarr.json").is_file()
 
 
+STORE_ENTRIES = frozenset({"zarr.json", "runs", "checkpoints", LOCK_NAME})
+"""What a flowsim store's folder holds."""
+
+
+def foreign(path: Path) -> Optional[str]:
+    """Why the existing folder ``path`` is not a flowsim store (nor one killed while being created), or None:
+    it holds entries a store does not, or a zarr.json with attributes flowsim did not write."""
+    other = sorted(entry.name for entry in path.iterdir() if entry.name not in STORE_ENTRIES)
+    if other:
+        return f"it holds {', '.join(other[:3])}{', …' if len(other) > 3 else ''}"
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError):
+        return None
+    return "a zarr store that flowsim did not write" if attrs and "flowsim_version" not in attrs else None
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A one-line error where a run would write into a folder that is not a flowsim store: replacing it would delete
+    the user's files (--overwrite or not), and resuming it would write runs among them."""
+    why = foreign(path) if path.is_dir() else None
+    if why:
+        raise FileExistsError(f"store {path}: the folder exists and is not a flowsim store ({why}); give a new path "
+                              "(nothing was removed)")
+
+
 @contextmanager
 def lock(store: StoreLike):
     """Hold ``<store>/flowsim.lock`` (pid and host) while writing; in-memory stores need no lock.
@@ -118,6 +144,7 @@ def create(store: StoreLike, attrs: dict, overwrite: bool = False) -> zarr.Group
     """
     if isinstance(store, (str, Path)):
         path = Path(store)
+        _refuse_foreign(path)
         if is_store(path) and not overwrite:
             raise FileExistsError(f"store {path} already exists (use --overwrite to replace it, "
                                   "or --resume to continue its unfinished runs)")
@@ -243,6 +270,8 @@ class MemoryRun:
 def reopen(store: StoreLike) -> zarr.Group:
     """An existing store's root for writing. Its consolidated metadata (:func:`consolidate`), which appending
     would make stale, is dropped first; flowsim itself always reads the store unconsolidated."""
+    if isinstance(store, (str, Path)):
+        _refuse_foreign(Path(store))
     root = zarr.open_group(store, mode="r+", use_consolidated=False)
     if isinstance(store, (str, Path)) and "consolidated_metadata" in json.loads(
             (Path(store) / "zarr.json").read_text()):
@@ -313,6 +342,8 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
     if isinstance(store, (str, Path)) and not is_store(store):
         raise FileNotFoundError(f"{store} is not a flowsim store (it has no zarr.json: a run killed before it "
                                 "wrote anything, or another folder)")
+    if isinstance(store, (str, Path)) and foreign(Path(store)):
+        raise FileNotFoundError(f"{store} is not a flowsim store ({foreign(Path(store))})")
     root = zarr.open_group(store, mode="r", use_consolidated=False)
     names = root["runs"].group_keys() if "runs" in root else ()
     return _combine([(name, dict(root[f"runs/{name}"].attrs), _open_group(root[f"runs/{name}"])) for name in names],

@@ -349,6 +349,14 @@ def _check_criterion(criterion: Callable, out: Tensor, Y: Tensor) -> None:
     if len(out) > 1:
         parts = torch.stack([criterion(out[i:i + 1], Y[i:i + 1]) for i in range(len(out))])
         if not torch.allclose(value, parts.mean(), rtol=1e-5, atol=0):
+            try:
+                paired = torch.broadcast_shapes(out.shape, Y.shape)
+            except RuntimeError:
+                paired = out.shape
+            if Y.is_floating_point() and paired != out.shape:  # (n, 1) against (n,) pairs every output with every y
+                raise ValueError(f"loss: the module's output {tuple(out.shape)} and Y {tuple(Y.shape)} broadcast to "
+                                 f"{tuple(paired)} in the criterion; give Y the output's shape "
+                                 f"(Y.reshape({', '.join(str(d) if i else '-1' for i, d in enumerate(out.shape))}))")
             raise ValueError(f"loss: returns {value.item():.6g} on {len(out)} examples whose own losses average "
                              f"{parts.mean().item():.6g}; it must be their mean (reduction='mean', not 'sum')")
 

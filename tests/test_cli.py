@@ -146,6 +146,33 @@ def test_an_existing_store_is_not_overwritten_without_the_flag(tmp_path, capsys)
     assert flowsim.open(store).sizes["step"] == 3
 
 
+def test_a_folder_that_is_not_a_store_is_never_emptied(tmp_path, capsys):
+    """`-o` naming a user's folder, or a zarr store flowsim did not write: the run is refused in one line with or
+    without --overwrite or --resume, and every file in it stays (create emptied the folder before writing)."""
+    import xarray as xr
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    folder, foreign = tmp_path / "my-data", tmp_path / "theirs.zarr"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+    xr.Dataset({"a": ("x", np.arange(3.0))}).to_zarr(foreign, zarr_format=3)
+    for target, why in ((folder, "it holds notes.txt"), (foreign, "it holds a")):
+        before = sorted(p.relative_to(target) for p in target.rglob("*"))
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            assert main(["run", str(path), "-o", str(target), "-q", *flags]) == 2
+            assert capsys.readouterr().err.strip() == (f"flowsim: error: store {target}: the folder exists and is not a "
+                                                       f"flowsim store ({why}); give a new path (nothing was removed)")
+        assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
+    assert (folder / "notes.txt").read_text() == "kept"
+    np.testing.assert_array_equal(xr.open_zarr(foreign).a.values, np.arange(3.0))
+    with pytest.raises(FileNotFoundError, match=rf"^{foreign} is not a flowsim store \(it holds a\)$"):
+        flowsim.open(foreign)
+    (foreign / "a").rename(tmp_path / "a")  # its zarr.json alone: attributes flowsim did not write
+    xr.Dataset(attrs={"owner": "someone"}).to_zarr(tmp_path / "attrs.zarr", zarr_format=3)
+    with pytest.raises(FileNotFoundError, match=r"is not a flowsim store \(a zarr store that flowsim did not write\)$"):
+        flowsim.open(tmp_path / "attrs.zarr")
+
+
 def test_steps_override_and_summary_table(tmp_path, capsys):
     path = tmp_path / "good.yaml"
     path.write_text(yaml.safe_dump(GOOD))

@@ -270,6 +270,13 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
         EdgeAdam(params, weight_decay=0.01)
     with pytest.raises(ValueError, match=r"^betas: a pair \(beta1, beta2\), got \(0\.9,\)"):
         EdgeNAdam(params, betas=(0.9,))
+    # torch.optim's own keys name what each optimizer takes (they read "Extra inputs are not permitted")
+    with pytest.raises(ValueError, match=r"^amsgrad: not an option of EdgeAdam \(it takes betas, eps, c, max_lr, "
+                                         r"every, early, guard, shrink, growth, eig_tol, max_products\)$"):
+        EdgeAdam(params, amsgrad=True)
+    with pytest.raises(ValueError, match=r"^foreach: not an option of EdgeSGD \(it takes momentum, heavy_ball, "
+                                         r"nesterov, c, max_lr, "):
+        EdgeSGD(params, foreach=True)
     assert EdgeAdamW(params, weight_decay=0.01).rule.weight_decay == 0.01
     with pytest.raises(ValueError, match=r"^params: one parameter group"):
         EdgeAdam([{"params": params[:1]}, {"params": params[1:]}])

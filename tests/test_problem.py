@@ -325,6 +325,11 @@ def test_a_criterion_of_the_users_is_the_loss_of_the_problem_and_of_its_runs():
                                               r"torch.float64: ")):
         with pytest.raises(ValueError, match="^loss: " + message):
             Problem.from_module(module, X, Y, loss=bad, device="cpu")
+    # targets of shape (n,) against outputs (n, 1): MSELoss pairs every output with every target (torch only warns)
+    with pytest.raises(ValueError, match=r"^loss: the module's output \(16, 1\) and Y \(16,\) broadcast to "
+                                         r"\(16, 16\) in the criterion; give Y the output's shape "
+                                         r"\(Y.reshape\(-1, 1\)\)$"):
+        Problem.from_module(module, X, Y[:, 0], loss=torch.nn.MSELoss(), device="cpu")
 
 
 def test_integer_inputs_stay_token_ids_for_an_embedding_and_are_cast_for_a_linear_layer():

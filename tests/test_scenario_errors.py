@@ -42,6 +42,15 @@ def error(text: str) -> str:
     (BASE.replace("lr: 0.1", "lr: 0.1, zzz: 1"), "runs.gd.zzz: unknown key"),
     # the suggestion comes from the keys of the model named, not of every model
     (BASE.replace("spectrum: [1.0, 3.0]", "spectrum: [1.0], widths: [3]"), "problem.widths: unknown key"),
+    # a key of the mapping around it, or of a mapping beside it, is sent there
+    (MLP.replace("dataset: digits, n_train: 12", "dataset: {name: digits, n_train: 12}"),
+     "problem.dataset.n_train: unknown key (it belongs in problem: n_train: ...)"),
+    (MLP.replace("dataset: digits", "dataset: gaussian_mixture, size: 50"),
+     "problem.size: unknown key (it belongs in problem.dataset: {size: ...})"),
+    # a model written as a mapping, as other configuration systems nest it
+    (MLP.replace("model: mlp, widths: [3]", "model: {name: mlp, widths: [3]}"),
+     "problem.model: a model's name, with its options beside it in problem (problem: {model: mlp, widths: [32], "
+     "dataset: digits}), got a mapping"),
 ])
 def test_an_unknown_key_gets_the_closest_allowed_key_as_a_suggestion(text, expected):
     assert error(text) == expected
@@ -117,6 +126,16 @@ def test_a_key_is_reported_once_even_where_several_types_were_tried():
 ])
 def test_a_yaml_error_names_the_line_of_the_bad_text(text, where):
     assert error(text).startswith(f"scenario is not valid YAML at {where}: ")
+
+
+def test_numbers_in_exponent_notation_are_numbers_as_in_yaml_1_2():
+    """PyYAML reads 1e4 and 1e-3 (no dot) as text: steps: 1e4 was refused as not an integer."""
+    sc = load(BASE.replace("steps: 3", "steps: 1e2").replace("lr: 0.1", "lr: 1e-3") + "record: {every: 1E1}\n"
+              "sweep: {lr: [2e-3, 5.0e-3]}\n")
+    assert (sc.steps, sc.runs["gd"].lr, sc.record.every, sc.sweep["lr"]) == (100, 1e-3, 10, [2e-3, 5e-3])
+    assert error(BASE.replace("steps: 3", "steps: 2.5e0")) == ("steps: Input should be a valid integer, got a "
+                                                               "number with a fractional part")
+    assert load(BASE.replace("lr: 0.1", "lr: 0.1, rule: gd") + "name: 1e\n").name == "1e"  # text stays text
 
 
 def test_the_reference_is_generated_from_the_schema():
