@@ -160,8 +160,9 @@ def test_a_folder_that_is_not_a_store_is_never_emptied(tmp_path, capsys):
         before = sorted(p.relative_to(target) for p in target.rglob("*"))
         for flags in ([], ["--overwrite"], ["--resume"]):
             assert main(["run", str(path), "-o", str(target), "-q", *flags]) == 2
-            assert capsys.readouterr().err.strip() == (f"flowsim: error: store {target}: the folder exists and is not a "
-                                                       f"flowsim store ({why}); give a new path (nothing was removed)")
+            assert capsys.readouterr().err.strip() == (f"flowsim: error: store {target}: the folder exists and is "
+                                                       f"not a flowsim store ({why}); give a new path (nothing was "
+                                                       "removed)")
         assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
     assert (folder / "notes.txt").read_text() == "kept"
     np.testing.assert_array_equal(xr.open_zarr(foreign).a.values, np.arange(3.0))
