@@ -195,7 +195,8 @@ def check_record_applies(record: RecordSpec, loss: Optional[str], runs: Optional
 
 
 ProblemSpec = Annotated[Union[tuple(CONFIGS)], Field(discriminator="model")]
-RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+"""A run's name is its group's folder in the store: no '/', no '.' or '..', no hidden folder."""
 
 
 class Scenario(Strict):
@@ -219,7 +220,10 @@ class Scenario(Strict):
     def _run_names(cls, runs):
         for name in runs:
             if not RUN_NAME.match(name):
-                raise ValueError(f"run name {name!r} may only use letters, digits, '_', '-' and '.'")
+                raise ValueError(f"run name {name!r} may only use letters, digits, '_', '-' and '.', and starts with "
+                                 "a letter, a digit or '_'")
+            if name == "zarr.json":
+                raise ValueError("run name 'zarr.json' is the name of the store's own metadata file")
         return runs
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ never touches storage.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from flowsim.models.problem import Problem
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.flows import Layout
 from flowsim.solvers.processes import DiscreteOptions, discrete_start
-from flowsim.solvers.rules import Rule
+from flowsim.solvers.rules import Rule, make_rule
 from flowsim.solvers.sde import SDE, SDEOptions, noise_variance
 
 
@@ -53,8 +53,7 @@ def sde_ensemble(problem: Problem, rule: Rule, lr: float, steps: int, batch_size
     discrete start (its ``discrete_start`` steps) with seed i, as the discrete ensemble's member i does, then
     follows the SDE, the ensemble's Brownian motion seeded by ``seed``. Same keys and shapes as
     :func:`discrete_ensemble`."""
-    process = SDE(problem, rule, seed, batch_size, SDEOptions.model_validate(options or {}))
-    n0 = discrete_start(process.options, rule)
+    process, n0 = _sde(problem, rule, seed, batch_size, steps, options)
     engine = BatchedDiscrete(problem, rule, list(range(paths)), batch_size, DiscreteOptions(sampling="iid"))
     traj = engine.start(problem.w0)
     out: dict = {}
@@ -77,6 +76,17 @@ def sde_ensemble(problem: Problem, rule: Rule, lr: float, steps: int, batch_size
     return _stack(out, steps)
 
 
+def _sde(problem: Problem, rule: Rule, seed: int, batch_size: int, steps: int, options: Optional[dict] = None):
+    """The ``sde`` process and its discrete start n0; a one-line ValueError for a rule without an SDE, a batch
+    the data cannot fill, or ``steps`` that end within the discrete start."""
+    process = SDE(problem, rule, seed, batch_size, SDEOptions.model_validate(options or {}))
+    n0 = discrete_start(process.options, rule)
+    if n0 >= steps:
+        raise ValueError(f"steps: {steps} leave no step for the SDE after the rule's first {n0} (its discrete start, "
+                         "where its flows begin); give more steps")
+    return process, n0
+
+
 def _stack(out: dict, steps: int) -> dict[str, np.ndarray]:
     """The rows as arrays (steps + 1, members); a state that did not exist yet at step 0 is NaN there."""
     stats = {key: np.stack(rows) for key, rows in out.items()}
@@ -87,9 +97,12 @@ TOLERANCE = 0.1
 """The relative gap of mean losses within which :func:`does_the_sde_hold` says the SDE holds (the issue's 10 %)."""
 
 
-def does_the_sde_hold(problem: Problem, rule: Rule, lr: float, steps: int, batch_size: int, seeds: int = 32,
-                      ls: tuple[int, ...] = (1, 2, 4, 8), paths: int = 32) -> dict:
+def does_the_sde_hold(problem: Problem, rule: Union[str, Rule], lr: float, steps: int, batch_size: int,
+                      seeds: int = 32, ls: tuple[int, ...] = (1, 2, 4, 8), paths: int = 32,
+                      **hyperparameters) -> dict:
     """SVAG with l in ``ls`` (``seeds`` runs each) and the SDE (``paths`` paths) on one problem, and a verdict.
+    ``rule`` is a rule object or a name with its ``hyperparameters`` (``"adam", beta1=0.8``), as in
+    ``flowsim.simulate``; what cannot run is a one-line ValueError before anything runs.
 
     Returns ``svag`` {l: (steps + 1, seeds) losses}, ``sde`` ((steps + 1, paths) losses), ``gaps`` (the relative
     gap of the geometric-mean loss of SVAG at the largest l to l = 1's, and of the SDE's to SVAG's at the largest
@@ -99,6 +112,12 @@ def does_the_sde_hold(problem: Problem, rule: Rule, lr: float, steps: int, batch
     it does not where a gap exceeds TOLERANCE by more than three standard errors, or a run diverged; otherwise
     the seeds cannot tell (``holds`` None). The SDE takes its default substeps.
     """
+    if isinstance(rule, str):
+        rule = make_rule(rule, **hyperparameters)
+    elif hyperparameters:
+        raise ValueError(f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object "
+                         f"({type(rule).__name__}(...)) or with its name, not both")
+    _sde(problem, rule, 0, batch_size, steps)  # what cannot run fails here, not after the SVAG ensembles
     svag = {l: discrete_ensemble(problem, rule, lr, steps, batch_size, seeds, svag=l)["loss"] for l in ls}
     sde = sde_ensemble(problem, rule, lr, steps, batch_size, paths)["loss"]
     first, last = svag[ls[0]], svag[ls[-1]]

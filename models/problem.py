@@ -9,6 +9,7 @@ This module knows nothing about optimizers, processes or storage.
 from __future__ import annotations
 
 import copy
+import math
 
 from typing import Callable, Optional
 
@@ -79,7 +80,7 @@ class Problem:
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: torch.nn.Module, X: Tensor, Y: Tensor,
+    def from_module(cls, module: torch.nn.Module, X: Tensor, Y: Optional[Tensor] = None,
                     loss: str | Callable[[Tensor, Tensor], Tensor] = "mse", dtype: str | torch.dtype = "float64",
                     device: str = "auto", meta: Optional[dict] = None):
         """Wrap an ``nn.Module`` and its training data: ``X`` (n, …) inputs, ``Y`` targets of the model's output
@@ -89,7 +90,9 @@ class Problem:
         ``dtype``), and a criterion that returns no scalar, or sums over the examples, is refused in one line.
         The Problem works on its own copy of the module in ``dtype`` on ``device``: the caller's module is never
         changed. Shapes that do not fit raise a one-line ValueError naming ``X`` or ``Y`` (a 1-D ``Y`` for a
-        one-output model would otherwise broadcast).
+        one-output model would otherwise broadcast). ``X`` may instead be a ``torch.utils.data`` Dataset or
+        DataLoader of (input, target) pairs, with ``Y`` absent: every example is loaded, in the dataset's order (a
+        DataLoader's batches, shuffling and sampler are not used: runs draw their own batches).
 
         The module runs in the mode it is in. Its loss must be a function of the weights: a module whose output
         differs between two calls at the same weights (dropout in training mode) is refused in one line, since
@@ -115,6 +118,8 @@ class Problem:
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a criterion loss(output, Y), got {loss!r}")
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        if Y is None:
+            X, Y = _examples(X)
         X, Y = _as_tensor("X", X), _as_tensor("Y", Y)
         module = copy.deepcopy(module).to(device=dev, dtype=dt)
         batch_statistics = False
@@ -252,6 +257,26 @@ class Problem:
                 f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
 
 
+def _examples(data) -> tuple:
+    """(X, Y) of every example of a ``torch.utils.data`` Dataset or DataLoader of (input, target) pairs, in the
+    dataset's order; anything else without Y is a one-line error."""
+    from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return dataset.tensors
+    if not isinstance(dataset, Dataset):
+        raise ValueError("Y: required (the targets), unless X is a torch Dataset or DataLoader of (input, target) "
+                         "pairs")
+    items = list(dataset) if isinstance(dataset, IterableDataset) else [dataset[i] for i in range(len(dataset))]
+    if not items or not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+        raise ValueError(f"X: a {type(data).__name__} whose examples are not (input, target) pairs, or none")
+    try:
+        return tuple(default_collate(items))
+    except (TypeError, RuntimeError) as e:  # PIL images without a ToTensor transform, ragged inputs
+        raise ValueError(f"X: the examples of this {type(data).__name__} do not stack into tensors: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
 def _as_tensor(key: str, data) -> Tensor:
     """A tensor, array or list as a tensor; strings or other objects, and anything else (a tuple of inputs, a
     dict), in one line."""
@@ -311,16 +336,30 @@ def _check_module_and_data(module: torch.nn.Module, X: Tensor, Y: Tensor, loss) 
     elif loss == "ce":
         labels = (Y.shape[0], *out.shape[1:-1])  # the output without its class dimension
         if Y.dtype.is_floating_point or tuple(Y.shape) != labels:
-            column = Y.ndim == 2 and tuple(Y.shape) == (*labels, 1)
+            if Y.ndim == 2 and tuple(Y.shape) == (*labels, 1):
+                hint = "; a column of labels: pass Y.reshape(-1)"
+            elif tuple(Y.shape) == labels and bool((Y == Y.round()).all()):
+                hint = "; labels stored as floats: pass Y.long()"
+            elif tuple(Y.shape[1:]) == tuple(out.shape[1:]):
+                hint = "; one-hot rows: pass Y.argmax(-1) (class probabilities: loss=torch.nn.CrossEntropyLoss())"
+            else:
+                hint = ""
             raise ValueError(f"Y: the ce loss takes integer class labels of shape {labels}, got shape "
-                             f"{tuple(Y.shape)} of {Y.dtype}" + ("; a column of labels: pass Y.reshape(-1)" if column
-                                                                 else ""))
+                             f"{tuple(Y.shape)} of {Y.dtype}{hint}")
         if Y.min() < 0 or Y.max() >= out.shape[-1]:
             raise ValueError(f"Y: class labels must be in 0..{out.shape[-1] - 1} (the model has {out.shape[-1]} "
                              f"outputs), got {Y.min().item()}..{Y.max().item()}")
     elif tuple(Y.shape[1:]) != tuple(out.shape[1:]):
-        raise ValueError(f"Y: shape {tuple(Y.shape)} does not match the model's output shape "
-                         f"{(Y.shape[0], *out.shape[1:])} for the mse loss (reshape Y, e.g. Y[:, None])")
+        shape = (Y.shape[0], *out.shape[1:])
+        if not Y.is_floating_point() and Y.ndim == 1 and out.ndim == 2 and out.shape[1] > 1:
+            hint = (f"integer labels: one-hot them, torch.nn.functional.one_hot(Y, {out.shape[1]}), or use "
+                    "loss='ce'")
+        elif Y.numel() == math.prod(shape):
+            hint = f"reshape Y, e.g. Y.reshape{shape}"
+        else:
+            hint = "Y holds a target of the output's shape per example"
+        raise ValueError(f"Y: shape {tuple(Y.shape)} does not match the model's output shape {shape} for the mse "
+                         f"loss ({hint})")
 
 
 def _each_example(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, Y: Tensor) -> Tensor:

@@ -134,8 +134,19 @@ def test_from_module_refuses_a_1d_target_for_a_one_output_model_instead_of_broad
     gen = torch.Generator().manual_seed(0)
     X, Y = torch.randn(100, 8, generator=gen), torch.randn(100, generator=gen)
     module = torch.nn.Linear(8, 1)
-    with pytest.raises(ValueError, match=r"^Y: shape \(100,\) does not match the model's output shape \(100, 1\)"):
+    with pytest.raises(ValueError, match=r"^Y: shape \(100,\) does not match the model's output shape \(100, 1\) "
+                                         r"for the mse loss \(reshape Y, e.g. Y.reshape\(100, 1\)\)$"):
         Problem.from_module(module, X, Y, loss="mse")
+    # the hint fits what Y holds (it advised Y[:, None] for integer labels against 3 outputs)
+    labels = (Y > 0).long() + (Y > 1).long()
+    with pytest.raises(ValueError, match=r"\(integer labels: one-hot them, torch.nn.functional.one_hot\(Y, 3\), or "
+                                         r"use loss='ce'\)$"):
+        Problem.from_module(torch.nn.Linear(8, 3), X, labels, loss="mse")
+    with pytest.raises(ValueError, match=r"of torch.float32; labels stored as floats: pass Y.long\(\)$"):
+        Problem.from_module(torch.nn.Linear(8, 3), X, labels.float(), loss="ce")
+    with pytest.raises(ValueError, match=r"; one-hot rows: pass Y.argmax\(-1\) \(class probabilities: "
+                                         r"loss=torch.nn.CrossEntropyLoss\(\)\)$"):
+        Problem.from_module(torch.nn.Linear(8, 3), X, torch.nn.functional.one_hot(labels, 3).float(), loss="ce")
     p = Problem.from_module(module, X, Y[:, None], loss="mse", device="cpu")
     with torch.no_grad():
         expected = 0.5 * (module.double()(X.double()) - Y[:, None].double()).pow(2).sum(1).mean()
@@ -421,3 +432,31 @@ def test_from_module_refuses_a_random_output_in_one_line_and_accepts_batchnorm_i
     torch.testing.assert_close(torch.func.grad(p.loss)(p.w0), p.grad(p.w0), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match=r"^per-example losses and gradients are not defined .*module\.eval\(\)"):
         p.per_example_grads(p.w0)
+
+
+def test_from_module_takes_a_dataset_or_dataloader_of_pairs_as_its_data():
+    """A torch Dataset (its items numpy inputs and int labels) or a shuffling DataLoader over it gives the Problem
+    of X and Y themselves, every example in the dataset's order, and the same loss (it was a TypeError: missing
+    Y). Items that are not pairs, or X without Y, are one-line errors."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(30, 5, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return len(X)
+
+        def __getitem__(self, i):
+            return X[i].numpy(), int(labels[i])
+
+    reference = Problem.from_module(module, X, labels, loss="ce", device="cpu")
+    for data in (Pairs(), DataLoader(Pairs(), batch_size=7, shuffle=True), TensorDataset(X, labels)):
+        p = Problem.from_module(module, data, loss="ce", device="cpu")
+        assert torch.equal(p.X, reference.X) and torch.equal(p.Y, reference.Y)
+        assert p.loss(p.w0).item() == reference.loss(reference.w0).item()
+    with pytest.raises(ValueError, match=r"^X: a TensorDataset whose examples are not \(input, target\) pairs, or "
+                                         r"none$"):
+        Problem.from_module(module, TensorDataset(X), loss="ce")
+    with pytest.raises(ValueError, match=r"^Y: required \(the targets\), unless X is a torch Dataset or DataLoader"):
+        Problem.from_module(module, X, loss="ce")

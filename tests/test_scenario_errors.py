@@ -128,6 +128,22 @@ def test_a_yaml_error_names_the_line_of_the_bad_text(text, where):
     assert error(text).startswith(f"scenario is not valid YAML at {where}: ")
 
 
+@pytest.mark.parametrize("name,expected", [
+    ("a/b", "may only use letters, digits, '_', '-' and '.', and starts with a letter, a digit or '_'"),
+    ("..", "may only use letters, digits, '_', '-' and '.', and starts with a letter, a digit or '_'"),
+    (".hidden", "may only use letters, digits, '_', '-' and '.', and starts with a letter, a digit or '_'"),
+    ("zarr.json", "is the name of the store's own metadata file"),
+])
+def test_a_run_name_that_is_no_group_folder_is_refused_before_anything_is_written(name, expected, tmp_path):
+    """A run's name is its group's folder: '..' and 'zarr.json' passed, and failed in zarr after the store was
+    created (an existing one replaced by an empty store)."""
+    assert error(BASE.replace("runs: {gd:", f"runs: {{'{name}':")) == f"runs: run name {name!r} {expected}"
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE.replace("runs: {gd:", f"runs: {{'{name}':"))
+    assert main(["run", str(path), "-o", str(tmp_path / "o.zarr"), "-q"]) == 2
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_numbers_in_exponent_notation_are_numbers_as_in_yaml_1_2():
     """PyYAML reads 1e4 and 1e-3 (no dot) as text: steps: 1e4 was refused as not an integer."""
     sc = load(BASE.replace("steps: 3", "steps: 1e2").replace("lr: 0.1", "lr: 1e-3") + "record: {every: 1E1}\n"

@@ -187,6 +187,26 @@ def test_an_svag_step_amplifies_the_noise_of_what_is_averaged_linearly_and_feeds
     np.testing.assert_allclose(ds.w.values[0, -1], w.numpy(), rtol=1e-12, atol=1e-15)
 
 
+def test_the_check_takes_a_rule_by_name_and_refuses_what_cannot_run_before_running():
+    """A name with its hyperparameters is the rule object (it was an AttributeError: 'str' object has no
+    attribute 'init'); a rule without an SDE, a batch larger than the data or steps that end within the rule's
+    discrete start are one line, not minutes later."""
+    problem = linear_regression()
+    by_name = does_the_sde_hold(problem, "adam", 0.01, 8, 8, seeds=2, paths=2, ls=(1, 2), beta1=0.8)
+    by_object = does_the_sde_hold(problem, make_rule("adam", beta1=0.8), 0.01, 8, 8, seeds=2, paths=2, ls=(1, 2))
+    np.testing.assert_array_equal(by_name["sde"], by_object["sde"])
+    for args, kw, message in ((("lion", 0.01, 3, 8), {}, r"^rule: lion has no SDE here"),
+                              (("gd", 0.1, 3, 10 ** 4), {}, r"^batch_size: 10000 is larger than the data"),
+                              (("adam", 0.01, 3, 8), {"bta1": 0.5}, r"^bta1: not a hyperparameter of rule 'adam'"),
+                              ((make_rule("gd"), 0.1, 3, 8), {"beta1": 0.5}, r"^beta1: give the rule's hyperparameters "
+                                                                            r"in its object \(GD\(...\)\) or with"),
+                              # Adam's SDE begins after its first 5 steps at beta1 = 0.8 (it was a numpy error)
+                              (("adam", 0.01, 5, 8), {"beta1": 0.8}, r"^steps: 5 leave no step for the SDE after the "
+                                                                     r"rule's first 5 \(its discrete start")):
+        with pytest.raises(ValueError, match=message):
+            does_the_sde_hold(problem, *args, seeds=2, paths=2, **kw)
+
+
 def test_the_verdict_says_the_sde_holds_for_sgd_at_small_steps_and_not_past_the_edge():
     # Linear regression, B = 8, 20 steps, 64 seeds and paths: at η = 0.1 (ηλ_max = 0.13) SVAG barely moves
     # with l and the SDE sits on it (measured: 2.0 % and 0.6 %, ± 1.3 %); at η = 2.5 (ηλ_max = 3.2) the discrete
@@ -196,7 +216,7 @@ def test_the_verdict_says_the_sde_holds_for_sgd_at_small_steps_and_not_past_the_
     assert small["holds"] is True and small["verdict"].startswith("the SDE holds here: SVAG l = 8 is ")
     assert small["gaps"]["svag"] < 0.1 and small["gaps"]["sde"] < 0.1
     assert set(small["svag"]) == {1, 2, 4, 8} and small["sde"].shape == (21, 64)
-    large = does_the_sde_hold(problem, make_rule("gd"), 2.5, 20, 8, seeds=64, paths=64)
+    large = does_the_sde_hold(problem, "gd", 2.5, 20, 8, seeds=64, paths=64)  # a name, as simulate takes
     assert large["holds"] is False and large["verdict"].startswith("the SDE does not hold here")
     ax = plot_sde_check(small)
     assert len(ax.lines) == 4 + 1 and ax.get_title() == small["verdict"]
