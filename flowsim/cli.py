@@ -95,7 +95,9 @@ def cmd_info(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from flowsim import __version__
     p = argparse.ArgumentParser(prog="flowsim", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"flowsim {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a scenario and store the results", description=(
         "Run a scenario and store the results, with a progress bar per run on a terminal (elsewhere a line on "

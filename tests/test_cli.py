@@ -134,6 +134,15 @@ def test_the_real_command_exits_2_without_a_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == ["flowsim: error: runs.gd.lr: Input should be greater than 0"]
 
 
+def test_python_dash_m_flowsim_is_the_command_and_says_its_version():
+    from flowsim import __version__
+    proc = subprocess.run([sys.executable, "-m", "flowsim", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"flowsim {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "flowsim", "run"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: the following arguments are required: "
+                                                                 "scenario")
+
+
 def test_an_existing_store_is_not_overwritten_without_the_flag(tmp_path, capsys):
     path, store = tmp_path / "good.yaml", tmp_path / "out.zarr"
     path.write_text(yaml.safe_dump(GOOD))
