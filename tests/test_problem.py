@@ -460,3 +460,28 @@ def test_from_module_takes_a_dataset_or_dataloader_of_pairs_as_its_data():
         Problem.from_module(module, TensorDataset(X), loss="ce")
     with pytest.raises(ValueError, match=r"^Y: required \(the targets\), unless X is a torch Dataset or DataLoader"):
         Problem.from_module(module, X, loss="ce")
+
+
+def test_a_torch_transformer_layer_has_hessian_vector_products_and_its_curvature_runs():
+    """nn.TransformerEncoderLayer calls scaled_dot_product_attention, whose fused CPU kernel has no second
+    derivative: every Hessian-vector product, curvature record and flow failed ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"). The product equals a central
+    difference of gradients, and a recorded sharpness equals the top eigenvalue of the dense Hessian."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Embedding(6, 8),
+                                 torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                                 torch.nn.Flatten(), torch.nn.Linear(32, 6))
+    X = torch.randint(0, 6, (24, 4), generator=torch.Generator().manual_seed(1))
+    p = Problem.from_module(module, X, X.max(1).values, loss="ce", device="cpu")
+    v = torch.randn(p.n_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    eps = 1e-5
+    difference = (p.loss_and_grad(p.w0 + eps * v)[1] - p.loss_and_grad(p.w0 - eps * v)[1]) / (2 * eps)
+    torch.testing.assert_close(p.hvp(p.w0, v), difference, rtol=1e-6, atol=1e-8)
+    ds = flowsim.simulate(p, "gd", "discrete", 0.1, 1, record={"curvature_every": 1, "eig_tol": 1e-8})
+    # the dense Hessian by central differences of gradients, column by column (torch.func.hessian is not
+    # symmetric on this module, to 0.08: vmap over its second derivatives errs)
+    columns = [(p.loss_and_grad(p.w0 + eps * e)[1] - p.loss_and_grad(p.w0 - eps * e)[1]) / (2 * eps)
+               for e in torch.eye(p.n_params, dtype=torch.float64)]
+    dense = torch.stack(columns)
+    top = torch.linalg.eigvalsh((dense + dense.T) / 2)[-1].item()
+    assert ds.sharpness.values[0, 0] == pytest.approx(top, rel=1e-6)
