@@ -109,6 +109,11 @@ class Problem:
         arrays (numpy, lists). Inputs are cast to ``dtype``, but for integer inputs that the module takes as
         they are (token ids for an ``nn.Embedding``).
 
+        Attention (``torch.nn.functional.scaled_dot_product_attention``, ``nn.MultiheadAttention``,
+        ``nn.TransformerEncoderLayer``) runs on torch's math kernel in the Problem's losses: the fused CPU kernel has
+        no second derivative, and every Hessian-vector product failed on it. The step's gradient (``loss_and_grad``)
+        keeps torch's choice of kernel.
+
         Per-example losses and gradients are vmapped over the examples where vmap can batch the module, and taken
         one example at a time where it cannot (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): an LSTM of 8 units on 64
         sequences of 10 steps takes 158 ms for all per-example gradients against 1.7 ms for the batch's gradient.
