@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from flowsim.models.datasets import DatasetSpec, load
+from flowsim.models.datasets import DatasetSpec, load, saved_by_torch
 from flowsim.models.problem import Problem
 
 
@@ -61,6 +61,10 @@ def _flat_array(path) -> np.ndarray:
         raise ValueError(f"problem.init.path: {path} is not a .npy file; {fix}") from None
     if not isinstance(values, np.ndarray):
         values.close()
+        if saved_by_torch(path):
+            raise ValueError(f"problem.init.path: {path} is a torch.save file, not a numpy array; save the flat "
+                             "weights with np.save(path, torch.nn.utils.parameters_to_vector(model.parameters())"
+                             ".detach().numpy())")
         raise ValueError(f"problem.init.path: {path} is an .npz archive, not one array; {fix}")
     if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"problem.init.path: {path} holds {values.dtype} values, not numbers; {fix}")

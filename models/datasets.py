@@ -75,6 +75,12 @@ def gaussian_mixture(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, int]:
     return means[labels] + rng.standard_normal((spec.size, spec.dim)), labels.astype(np.int64), spec.n_classes
 
 
+def saved_by_torch(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file: a zip archive that np.load opens as an .npz of other arrays."""
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("data.pkl") for name in archive.namelist())
+
+
 def from_file(path: Path) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
     """A user ``.npz`` with arrays X (n × …) and Y: integer labels (n,) or float targets (n × …)."""
     if not path.is_file():
@@ -82,6 +88,9 @@ def from_file(path: Path) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
     if not zipfile.is_zipfile(path):  # np.load read a CSV as a pickle, and returned a .npy's one array
         raise ValueError(f"problem.dataset.path: {path} is not an .npz archive; save the arrays with "
                          "np.savez(path, X=X, Y=Y) (a CSV: read it with np.loadtxt first)")
+    if saved_by_torch(path):
+        raise ValueError(f"problem.dataset.path: {path} is a torch.save file, not an .npz archive; save the arrays "
+                         "with np.savez(path, X=X.numpy(), Y=Y.numpy())")
     with np.load(path) as f:
         missing = {"X", "Y"} - set(f.files)
         if missing:

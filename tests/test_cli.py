@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import flowsim
@@ -106,6 +107,12 @@ BAD_FILES = [  # (key, file name, writer, text the one-line error must contain)
     ("init", "w.npz", lambda f: np.savez(f, w=np.zeros(3)),
      "problem.init.path: {} is an .npz archive, not one array"),  # an AttributeError traceback
     ("init", "w.csv", lambda f: np.savetxt(f, np.zeros(3)), "problem.init.path: {} is not a .npy file"),
+    # torch.save writes a zip archive that np.load opens as an .npz of other names
+    ("init", "w.pt", lambda f: torch.save(torch.zeros(3), f),
+     "problem.init.path: {} is a torch.save file, not a numpy array; save the flat weights with np.save"),
+    ("dataset", "d.pt", lambda f: torch.save({"X": torch.from_numpy(_X), "Y": torch.from_numpy(_LABELS)}, f),
+     "problem.dataset.path: {} is a torch.save file, not an .npz archive; save the arrays with np.savez(path, "
+     "X=X.numpy(), Y=Y.numpy())"),  # it read 'lacks array(s) ['X', 'Y']
     ("init", "w.npy", lambda f: np.save(f, np.array(["a", "b", "c"])), "problem.init.path: {} holds <U1 values"),
     ("init", "w.npy", lambda f: np.save(f, np.array([np.nan, 1.0, 2.0])),
      "problem.init: 1 of its values are NaN or inf"),  # the run went on from NaN

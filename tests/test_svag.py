@@ -198,8 +198,8 @@ def test_the_check_takes_a_rule_by_name_and_refuses_what_cannot_run_before_runni
     for args, kw, message in ((("lion", 0.01, 3, 8), {}, r"^rule: lion has no SDE here"),
                               (("gd", 0.1, 3, 10 ** 4), {}, r"^batch_size: 10000 is larger than the data"),
                               (("adam", 0.01, 3, 8), {"bta1": 0.5}, r"^bta1: not a hyperparameter of rule 'adam'"),
-                              ((make_rule("gd"), 0.1, 3, 8), {"beta1": 0.5}, r"^beta1: give the rule's hyperparameters "
-                                                                            r"in its object \(GD\(...\)\) or with"),
+                              ((make_rule("gd"), 0.1, 3, 8), {"beta1": 0.5},
+                               r"^beta1: give the rule's hyperparameters in its object \(GD\(...\)\) or with"),
                               # Adam's SDE begins after its first 5 steps at beta1 = 0.8 (it was a numpy error)
                               (("adam", 0.01, 5, 8), {"beta1": 0.8}, r"^steps: 5 leave no step for the SDE after the "
                                                                      r"rule's first 5 \(its discrete start")):
