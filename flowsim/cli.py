@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="write a self-contained HTML report of a store")
     rep.add_argument("store", help="the store (.zarr) written by `flowsim run`")
-    rep.add_argument("-o", "--output", help="HTML file (default: the store's path with .html)")
+    rep.add_argument("-o", "--output", help="HTML file, or a folder to write it in (default: the store's path with "
+                     ".html)")
     rep.add_argument("--x", choices=["step", "time", "scaled_step"],
                      help="the x axis of every figure and summary column: optimizer steps, time (Σ η) or step × κ (a "
                           "sweep of scale); default: step × κ for a sweep of scale, time when the runs share one "

@@ -30,6 +30,7 @@ import flowsim
 from flowsim import plot
 from flowsim.compare import compare, last_recorded, require_runs
 from flowsim.scenario import load as load_scenario
+from flowsim.store import is_store
 
 
 @dataclass(frozen=True)
@@ -262,14 +263,20 @@ def render(ds: xr.Dataset, sections: Sequence[Section] = SECTIONS, summary: Summ
 def write(source: Union[xr.Dataset, str, Path], path: Union[str, Path, None] = None, *,
           sections: Sequence[Section] = SECTIONS, summary: Summary = run_summary,
           appendix: Sequence[tuple[str, str]] = (("scenario", "Scenario"),), x: Optional[str] = None) -> Path:
-    """Write the report of a Dataset or a store to ``path`` (default: the store's path with ``.html``);
-    ``sections``, ``summary``, ``appendix`` and ``x`` (the clock) as in :func:`render` (a dataset of another kind
-    brings its own)."""
+    """Write the report of a Dataset or a store to ``path`` (default: the store's path with ``.html``; a folder:
+    that name inside it; missing folders are made); ``sections``, ``summary``, ``appendix`` and ``x`` (the clock)
+    as in :func:`render` (a dataset of another kind brings its own)."""
     if path is None:
         if isinstance(source, xr.Dataset):
             raise ValueError("path: required when reporting a Dataset (no store path to derive it from)")
         path = Path(source).with_suffix(".html")
     ds = source if isinstance(source, xr.Dataset) else flowsim.open(source)
     path = Path(path)
+    if is_store(path):  # a file written into a store makes it a folder flowsim no longer takes for a store
+        raise ValueError(f"path: {path} is a store; give the report a file name, e.g. {path.with_suffix('.html')}")
+    if path.is_dir():
+        name = (f"{ds.attrs.get('name', 'report')}" if isinstance(source, xr.Dataset) else Path(source).stem)
+        path = path / f"{name}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(ds, sections, summary, appendix, x), encoding="utf-8")
     return path

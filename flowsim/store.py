@@ -342,8 +342,9 @@ def open(store: StoreLike) -> xr.Dataset:  # noqa: A001 - mirrors xarray.open_da
     if isinstance(store, (str, Path)) and not is_store(store):
         raise FileNotFoundError(f"{store} is not a flowsim store (it has no zarr.json: a run killed before it "
                                 "wrote anything, or another folder)")
-    if isinstance(store, (str, Path)) and foreign(Path(store)):
-        raise FileNotFoundError(f"{store} is not a flowsim store ({foreign(Path(store))})")
+    why = foreign(Path(store)) if isinstance(store, (str, Path)) else None
+    if why:
+        raise FileNotFoundError(f"{store} is not a flowsim store ({why})")
     root = zarr.open_group(store, mode="r", use_consolidated=False)
     names = root["runs"].group_keys() if "runs" in root else ()
     return _combine([(name, dict(root[f"runs/{name}"].attrs), _open_group(root[f"runs/{name}"])) for name in names],

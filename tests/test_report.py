@@ -303,6 +303,17 @@ def test_report_cli_writes_next_to_the_store_and_fails_in_one_line(tmp_path, cap
     assert main(["report", str(tmp_path / "missing.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.zarr" in err
+    # -o a folder: the report inside it (it was an IsADirectoryError traceback); a missing folder is made
+    (tmp_path / "reports").mkdir()
+    assert main(["report", str(store), "-o", str(tmp_path / "reports")]) == 0
+    assert main(["report", str(store), "-o", str(tmp_path / "new" / "r.html")]) == 0
+    assert (tmp_path / "reports" / "s.html").read_text() == html == (tmp_path / "new" / "r.html").read_text()
+    # -o the store itself: a file written into it would make it a folder flowsim refuses as a store
+    capsys.readouterr()
+    assert main(["report", str(store), "-o", str(store)]) == 2
+    assert capsys.readouterr().err.strip() == (f"flowsim: error: path: {store} is a store; give the report a file "
+                                               f"name, e.g. {tmp_path / 's.html'}")
+    assert sorted(p.name for p in store.iterdir()) == ["checkpoints", "runs", "zarr.json"]
 
 
 def test_the_clock_is_chosen_by_content_and_can_be_asked_for():
