@@ -58,8 +58,8 @@ def is_store(store: StoreLike) -> bool:
     return isinstance(store, (str, Path)) and (Path(store) / "zarr.json").is_file()
 
 
-STORE_ENTRIES = frozenset({"zarr.json", "runs", "checkpoints", LOCK_NAME})
-"""What a flowsim store's folder holds."""
+STORE_ENTRIES = frozenset({"zarr.json", "runs", "checkpoints", LOCK_NAME, ".DS_Store", "Thumbs.db", "desktop.ini"})
+"""What a flowsim store's folder holds, with the files a desktop's file browser leaves in any folder it shows."""
 
 
 def foreign(path: Path) -> Optional[str]:

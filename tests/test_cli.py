@@ -188,6 +188,11 @@ def test_a_folder_that_is_not_a_store_is_never_emptied(tmp_path, capsys):
     xr.Dataset(attrs={"owner": "someone"}).to_zarr(tmp_path / "attrs.zarr", zarr_format=3)
     with pytest.raises(FileNotFoundError, match=r"is not a flowsim store \(a zarr store that flowsim did not write\)$"):
         flowsim.open(tmp_path / "attrs.zarr")
+    # what a desktop's file browser leaves in a store it showed does not make the store foreign
+    assert main(["run", str(path), "-o", str(tmp_path / "mine.zarr"), "-q"]) == 0
+    (tmp_path / "mine.zarr" / ".DS_Store").write_bytes(b"\0")
+    assert flowsim.open(tmp_path / "mine.zarr").sizes["run"] == len(GOOD["runs"])
+    assert main(["run", str(path), "-o", str(tmp_path / "mine.zarr"), "-q", "--overwrite"]) == 0
 
 
 def test_steps_override_and_summary_table(tmp_path, capsys):
