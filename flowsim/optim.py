@@ -31,6 +31,7 @@ import inspect
 import math
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import Tensor
@@ -113,6 +114,8 @@ def _set_random_state(state: tuple, device: torch.device) -> None:
 
 def _betas(betas) -> dict:
     """β1 and β2 from ``betas``, refused in one line unless it is a pair."""
+    if isinstance(betas, (Tensor, np.ndarray)):  # a pair held in an array
+        betas = betas.tolist()
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas: a pair (beta1, beta2), got {betas!r}")
     return {"beta1": betas[0], "beta2": betas[1]}

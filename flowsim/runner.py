@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
+import torch
 import xarray as xr
 from pydantic import BaseModel, ValidationError
 import zarr
@@ -278,6 +280,13 @@ def run(scenario, store: Union[str, Path, None] = None, *, steps: Optional[int] 
     return store_mod.open(target)
 
 
+def _python_number(value):
+    """A numpy scalar or a one-element tensor as the Python int or float it holds; anything else as it is."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()
+    return value
+
+
 def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str, BaseModel] = "discrete",
              step_size: Union[float, str, dict, StepSize] = 0.1, steps: int = 100, *,
              batch_size: Optional[int] = None, seed: int = 0, options: Optional[dict] = None,
@@ -294,8 +303,10 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
     policy as a scenario spells it (``"edge"``, ``{"edge": {"c": 0.5}}``); ``record``: a :class:`RecordSpec` or
     the scenario's ``record:`` keys. Objects and names run the same: they are checked as a scenario's keys are
     (one-line :class:`ScenarioError`). The result is built in memory; with ``store`` (a path that does not exist
-    yet) it is also written there as a zarr store, as ``flowsim run`` writes one.
+    yet) it is also written there as a zarr store, as ``flowsim run`` writes one. Numbers may be numpy scalars
+    or one-element tensors (a sweep's ``np.logspace``).
     """
+    step_size, steps, seed, batch_size = (_python_number(v) for v in (step_size, steps, seed, batch_size))
     if not isinstance(problem, Problem):
         raise ScenarioError(f"problem: must be a flowsim.Problem (Problem.from_module(module, X, Y) or "
                             f"from_function(fn, w0)), got {type(problem).__name__}")

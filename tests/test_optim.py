@@ -270,6 +270,7 @@ def test_what_does_not_apply_to_an_optimizer_is_one_line(data):
         EdgeAdam(params, weight_decay=0.01)
     with pytest.raises(ValueError, match=r"^betas: a pair \(beta1, beta2\), got \(0\.9,\)"):
         EdgeNAdam(params, betas=(0.9,))
+    assert EdgeAdam(params, betas=np.array([0.8, 0.99])).rule == EdgeAdam(params, betas=(0.8, 0.99)).rule
     # torch.optim's own keys name what each optimizer takes (they read "Extra inputs are not permitted")
     with pytest.raises(ValueError, match=r"^amsgrad: not an option of EdgeAdam \(it takes betas, eps, c, max_lr, "
                                          r"every, early, guard, shrink, growth, eig_tol, max_products\)$"):

@@ -28,6 +28,13 @@ def test_simulate_equals_the_scenario_run_of_the_same_settings():
     assert ds.loss.values.tobytes() == reference.loss.values.tobytes()
     assert ds.step_size.values.tobytes() == reference.step_size.values.tobytes()
     assert ds.rule.item() == "adam" and ds.lr.item() == 0.01 and ds.policy.item() == "constant"
+    # numpy scalars and one-element tensors, as a loop over np.logspace gives them: the same run (np.float32 η and
+    # a tensor η were "step_size: Input should be a valid string"; np.int64 steps "must be a positive integer")
+    for lr in (np.float64(0.01), torch.tensor(0.01, dtype=torch.float64)):
+        same = flowsim.simulate(problem, "adam", "discrete", lr, np.int64(30), batch_size=np.int64(16),
+                                seed=np.int64(0), beta1=0.8, record={"projection_dim": 0})
+        assert same.loss.values.tobytes() == ds.loss.values.tobytes() and same.lr.item() == 0.01
+    assert flowsim.simulate(problem, "gd", "discrete", np.float32(0.5), 2).lr.item() == float(np.float32(0.5))
 
 
 def test_objects_run_as_the_scenario_does_in_memory_and_to_the_bit(tmp_path, monkeypatch):
