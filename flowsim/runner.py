@@ -33,6 +33,7 @@ from flowsim.solvers import PROCESSES, Rule, StepSize
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.loop import Member, Single, advance, restore
 from flowsim.solvers.processes import RUN_VARIABLES, discrete_start
+from flowsim.solvers.rules import given_twice
 from flowsim.sweep import Task, problem_key
 
 PROGRESS_SECONDS = 30.0  # at most one progress line per this many seconds where stderr is not a terminal
@@ -324,8 +325,7 @@ def simulate(problem: Problem, rule: Union[str, Rule] = "gd", process: Union[str
                             f"..., step_size={hyperparameters['lr']!r})")
     if isinstance(rule, Rule):
         if hyperparameters:
-            raise ScenarioError(f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object "
-                                f"({type(rule).__name__}(...)) or with its name, not both")
+            raise ScenarioError(given_twice(rule, hyperparameters))
         rule, hyperparameters = rule.name, rule.hyperparameters()
     run = {"process": process, "rule": rule, **hyperparameters, **(options or {})}
     if batch_size is not None:

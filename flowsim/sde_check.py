@@ -19,7 +19,7 @@ from flowsim.models.problem import Problem
 from flowsim.solvers.batched import BatchedDiscrete
 from flowsim.solvers.flows import Layout
 from flowsim.solvers.processes import DiscreteOptions, discrete_start
-from flowsim.solvers.rules import Rule, make_rule
+from flowsim.solvers.rules import Rule, given_twice, make_rule
 from flowsim.solvers.sde import SDE, SDEOptions, noise_variance
 
 
@@ -115,8 +115,7 @@ def does_the_sde_hold(problem: Problem, rule: Union[str, Rule], lr: float, steps
     if isinstance(rule, str):
         rule = make_rule(rule, **hyperparameters)
     elif hyperparameters:
-        raise ValueError(f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object "
-                         f"({type(rule).__name__}(...)) or with its name, not both")
+        raise ValueError(given_twice(rule, hyperparameters))
     _sde(problem, rule, 0, batch_size, steps)  # what cannot run fails here, not after the SVAG ensembles
     svag = {l: discrete_ensemble(problem, rule, lr, steps, batch_size, seeds, svag=l)["loss"] for l in ls}
     sde = sde_ensemble(problem, rule, lr, steps, batch_size, paths)["loss"]

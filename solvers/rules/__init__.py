@@ -41,5 +41,12 @@ def make_rule(name: str, /, **hyper) -> Rule:
         raise ValueError(f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg) from None
 
 
+def given_twice(rule: Rule, hyperparameters: dict) -> str:
+    """The one-line message for a rule object passed with hyperparameters beside it (by ``flowsim.simulate`` and
+    the SDE check, which take a rule object or a name with its hyperparameters)."""
+    return (f"{sorted(hyperparameters)[0]}: give the rule's hyperparameters in its object ({type(rule).__name__}(...)) "
+            "or with its name, not both")
+
+
 __all__ = ["RULES", "Adam", "AdamW", "GD", "Lion", "Momentum", "NAdam", "Nesterov", "RMSProp", "Rule", "ScalarRMSProp",
-           "State", "make_rule"]
+           "State", "given_twice", "make_rule"]
